@@ -1,0 +1,119 @@
+"""The typed configuration schema: every knob SPEC.md names, with its default and allowed values.
+
+Each field carries `metadata` used by the loader (`probe_dist.config`) for validation:
+  choices=(...)      allowed values
+  ge= / gt= / le=    numeric range
+  help="..."         one line shown in error messages and `--help-config`
+Fields whose default is None are resolved later from the checkpoint's recorded training settings
+(temperature, max_new_tokens, loss family, grad clip) — see `probe_dist.config.resolve_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _f(default, **meta):
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class CheckpointConfig:
+    path: str | None = _f(None, help="checkpoint directory laid out like `python -m probe_dist.toy build`")
+    base: str | None = _f(None, help="explicit base-model directory (HF format); overrides path/base")
+    adapter: str | None = _f(None, help="explicit LoRA adapter directory (adapter_config.json + weights)")
+    optimizer: str | None = _f(None, help="explicit optimizer.pt (AdamW state with parameter names)")
+    tokenizer: str | None = _f(None, help="explicit tokenizer directory (default: <path>/tokenizer or base)")
+    toy_seed: int = _f(0, ge=0, help="seed of the built-in toy checkpoint used when no checkpoint is given")
+    toy_cache: str | None = _f(None, help="where the toy checkpoint is cached (default ~/.cache/probe_dist)")
+
+
+@dataclass
+class SamplingConfig:
+    B_E: int = _f(8, ge=1, help="prompts in the evaluation batch E")
+    G_E: int = _f(4, ge=1, help="responses per prompt in E")
+    B_U: int = _f(8, ge=2, help="prompts in the update batch U")
+    G_U: int = _f(4, ge=2, help="responses per prompt in U")
+    temperature: float | None = _f(None, gt=0.0, help="sampling temperature τ (default: checkpoint's)")
+    max_new_tokens: int | None = _f(None, ge=1, help="response length cap (default: checkpoint's)")
+    top_p: float = _f(1.0, gt=0.0, le=1.0, help="must stay 1.0: truncated support breaks importance weights")
+    top_k: int = _f(0, ge=0, help="must stay 0: truncated support breaks importance weights")
+    seed: int = _f(1234, ge=0, help="run seed; each prompt's responses use (seed, batch, prompt index)")
+    prompts: str = _f("toy", help="'toy' (the built-in task) or a JSONL file of {prompt, answer}")
+    split: str = _f("train", choices=("train", "test"), help="split of the built-in toy task")
+    reward: str = _f("exact_match", choices=("exact_match", "math_verify"), help="reward function")
+
+
+@dataclass
+class UpdateConfig:
+    route: str = _f("update_vector", choices=("update_vector", "real_step"),
+                    help="how θ' is reached: exact AdamW update vector θ+ηu, or a real optimizer.step()")
+    loss: str | None = _f(None, choices=("grpo", "dr_grpo", "dapo"), help="training loss family (default: checkpoint's)")
+    kl_coef: float = _f(0.0, ge=0.0, help="coefficient of the KL-to-reference (adapter disabled) term")
+    grad_clip: float | None = _f(None, ge=0.0, help="max grad norm as in training; 0 disables (default: checkpoint's)")
+    adv_eps: float = _f(1e-6, gt=0.0, help="ε in GRPO advantages (r − mean)/(std + ε)")
+    max_len: int | None = _f(None, ge=1, help="L_max for dr_grpo normalisation (default: max_new_tokens)")
+
+
+@dataclass
+class EstimatorsConfig:
+    normalize: str = _f("per_token", choices=("per_token", "per_sequence"), help="entropy normalisation")
+    payload: str = _f("rb", choices=("rb", "naive"), help="entropy payload: Rao–Blackwellised or −log π")
+    delta_h1: str = _f("snis_derivative", choices=("snis_derivative", "causal_rb"), help="δH₁ estimator")
+    etas: list[float] = _f([0.0, 1e-6, 1e-5, 1e-4], help="learning rates η of the sweep (η = 0 allowed)")
+    mode: str = _f("two_batch", choices=("two_batch", "single_batch"), help="E and U independent, or E = U")
+    ustat: str = _f("exact", choices=("exact", "blocks"), help="single-batch U-statistic units")
+    ustat_blocks: int = _f(4, ge=2, help="number of blocks M in ustat=blocks")
+    log_weight_clip: float | None = _f(None, gt=0.0, help="clip log-weights above this (off by default)")
+
+
+@dataclass
+class MemoryConfig:
+    microbatch_generate: int = _f(8, ge=1, help="prompts generated together")
+    microbatch_score: int = _f(8, ge=1, help="sequences per no-grad scoring forward")
+    microbatch_grad: int = _f(4, ge=1, help="sequences per forward+backward")
+    logits_chunk: int = _f(1024, ge=1, help="response positions per logits/entropy chunk")
+    accumulator_device: str = _f("cpu", choices=("cpu", "model"), help="where param-sized accumulators live")
+    max_trainable_params: int = _f(50_000_000, ge=1, help="refuse more trainable parameters than this")
+    allow_full_finetune: bool = _f(False, help="allow trainable parameter count above max_trainable_params")
+    profile: bool = _f(False, help="record per-phase current/peak memory in the summary")
+    auto_microbatch: bool = _f(False, help="plan microbatch sizes and halve them on OOM")
+    gpu_mem_gib: float | None = _f(None, gt=0.0, help="memory budget per GPU for the planner (default: device's)")
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = _f("float32", choices=("float32", "bfloat16", "float64"), help="dtype of the probe's forwards")
+    matmul: str = _f("highest", choices=("highest", "high", "medium"), help="torch float32 matmul precision")
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = _f("none", choices=("none", "ddp", "fsdp2"), help="how the model is wrapped across ranks")
+    backend: str = _f("auto", choices=("auto", "nccl", "gloo"), help="process-group backend")
+    timeout_s: float = _f(600.0, gt=0.0, help="collective timeout; a failing rank ends all ranks within it")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/probe", help="output directory (rank 0 writes)")
+    save_update_vector: bool = _f(False, help="write update_vector.safetensors keyed by adapter names")
+    table_format: str = _f("jsonl", choices=("jsonl", "parquet"), help="per-sequence table format")
+    plots: bool = _f(True, help="write PNG plots when matplotlib is installed")
+    overwrite: bool = _f(True, help="allow writing into a non-empty output directory")
+
+
+@dataclass
+class ProbeConfig:
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    estimators: EstimatorsConfig = field(default_factory=EstimatorsConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"), help="compute device")
+    log_level: str = _f("info", choices=("debug", "info", "warning"), help="logging verbosity")

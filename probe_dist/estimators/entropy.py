@@ -1,0 +1,37 @@
+"""Entropy estimators at θ and their standard errors (SPEC §3, §9). Pure functions on float64 tensors.
+
+λ_i is the per-sequence normaliser: T_i for the per-token estimator, 1 for the per-sequence one, so both
+estimators are the ratio Ĥ = Σ h_i / Σ λ_i and share one delta-method standard error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def normaliser_lengths(lengths: torch.Tensor, normalize: str) -> torch.Tensor:
+    """λ_i: T_i (per_token) or 1 (per_sequence), float64."""
+    if normalize == "per_token":
+        return lengths.to(torch.float64)
+    if normalize == "per_sequence":
+        return torch.ones_like(lengths, dtype=torch.float64)
+    raise ValueError(f"normalize must be 'per_token' or 'per_sequence', got {normalize!r}")
+
+
+def group_sums(values: torch.Tensor, group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Σ of per-sequence values within each prompt group (the statistical unit)."""
+    return torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, values.to(torch.float64))
+
+
+def ratio_influence(h_group: torch.Tensor, lam_group: torch.Tensor, estimate: float, sum_lam: float) -> torch.Tensor:
+    """Per-group linearisation c_p = (h_p − Ĥ λ_p)/Σλ of the ratio Ĥ = Σh/Σλ (sums to 0 over all groups)."""
+    return (h_group - estimate * lam_group) / sum_lam
+
+
+def se_from_influence(sum_sq: float, num_groups: int) -> float:
+    """SE² = n/(n−1)·Σ_p c_p² over the n groups (global sums). NaN with fewer than 2 groups."""
+    if num_groups < 2:
+        return float("nan")
+    return math.sqrt(max(sum_sq, 0.0) * num_groups / (num_groups - 1))

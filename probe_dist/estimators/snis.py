@@ -1,0 +1,78 @@
+"""ΔH_true(η) by self-normalised importance sampling on the E samples (SPEC §6). Pure float64 functions.
+
+Two-phase so the runtime can all-reduce between them: local sums → (global sums) → finalize.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from probe_dist.estimators.entropy import se_from_influence
+
+
+def log_weights(logp_new: torch.Tensor, logp_old: torch.Tensor, clip: float | None = None) -> torch.Tensor:
+    """log w_i = S_i(θ') − S_i(θ) (float64), optionally clipped from above."""
+    lw = logp_new.to(torch.float64) - logp_old.to(torch.float64)
+    return lw.clamp(max=clip) if clip is not None else lw
+
+
+# Layout of the local SNIS sums vector that is all-reduced (SUM) across ranks.
+SNIS_SUM_FIELDS = ("sum_w", "sum_w2", "sum_w_h", "sum_w_lam", "sum_neg_logw", "sum_k3", "count", "clipped")
+
+
+def snis_local_sums(log_w: torch.Tensor, global_max: float, h_new: torch.Tensor, lam: torch.Tensor,
+                    clipped: torch.Tensor | None = None) -> torch.Tensor:
+    """[Σw, Σw², Σw·h', Σw·λ, Σ(−log w), Σ(w̃ − 1 − log w̃), N, #clipped], w = exp(log w − global max).
+
+    The KL(θ‖θ') estimates use the unstabilised weights w̃ = e^{log w} on samples from θ: k1 = mean(−log w),
+    k3 = mean(w̃ − 1 − log w̃) (non-negative, lower variance).
+    """
+    w = torch.exp(log_w - global_max)
+    k3 = torch.expm1(log_w) - log_w
+    n_clip = float(clipped.sum()) if clipped is not None else 0.0
+    return torch.stack([w.sum(), (w * w).sum(), (w * h_new).sum(), (w * lam).sum(), (-log_w).sum(), k3.sum(),
+                        torch.tensor(float(log_w.numel()), dtype=torch.float64),
+                        torch.tensor(n_clip, dtype=torch.float64)]).to(torch.float64)
+
+
+@dataclass
+class SnisResult:
+    entropy_new: float
+    delta: float
+    ess: float
+    ess_frac: float
+    max_weight: float
+    kl_k1: float
+    kl_k3: float
+    clip_frac: float
+
+
+def snis_finalize(sums: torch.Tensor, entropy_old: float) -> SnisResult:
+    """Ĥ(θ') = Σw h'/Σw λ, ΔH_true = Ĥ(θ') − Ĥ(θ), Kish ESS, max normalised weight, KL estimates."""
+    s = dict(zip(SNIS_SUM_FIELDS, sums.tolist()))
+    h_new = s["sum_w_h"] / s["sum_w_lam"]
+    ess = s["sum_w"] ** 2 / s["sum_w2"]
+    n = s["count"]
+    return SnisResult(entropy_new=h_new, delta=h_new - entropy_old, ess=ess, ess_frac=ess / n,
+                      # the largest stabilised weight is exactly 1 (global max subtracted)
+                      max_weight=1.0 / s["sum_w"], kl_k1=s["sum_neg_logw"] / n, kl_k3=s["sum_k3"] / n,
+                      clip_frac=s["clipped"] / n)
+
+
+def snis_delta_influence(w: torch.Tensor, h_new: torch.Tensor, h_old: torch.Tensor, lam: torch.Tensor,
+                         group_ids: torch.Tensor, num_groups: int, entropy_new: float, entropy_old: float,
+                         sum_w_lam: float, sum_lam: float) -> torch.Tensor:
+    """Per-group c_p = Σ_{i∈p} [ w_i (h'_i − Ĥ(θ') λ_i)/Σwλ − (h_i − Ĥ(θ) λ_i)/Σλ ] (SPEC §6), local groups."""
+    per_seq = w * (h_new - entropy_new * lam) / sum_w_lam - (h_old - entropy_old * lam) / sum_lam
+    return torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, per_seq)
+
+
+def snis_se(sum_c2: float, num_groups: int) -> float:
+    return se_from_influence(sum_c2, num_groups)
+
+
+def is_finite(x: float) -> bool:
+    return math.isfinite(x)

@@ -1,0 +1,170 @@
+"""CLI: config + overrides → runtime → checkpoint → probe → report.
+
+    python -m probe_dist.main --config configs/toy_cpu.yaml [key=value ...]
+    torchrun --nproc_per_node=8 -m probe_dist.main --config configs/a100_40gb_8gpu.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from probe_dist import __version__
+from probe_dist.config import ConfigError, config_hash, format_config_help, load_config
+from probe_dist.model.load import CheckpointError
+
+log = logging.getLogger("probe_dist")
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="probe-dist", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file (default: built-in defaults, toy checkpoint)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.B_E=32 estimators.etas=[0,1e-5]")
+    p.add_argument("--quiet", action="store_true", help="warnings only")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    return p.parse_args(argv)
+
+
+def setup_logging(rank: int, level: str, out_dir: Path | None = None) -> None:
+    fmt = logging.Formatter(f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    root = logging.getLogger("probe_dist")
+    root.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if out_dir is not None:
+        fh = logging.FileHandler(out_dir / ("probe.log" if rank == 0 else f"probe.rank{rank}.log"))
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    root.setLevel({"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}[level])
+    root.propagate = False
+
+
+def resolve_from_checkpoint(cfg, training_args: dict) -> None:
+    """Fill settings left unset (None) from the checkpoint's recorded training settings."""
+    filled = {
+        ("sampling", "temperature"): training_args.get("temperature"),
+        ("sampling", "max_new_tokens"): training_args.get("max_new_tokens"),
+        ("update", "loss"): training_args.get("loss"),
+        ("update", "grad_clip"): training_args.get("grad_clip", training_args.get("max_grad_norm")),
+    }
+    for (section, key), value in filled.items():
+        sec = getattr(cfg, section)
+        if getattr(sec, key) is None:
+            if value is None and key != "grad_clip":
+                raise ConfigError(f"{section}.{key} is not set and the checkpoint records no training value for it; "
+                                  f"set it explicitly, e.g. {section}.{key}=...")
+            setattr(sec, key, value)
+    if cfg.update.loss not in ("grpo", "dr_grpo", "dapo"):
+        raise ConfigError(f"checkpoint records loss {cfg.update.loss!r}; set update.loss to grpo, dr_grpo or dapo.")
+
+
+def run(cfg, rt) -> dict:
+    from probe_dist.model.load import (
+        check_trainable_count,
+        load_model,
+        load_optimizer,
+        load_tokenizer,
+        resolve_paths,
+        trainable_parameters,
+    )
+    from probe_dist.probe import Probe
+    from probe_dist.report.build import build_outputs
+    from probe_dist.runtime.strategy import build_strategy
+
+    if not (cfg.checkpoint.path or cfg.checkpoint.base):
+        from probe_dist.toy import ensure_toy_checkpoint
+
+        cfg.checkpoint.path = str(ensure_toy_checkpoint(cfg.checkpoint.toy_seed, cfg.checkpoint.toy_cache, rt))
+    paths = resolve_paths(cfg.checkpoint)
+    resolve_from_checkpoint(cfg, paths.training_args)
+    torch.set_float32_matmul_precision(cfg.precision.matmul)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[cfg.precision.dtype]
+    if os.environ.get("PROBE_DETECT_ANOMALY") == "1":
+        torch.autograd.set_detect_anomaly(True)
+    tokenizer = load_tokenizer(paths.tokenizer)
+    model = load_model(paths, dtype, rt.device)
+    trainable = trainable_parameters(model)
+    n_trainable = check_trainable_count(trainable, cfg.memory.max_trainable_params, cfg.memory.allow_full_finetune)
+    optimizer, coverage = load_optimizer(paths.optimizer, trainable)
+    by_id = {id(p): (n, p) for n, p in trainable}
+    ordered = [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    log.info("loaded %s: %d trainable tensors (%s parameters), optimizer state coverage %d/%d",
+             paths.base, len(ordered), f"{n_trainable:,}", coverage["with_state"], coverage["params"])
+    strategy = build_strategy(cfg, rt, model)
+    probe = Probe(cfg, rt, model, tokenizer, optimizer, ordered, policy=strategy.policy if strategy else None,
+                  strategy=strategy)
+    summary = probe.run()
+    summary["provenance/optimizer_coverage"] = coverage
+    summary["provenance/trainable_params"] = n_trainable
+    return build_outputs(cfg, rt, probe, summary)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help_config:
+        print(format_config_help())
+        return 0
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    setup_logging(rank, "warning" if args.quiet else "debug" if args.verbose else "info")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.quiet and not args.verbose:
+        setup_logging(rank, cfg.log_level)
+    from probe_dist.runtime.dist import init_runtime
+
+    rt = None
+    try:
+        rt = init_runtime(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_s)
+        out_dir = Path(cfg.output.dir)
+        if rt.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        rt.barrier()
+        setup_logging(rt.rank, "warning" if args.quiet else "debug" if args.verbose else cfg.log_level, out_dir)
+        log.info("probe_dist %s: world size %d, device %s, config hash %s", __version__, rt.world_size, rt.device,
+                 config_hash(cfg))
+        summary = run(cfg, rt)
+        if rt.is_main:
+            from probe_dist.report.write import console_table
+
+            print(console_table(summary), flush=True)
+        rt.shutdown()
+        return 0 if summary.get("status") in ("completed", "interrupted") else EXIT_FAILURE
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - report which rank failed and why, then end this rank
+        r = rt.rank if rt else rank
+        print(f"error: rank {r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        log.debug("%s", traceback.format_exc())
+        traceback.print_exc(file=sys.stderr)
+        code = EXIT_FAILURE
+    # Failure path: no barrier (peers may be stuck elsewhere); torchrun tears down the other ranks, and a bare
+    # launch ends them at the collective timeout.
+    if rt is not None and rt.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The policy as one nn.Module with a scoring forward and a decoding step.
+
+Wrapping the causal LM this way lets DDP and FSDP2 wrap a single root whose forward is what the probe calls:
+DDP's hooks and FSDP2's unshard/reshard run on every scoring pass, and `decode` is registered as an FSDP forward
+method for generation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from probe_dist.scoring.chunked import chunked_logp_entropy
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a (peft) model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class PolicyModel(nn.Module):
+    def __init__(self, lm: nn.Module, logits_chunk: int = 1024):
+        super().__init__()
+        self.lm = lm  # PeftModel or plain causal LM
+        self.logits_chunk = logits_chunk
+        causal = unwrap_causal_lm(lm)
+        self.decoder = causal.get_decoder()
+        self.head = causal.get_output_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
+                response_mask: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced ℓ and H for the scored positions (response_mask over columns ≥ response_start).
+
+        Returns flat float32 tensors over the True entries of response_mask, row-major.
+        """
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, use_cache=False).last_hidden_state
+        width = response_mask.shape[1]
+        # Position t−1 predicts token t: hidden states of the positions just before each response token.
+        pred_hidden = hidden[:, response_start - 1:response_start - 1 + width][response_mask]
+        targets = input_ids[:, response_start:response_start + width][response_mask]
+        return chunked_logp_entropy(self.head, pred_hidden, targets, temperature, self.logits_chunk)
+
+    def decode(self, input_ids: torch.Tensor, past_key_values=None, position_ids=None):
+        """One generation step: float32 logits of the last position and the updated KV cache."""
+        out = self.lm(input_ids=input_ids, past_key_values=past_key_values, position_ids=position_ids,
+                      use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float(), out.past_key_values

@@ -1,0 +1,86 @@
+"""Assemble provenance and the per-sequence table, gather to rank 0, and write every output file there."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+from probe_dist import __version__
+from probe_dist.config import config_hash, dump_config
+
+log = logging.getLogger("probe_dist")
+
+
+def sequence_rows(probe) -> list[dict]:
+    """This rank's per-sequence records (E with log w per η, U with reward/advantage)."""
+    rows = []
+    batches = probe.batches
+    etas = list(getattr(probe, "log_weights_by_eta", {}).keys())
+    if batches.get("E") is not None and probe.scores_e is not None:
+        real = [(g, s) for g, s in zip(batches["E"].groups, probe.scores_e) if g.weight > 0]
+        for k, (g, sc) in enumerate(real):
+            for i in range(g.size):
+                t = int(g.lengths[i])
+                rows.append({"batch": "E", "prompt_index": g.prompt_index, "response": i,
+                             "token_ids": g.responses[i, :t].tolist(), "T": t, "S": float(sc.logp[i]),
+                             "h_rb": float(sc.rb[i]), "h_naive": float(-sc.logp[i]), "reward": float(g.rewards[i]),
+                             "advantage": float(g.advantages[i]),
+                             "log_w": {str(eta): float(probe.log_weights_by_eta[eta][k][i]) for eta in etas}})
+    if batches.get("U") is not None and batches["U"] is not batches.get("E"):
+        for g in batches["U"].groups:
+            if g.weight == 0:
+                continue
+            for i in range(g.size):
+                t = int(g.lengths[i])
+                rows.append({"batch": "U", "prompt_index": g.prompt_index, "response": i,
+                             "token_ids": g.responses[i, :t].tolist(), "T": t, "reward": float(g.rewards[i]),
+                             "advantage": float(g.advantages[i])})
+    return rows
+
+
+def provenance(cfg, rt) -> dict:
+    import peft
+    import transformers
+
+    return {"provenance/config_hash": config_hash(cfg), "provenance/seed": cfg.sampling.seed,
+            "provenance/world_size": rt.world_size, "provenance/strategy": cfg.distributed.strategy,
+            "provenance/device": str(rt.device), "provenance/dtype": cfg.precision.dtype,
+            "provenance/matmul_precision": cfg.precision.matmul,
+            "provenance/microbatch": {"generate": cfg.memory.microbatch_generate, "score": cfg.memory.microbatch_score,
+                                      "grad": cfg.memory.microbatch_grad, "logits_chunk": cfg.memory.logits_chunk},
+            "provenance/versions": {"probe_dist": __version__, "torch": torch.__version__,
+                                    "transformers": transformers.__version__, "peft": peft.__version__,
+                                    "python": platform.python_version()},
+            "provenance/checkpoint": cfg.checkpoint.path or cfg.checkpoint.base,
+            "provenance/route": cfg.update.route, "provenance/loss": cfg.update.loss,
+            "provenance/temperature": cfg.sampling.temperature, "provenance/max_new_tokens": cfg.sampling.max_new_tokens}
+
+
+def build_outputs(cfg, rt, probe, summary: dict) -> dict:
+    from probe_dist.report.write import write_plot, write_summary, write_table
+
+    summary.update(provenance(cfg, rt))
+    gathered = rt.gather_objects(sequence_rows(probe))
+    if cfg.output.save_update_vector and rt.world_size > 1:
+        log.warning("output.save_update_vector writes rank 0's (replicated) update vector")
+    if not rt.is_main:
+        return summary
+    out_dir = Path(cfg.output.dir)
+    rows = sorted((r for part in gathered for r in part), key=lambda r: (r["batch"], r["prompt_index"], r["response"]))
+    dump_config(cfg, out_dir / "config.yaml")
+    write_table(out_dir, rows, cfg.output.table_format)
+    if cfg.output.save_update_vector and getattr(probe, "update_vector", None) is not None:
+        from safetensors.torch import save_file
+
+        from probe_dist.model.load import canonical_name
+
+        save_file({canonical_name(n): u.to(torch.float64).contiguous()
+                   for (n, _), u in zip(probe.trainable, probe.update_vector)},
+                  str(out_dir / "update_vector.safetensors"))
+    if cfg.output.plots:
+        write_plot(out_dir, summary)
+    write_summary(out_dir, summary)
+    return summary

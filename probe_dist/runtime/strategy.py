@@ -1,0 +1,67 @@
+"""How the policy is wrapped across ranks: none (world size 1 or plain replicas), DDP, or FSDP2.
+
+The probe reduces every gradient itself, in float64 on CPU (so results agree across world sizes to ~1e-15):
+DDP and FSDP2 backward passes run with gradient synchronisation off; the wrappers provide the replicated or
+sharded forward and the parameter broadcast/sharding.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from probe_dist.model.policy import PolicyModel
+
+
+@dataclass
+class Strategy:
+    name: str
+    policy: PolicyModel
+    root: torch.nn.Module      # what scoring forwards call
+    decoder: object            # what generation calls (has .decode)
+
+    def no_sync(self):
+        if self.name == "ddp":
+            return self.root.no_sync()
+        if self.name == "fsdp2":
+            return _fsdp_no_sync(self.root)
+        return nullcontext()
+
+
+@contextmanager
+def _fsdp_no_sync(module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def build_strategy(cfg, rt, model) -> Strategy | None:
+    policy = PolicyModel(model, cfg.memory.logits_chunk)
+    name = cfg.distributed.strategy
+    if name == "none" or rt.world_size == 1 and name == "none":
+        return Strategy("none", policy, policy, policy)
+    if rt.world_size == 1:
+        # A wrapper over one rank changes nothing numerically; run unwrapped, same code path.
+        return Strategy("none", policy, policy, policy)
+    if name == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(policy, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                  find_unused_parameters=False, broadcast_buffers=False)
+        return Strategy("ddp", policy, ddp, policy)
+    if name == "fsdp2":
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        from probe_dist.model.policy import unwrap_causal_lm
+
+        layers = unwrap_causal_lm(model).get_decoder().layers
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(policy)
+        register_fsdp_forward_method(policy, "decode")
+        return Strategy("fsdp2", policy, policy, policy)
+    raise ValueError(f"unknown distributed.strategy {name!r}")

@@ -1,0 +1,172 @@
+"""The built-in toy RL checkpoint: a tiny Qwen2 that learned short additions, then LoRA + real GRPO steps.
+
+    python -m probe_dist.toy build --out DIR [--seed N]
+
+The GRPO steps use the probe's own sampler, layout and training loss (one update-loss function for every path),
+so the saved AdamW state is exactly what the probe will reproduce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from probe_dist.data.prompts import load_prompts, select_prompts
+from probe_dist.data.rewards import get_reward_fn
+from probe_dist.data.toy_task import MAX_ANSWER_TOKENS, encode_prompt
+from probe_dist.model.load import save_optimizer, trainable_parameters
+from probe_dist.model.policy import PolicyModel
+from probe_dist.rollout.batch import Group, group_advantages
+from probe_dist.rollout.generate import prompt_seed, sample_responses
+from probe_dist.update.loss import LossNormalisers, sequence_normalisers, update_loss
+
+log = logging.getLogger("probe_dist")
+
+TOY_FORMAT_VERSION = 1
+COMPLETE_MARKER = "BUILD_COMPLETE"
+
+# The training recipe recorded in training_args.json; the probe's defaults come from here.
+TRAINING_ARGS = {
+    "loss": "grpo", "temperature": 1.0, "max_new_tokens": MAX_ANSWER_TOKENS, "lr": 2e-3,
+    "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01, "grad_clip": 1.0, "kl_coef": 0.0,
+    "prompts_per_step": 16, "group_size": 8, "grpo_steps": 6,
+    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]},
+}
+
+
+def grpo_steps(model, tokenizer, optimizer, trainable, seed: int, args: dict) -> list[dict]:
+    """A few real GRPO steps: sample G responses per prompt (eval mode), then the training loss in train mode."""
+    policy = PolicyModel(model)
+    prompts = load_prompts("toy", "train")
+    reward_fn = get_reward_fn("exact_match")
+    history = []
+    for step in range(args["grpo_steps"]):
+        model.eval()
+        chosen = select_prompts(prompts, args["prompts_per_step"], seed + step, "train")
+        groups = []
+        for pos, (_, prompt) in enumerate(chosen):
+            ids = torch.tensor(encode_prompt(tokenizer, prompt["prompt"]), dtype=torch.long)
+            responses, lengths = sample_responses(policy, ids, args["group_size"], args["max_new_tokens"],
+                                                  args["temperature"], tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                                  prompt_seed(seed + step, "train", pos), torch.device("cpu"))
+            texts = [tokenizer.decode(r[: int(n)].tolist(), skip_special_tokens=True) for r, n in zip(responses, lengths)]
+            rewards = torch.tensor([reward_fn(t, prompt["answer"]) for t in texts], dtype=torch.float64)
+            groups.append(Group(pos, ids, responses, lengths, rewards,
+                                group_advantages(rewards, args["loss"], 1e-6), prompt["answer"]))
+        norm = LossNormalisers(num_prompts=len(groups), group_size=args["group_size"],
+                               total_tokens=float(sum(int(g.lengths.sum()) for g in groups)),
+                               max_len=args["max_new_tokens"])
+        model.train()  # as in training: LoRA dropout active for the loss pass
+        optimizer.zero_grad(set_to_none=True)
+        for g in groups:
+            normalisers = sequence_normalisers(args["loss"], g.lengths, norm)
+            layout = g.layout(slice(0, g.size))
+            token_logp, _ = policy(layout["input_ids"], layout["attention_mask"], layout["response_start"],
+                                   layout["response_mask"], args["temperature"])
+            row = layout["response_mask"].nonzero(as_tuple=True)[0]
+            update_loss(token_logp, row, g.advantages, normalisers).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], args["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean_reward = float(torch.cat([g.rewards for g in groups]).mean())
+        history.append({"step": step, "mean_reward": mean_reward, "grad_norm": float(grad_norm)})
+        log.info("toy GRPO step %d: mean reward %.3f, grad norm %.3g", step, mean_reward, float(grad_norm))
+    model.eval()
+    return history
+
+
+def build(out_dir: str | Path, seed: int = 0) -> dict:
+    """Build the whole checkpoint into out_dir (created; must not exist or be empty)."""
+    from peft import LoraConfig, get_peft_model
+
+    from probe_dist.toy_base import sample_stats, train_base
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base, tokenizer, base_stats = train_base(seed)
+    base.save_pretrained(str(out / "base"))
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    args = dict(TRAINING_ARGS)
+    torch.manual_seed(seed + 1)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=args["lora"]["r"], lora_alpha=args["lora"]["lora_alpha"],
+                      lora_dropout=args["lora"]["lora_dropout"], target_modules=args["lora"]["target_modules"],
+                      init_lora_weights="gaussian")  # B ≠ 0 so the adapter already changes the policy
+    model = get_peft_model(base, lora)
+    trainable = trainable_parameters(model)
+    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=args["lr"], betas=tuple(args["betas"]),
+                                  eps=args["eps"], weight_decay=args["weight_decay"])
+    history = grpo_steps(model, tokenizer, optimizer, trainable, seed, args)
+    model.save_pretrained(str(out))
+    save_optimizer(optimizer, trainable, out / "optimizer.pt")
+    prompts = load_prompts("toy", "train")
+    final = sample_stats(model, tokenizer, prompts, temperature=args["temperature"],
+                         max_new_tokens=args["max_new_tokens"], seed=seed, n=200)
+    (out / "training_args.json").write_text(json.dumps({**args, "seed": seed, "task": "toy_addition",
+                                                        "optimizer": "torch.optim.AdamW"}, indent=2))
+    state = {"global_step": args["grpo_steps"], "grpo_history": history, "base_stats": base_stats,
+             "final_sampled_accuracy": final["accuracy"], "final_token_entropy": final["token_entropy"],
+             "format_version": TOY_FORMAT_VERSION, "build_seconds": time.perf_counter() - start}
+    (out / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    (out / COMPLETE_MARKER).write_text("ok\n")
+    return state
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PROBE_DIST_CACHE", Path.home() / ".cache" / "probe_dist"))
+
+
+def ensure_toy_checkpoint(seed: int = 0, cache_dir: str | None = None, rt=None) -> Path:
+    """The cached toy checkpoint for `seed`, built once (by rank 0, into a temp dir renamed into place)."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = root / f"toy-v{TOY_FORMAT_VERSION}-seed{seed}"
+    if rt is None or rt.is_main:
+        if not (path / COMPLETE_MARKER).exists():
+            root.mkdir(parents=True, exist_ok=True)
+            log.info("building the toy checkpoint (seed %d) into %s", seed, path)
+            tmp = Path(tempfile.mkdtemp(prefix=".toy-build-", dir=root))
+            try:
+                build(tmp, seed)
+                if path.exists():
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+    if rt is not None:
+        rt.barrier()
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m probe_dist.toy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build the toy checkpoint")
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"error: --out {str(out)!r} exists and is not empty; choose a new directory.", file=sys.stderr)
+        return 2
+    state = build(out, a.seed)
+    print(json.dumps({"out": str(out), "final_sampled_accuracy": state["final_sampled_accuracy"],
+                      "final_token_entropy": state["final_token_entropy"],
+                      "build_seconds": round(state["build_seconds"], 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
