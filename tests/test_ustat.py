@@ -1,0 +1,136 @@
+"""Tests for the single-batch U-statistic of SPEC §5.3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probe_dist.estimators.ustat import UStatAccumulator, block_assignments, u_statistic_dot
+
+
+def _brute_force(X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float]:
+    """(1/(B(B−1))) Σ_{p≠q} X_p·Y_q by the explicit double loop, plus a scale Σ|X_p||Y_q|/(B(B−1))."""
+    b = X.shape[0]
+    total, scale = 0.0, 0.0
+    for p in range(b):
+        for q in range(b):
+            if p != q:
+                total += float(torch.dot(X[p], Y[q]))
+                scale += float(X[p].norm() * Y[q].norm())
+    return total / (b * (b - 1)), scale / (b * (b - 1))
+
+
+CASES = [(b, d) for b in (2, 3, 7, 16) for d in (1, 5, 50)]
+
+
+@pytest.mark.parametrize("b,d", CASES)
+def test_u_statistic_dot_matches_brute_force(b: int, d: int) -> None:
+    g = torch.Generator().manual_seed(1000 * b + d)
+    X = torch.randn(b, d, generator=g, dtype=torch.float64) + 0.7
+    Y = torch.randn(b, d, generator=g, dtype=torch.float64) - 0.3
+    ref, scale = _brute_force(X, Y)
+    bars_dot = float(torch.dot(X.sum(0), Y.sum(0)))
+    diag = float((X * Y).sum())
+    u = u_statistic_dot(bars_dot, diag, b)
+    # Relative 1e-12, measured against the size of the summands (the result itself may be near 0).
+    assert abs(u - ref) <= 1e-12 * max(abs(ref), scale)
+    # The documented form [B/(B−1)]·X̄·Ȳ − [1/(B(B−1))]·Σ_p X_p·Y_p.
+    alt = b / (b - 1) * float(torch.dot(X.mean(0), Y.mean(0))) - diag / (b * (b - 1))
+    assert abs(u - alt) <= 1e-12 * max(abs(ref), scale)
+
+    acc = UStatAccumulator()
+    for p in range(b):
+        acc.add_unit(X[p], Y[p])
+    assert acc.num_units == b
+    assert abs(acc.result() - ref) <= 1e-12 * max(abs(ref), scale)
+
+
+def test_accumulator_preallocated_float32_input_and_merge() -> None:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 3, 4, generator=g, dtype=torch.float64)
+    Y = torch.randn(6, 3, 4, generator=g, dtype=torch.float64)
+    full = UStatAccumulator(numel=12)
+    for p in range(6):
+        full.add_unit(X[p], Y[p])  # any shape, flattened
+    assert full.sum_X is not None and full.sum_X.dtype == torch.float64 and full.sum_X.shape == (12,)
+    ref, scale = _brute_force(X.reshape(6, -1), Y.reshape(6, -1))
+    assert abs(full.result() - ref) <= 1e-12 * scale
+
+    # Two shards merged == one accumulator (what an all-reduce SUM of the sums does).
+    a, b = UStatAccumulator(), UStatAccumulator()
+    for p in range(6):
+        (a if p < 2 else b).add_unit(X[p], Y[p])
+    a.merge(b)
+    assert a.num_units == 6
+    assert abs(a.result() - full.result()) <= 1e-12 * scale
+
+    # float32 inputs are accumulated in float64.
+    acc32 = UStatAccumulator()
+    for p in range(6):
+        acc32.add_unit(X[p].float(), Y[p].float())
+    assert acc32.sum_X is not None and acc32.sum_X.dtype == torch.float64
+    assert abs(acc32.result() - ref) <= 1e-5 * scale
+
+
+def test_too_few_units_raise() -> None:
+    with pytest.raises(ValueError, match="at least 2 units"):
+        u_statistic_dot(1.0, 1.0, 1)
+    with pytest.raises(ValueError):
+        u_statistic_dot(0.0, 0.0, 0)
+    acc = UStatAccumulator()
+    with pytest.raises(ValueError):
+        acc.result()
+    acc.add_unit(torch.ones(3), torch.ones(3))
+    with pytest.raises(ValueError):
+        acc.result()
+
+
+def test_accumulator_shape_mismatch_raises() -> None:
+    acc = UStatAccumulator(numel=3)
+    with pytest.raises(ValueError):
+        acc.add_unit(torch.ones(4), torch.ones(4))
+    with pytest.raises(ValueError):
+        acc.add_unit(torch.ones(3), torch.ones(2))
+
+
+@pytest.mark.parametrize("b,m", [(1, 1), (7, 1), (7, 3), (8, 4), (10, 3), (10, 10), (64, 5), (5, 2)])
+def test_block_assignments(b: int, m: int) -> None:
+    blocks = block_assignments(b, m)
+    assert len(blocks) == m
+    flat = [i for blk in blocks for i in blk]
+    assert flat == list(range(b))  # every index exactly once, in order
+    for blk in blocks:
+        assert blk and blk == list(range(blk[0], blk[0] + len(blk)))  # contiguous, non-empty
+    sizes = [len(blk) for blk in blocks]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_block_assignments_invalid() -> None:
+    for b, m in [(5, 0), (5, 6), (0, 1), (3, -1)]:
+        with pytest.raises(ValueError):
+            block_assignments(b, m)
+
+
+def test_unbiased_where_naive_product_is_biased() -> None:
+    # X_p i.i.d. with mean μx, Y_p = a·X_p + noise (same-unit correlation), so E[Y] = a·μx + μn and
+    # E[X̄·Ȳ] = μx·μy + a·tr(Cov X)/B: the naive product carries the diagonal's bias, the U-statistic not.
+    g = torch.Generator().manual_seed(12345)
+    reps, b, d, a = 20_000, 4, 5, 1.0
+    mu_x = torch.linspace(-0.5, 0.5, d, dtype=torch.float64) + 0.2
+    mu_n = torch.full((d,), 0.3, dtype=torch.float64)
+    X = mu_x + torch.randn(reps, b, d, generator=g, dtype=torch.float64)
+    Y = a * X + mu_n + 0.5 * torch.randn(reps, b, d, generator=g, dtype=torch.float64)
+    target = float(torch.dot(mu_x, a * mu_x + mu_n))
+    expected_naive_bias = a * d / b  # tr(Cov X) = d
+
+    bars_dot = (X.sum(1) * Y.sum(1)).sum(-1)
+    diag = (X * Y).sum((1, 2))
+    u = torch.tensor([u_statistic_dot(float(s), float(t), b) for s, t in zip(bars_dot, diag)])
+    naive = (X.mean(1) * Y.mean(1)).sum(-1)
+
+    bias_u = float(u.mean()) - target
+    bias_naive = float(naive.mean()) - target
+    se_u = float(u.std()) / reps**0.5
+    assert abs(bias_u) < 4 * se_u + 1e-12  # consistent with 0 (se_u ≈ 0.01 here)
+    assert abs(bias_naive - expected_naive_bias) < 0.1  # the predicted bias, 1.25
+    assert abs(bias_naive) > 10 * abs(bias_u) and abs(bias_naive) > 1.0
