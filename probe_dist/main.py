@@ -70,7 +70,8 @@ def resolve_from_checkpoint(cfg, training_args: dict) -> None:
         raise ConfigError(f"checkpoint records loss {cfg.update.loss!r}; set update.loss to grpo, dr_grpo or dapo.")
 
 
-def run(cfg, rt) -> dict:
+def build_probe(cfg, rt):
+    """Config → loaded checkpoint → wrapped policy → a ready Probe (no sampling yet)."""
     from probe_dist.model.load import (
         check_trainable_count,
         load_model,
@@ -80,7 +81,6 @@ def run(cfg, rt) -> dict:
         trainable_parameters,
     )
     from probe_dist.probe import Probe
-    from probe_dist.report.build import build_outputs
     from probe_dist.runtime.strategy import build_strategy
 
     if not (cfg.checkpoint.path or cfg.checkpoint.base):
@@ -103,11 +103,17 @@ def run(cfg, rt) -> dict:
     log.info("loaded %s: %d trainable tensors (%s parameters), optimizer state coverage %d/%d",
              paths.base, len(ordered), f"{n_trainable:,}", coverage["with_state"], coverage["params"])
     strategy = build_strategy(cfg, rt, model)
-    probe = Probe(cfg, rt, model, tokenizer, optimizer, ordered, policy=strategy.policy if strategy else None,
-                  strategy=strategy)
+    probe = Probe(cfg, rt, model, tokenizer, optimizer, ordered, policy=strategy.policy, strategy=strategy)
+    probe.load_info = {"provenance/optimizer_coverage": coverage, "provenance/trainable_params": n_trainable}
+    return probe
+
+
+def run(cfg, rt) -> dict:
+    from probe_dist.report.build import build_outputs
+
+    probe = build_probe(cfg, rt)
     summary = probe.run()
-    summary["provenance/optimizer_coverage"] = coverage
-    summary["provenance/trainable_params"] = n_trainable
+    summary.update(probe.load_info)
     return build_outputs(cfg, rt, probe, summary)
 
 

@@ -94,6 +94,9 @@ class Probe:
         self.strategy = strategy      # runtime.strategy.Strategy or None (world size 1, no wrapper)
         self.clock = PhaseClock(profile=cfg.memory.profile, device=runtime.device)
         self.stop_requested = False
+        # Live microbatch sizes: auto_microbatch halves them on OOM (all ranks together).
+        self.rows_score = cfg.memory.microbatch_score
+        self.rows_grad = cfg.memory.microbatch_grad
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -112,6 +115,37 @@ class Probe:
 
     def _no_sync(self):
         return self.strategy.no_sync() if self.strategy is not None else nullcontext()
+
+    def with_oom_retry(self, kind: str, local_fn):
+        """Run a collective-free local loop; if any rank ran out of memory, all ranks halve `kind` and rerun.
+
+        kind is "score" or "grad". Sums are float64 and each microbatch is group-local, so a rerun with a
+        smaller size gives exactly what a run with that size from the start gives.
+        """
+        while True:
+            failed, result = False, None
+            try:
+                result = local_fn()
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
+                if not _is_oom(exc):
+                    raise
+                failed = True
+                self._zero_grads()
+                if self.rt.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("out of memory with microbatch_%s=%d", kind,
+                            self.rows_score if kind == "score" else self.rows_grad)
+            if not self.rt.any_flag(failed):
+                return result
+            current = self.rows_score if kind == "score" else self.rows_grad
+            if not self.cfg.memory.auto_microbatch or current <= 1:
+                raise MemoryError(f"out of memory at memory.microbatch_{kind}={current} on some rank; lower "
+                                  "memory.microbatch_* / memory.logits_chunk, or set memory.auto_microbatch=true.")
+            if kind == "score":
+                self.rows_score = max(1, current // 2)
+            else:
+                self.rows_grad = max(1, current // 2)
+            log.warning("auto_microbatch: retrying with memory.microbatch_%s=%d", kind, max(1, current // 2))
 
     def check_stop(self) -> None:
         if self.rt.any_flag(self.stop_requested):
@@ -154,7 +188,7 @@ class Probe:
     # ------------------------------------------------------------------ scoring
     def score_group(self, group: Group) -> GroupScores:
         """S_i, Σ_t H_{i,t} per sequence (no grad), float64 sums of float32 per-token values."""
-        rows = self.cfg.memory.microbatch_score
+        rows = self.rows_score
         logp_parts, rb_parts = [], []
         for sl, layout in group.microbatches(rows):
             token_logp, token_h = self._forward(layout, grad=False)
@@ -165,7 +199,7 @@ class Probe:
         return GroupScores(logp=torch.cat(logp_parts), rb=torch.cat(rb_parts), lengths=group.lengths.clone())
 
     def score_batch(self, batch: RolloutBatch) -> list[GroupScores]:
-        return [self.score_group(g) for g in batch.groups]
+        return self.with_oom_retry("score", lambda: [self.score_group(g) for g in batch.groups])
 
     # ------------------------------------------------------------------ global entropy at θ
     def entropy_at_theta(self, batch: RolloutBatch, scores: list[GroupScores]) -> dict:
@@ -212,14 +246,14 @@ class Probe:
         ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
         with ctx:
             for gi, g in enumerate(batch.groups):
-                for sl, layout in g.microbatches(self.cfg.memory.microbatch_grad):
+                for sl, layout in g.microbatches(self.rows_grad):
                     refs[(gi, sl.start)] = self._forward(layout, grad=False)[0].detach()
         return refs
 
     def group_loss_backward(self, gi: int, group: Group, norm: LossNormalisers, refs: dict) -> None:
         """Forward + backward of the training loss per microbatch of one group; grads accumulate in .grad."""
         normalisers = sequence_normalisers(self.cfg.update.loss, group.lengths, norm)
-        for sl, layout in group.microbatches(self.cfg.memory.microbatch_grad):
+        for sl, layout in group.microbatches(self.rows_grad):
             token_logp, _ = self._forward(layout, grad=True)
             row = _token_rows(layout["response_mask"]).to(token_logp.device)
             loss = update_loss(token_logp, row, group.advantages[sl], normalisers[sl], self.cfg.update.kl_coef,
@@ -231,13 +265,16 @@ class Probe:
         """g = ∇L_U (float64, CPU, all-reduced, clipped as in training) by per-microbatch backward."""
         norm = self.loss_normalisers(batch)
         refs = self.reference_logps(batch)
-        self._zero_grads()
-        with self._no_sync():
-            for gi, g in enumerate(batch.groups):
-                self.group_loss_backward(gi, g, norm, refs)
-        local = self._grads_f64()
-        self._zero_grads()
-        grad = self._reduce_vectors(local)
+        def local_gradient():
+            self._zero_grads()
+            with self._no_sync():
+                for gi, g in enumerate(batch.groups):
+                    self.group_loss_backward(gi, g, norm, refs)
+            local = self._grads_f64()
+            self._zero_grads()
+            return local
+
+        grad = self._reduce_vectors(self.with_oom_retry("grad", local_gradient))
         total_norm = math.sqrt(sum(float((x * x).sum()) for x in grad))
         clip = self.cfg.update.grad_clip
         coef = 1.0
@@ -273,41 +310,46 @@ class Probe:
         """Per-group ∇surrogate·u by per-microbatch backward; value, SE and ∇Ĥ (float64, CPU)."""
         est = self.cfg.estimators
         sum_lam, h_bar = base["sum_lam"], base["entropy"]
-        grad_entropy = [torch.zeros_like(x) for x in u]
-        q_groups, b_groups, lam_groups, h_groups = [], [], [], []
-        ustat = _UStatState(single_batch_ctx["batch_u"], est, self, single_batch_ctx) if single_batch_ctx else None
-        self._zero_grads()
-        with self._no_sync():
-            for gi, group in enumerate(batch_e.groups):
-                q_p = b_p = 0.0
-                x_p = None
-                for _sl, layout in group.microbatches(self.cfg.memory.microbatch_grad):
-                    token_logp, token_h = self._forward(layout, grad=True)
-                    row = _token_rows(layout["response_mask"]).to(token_logp.device)
-                    n_rows = int(layout["response_mask"].shape[0])
-                    phi = token_h if est.payload == "rb" else -token_logp
-                    a, b = surrogate_coefficients(est.delta_h1, est.normalize, phi, token_h, row, n_rows, h_bar)
-                    surrogate1 = (phi.double().sum() + (a * token_logp.double()).sum()) / sum_lam
-                    surrogate2 = (b * token_logp.double()).sum()
-                    (surrogate1 * group.weight).backward(retain_graph=True)
-                    g1 = self._grads_f64()
-                    self._zero_grads()
-                    (surrogate2 * group.weight).backward()
-                    g2 = self._grads_f64()
-                    self._zero_grads()
-                    q_p += _dot(g1, u)
-                    b_p += _dot(g2, u)
-                    for acc, x in zip(grad_entropy, g1):
-                        acc += x
-                    x_p = g1 if x_p is None else [a + b for a, b in zip(x_p, g1)]
-                if ustat is not None:
-                    ustat.add_group(gi, x_p)
-                if group.weight > 0:
-                    sc = scores_e[gi]
-                    q_groups.append(q_p)
-                    b_groups.append(b_p)
-                    lam_groups.append(float(normaliser_lengths(sc.lengths, est.normalize).sum()))
-                    h_groups.append(float(sc.payload(est.payload).sum()))
+        def local_pass():
+            grad_entropy = [torch.zeros_like(x) for x in u]
+            q_groups, b_groups, lam_groups, h_groups = [], [], [], []
+            ustat = _UStatState(single_batch_ctx["batch_u"], est, self, single_batch_ctx) if single_batch_ctx else None
+            self._zero_grads()
+            with self._no_sync():
+                for gi, group in enumerate(batch_e.groups):
+                    q_p = b_p = 0.0
+                    x_p = None
+                    for _sl, layout in group.microbatches(self.rows_grad):
+                        token_logp, token_h = self._forward(layout, grad=True)
+                        row = _token_rows(layout["response_mask"]).to(token_logp.device)
+                        n_rows = int(layout["response_mask"].shape[0])
+                        phi = token_h if est.payload == "rb" else -token_logp
+                        a, b = surrogate_coefficients(est.delta_h1, est.normalize, phi, token_h, row, n_rows, h_bar)
+                        surrogate1 = (phi.double().sum() + (a * token_logp.double()).sum()) / sum_lam
+                        surrogate2 = (b * token_logp.double()).sum()
+                        (surrogate1 * group.weight).backward(retain_graph=True)
+                        g1 = self._grads_f64()
+                        self._zero_grads()
+                        (surrogate2 * group.weight).backward()
+                        g2 = self._grads_f64()
+                        self._zero_grads()
+                        q_p += _dot(g1, u)
+                        b_p += _dot(g2, u)
+                        for acc, x in zip(grad_entropy, g1):
+                            acc += x
+                        if ustat is not None:
+                            x_p = g1 if x_p is None else [a + b for a, b in zip(x_p, g1)]
+                    if ustat is not None:
+                        ustat.add_group(gi, x_p)
+                    if group.weight > 0:
+                        sc = scores_e[gi]
+                        q_groups.append(q_p)
+                        b_groups.append(b_p)
+                        lam_groups.append(float(normaliser_lengths(sc.lengths, est.normalize).sum()))
+                        h_groups.append(float(sc.payload(est.payload).sum()))
+            return grad_entropy, q_groups, b_groups, lam_groups, h_groups, ustat
+
+        grad_entropy, q_groups, b_groups, lam_groups, h_groups, ustat = self.with_oom_retry("grad", local_pass)
         value_per_eta, sum_b = self.rt.sum_scalars(sum(q_groups), sum(b_groups))
         c = delta_h1_influence(torch.tensor(q_groups, dtype=torch.float64), torch.tensor(lam_groups, dtype=torch.float64),
                                torch.tensor(h_groups, dtype=torch.float64), value_per_eta, sum_lam, h_bar, sum_b)
@@ -404,12 +446,18 @@ class Probe:
             for eta in est.etas:
                 self.check_stop()
                 with self.clock.phase("sweep"):
-                    if cfg.update.route == "real_step":
-                        self.real_step(grad, eta)
-                    else:
-                        self.set_theta(theta0, u, eta)
-                    scores_new = self.score_batch(batch_e)
-                    verified.append(restore_snapshot(snapshot, self.model, self.trainable, self.optimizer))
+                    while True:
+                        rows_before = self.rows_score
+                        if cfg.update.route == "real_step":
+                            self.real_step(grad, eta)
+                        else:
+                            self.set_theta(theta0, u, eta)
+                        scores_new = self.score_batch(batch_e)
+                        verified.append(restore_snapshot(snapshot, self.model, self.trainable, self.optimizer))
+                        if self.rows_score == rows_before:
+                            break
+                        # An OOM retry changed the scoring layout: S(θ) must come from the same layout as S(θ').
+                        scores_e = self.score_batch(batch_e)
                     res = self.snis(batch_e, scores_e, scores_new, base)
                 per_eta = d1.get("ustat_per_eta", d1["per_eta"])
                 self.log_weights_by_eta[eta] = res.pop("log_weights")
@@ -495,6 +543,10 @@ def _ustat_units(batch_u: RolloutBatch, est) -> list[list[int]]:
     if est.ustat == "exact":
         return [[i] for i in real]
     return [[real[j] for j in block] for block in block_assignments(len(real), min(est.ustat_blocks, len(real)))]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
 
 
 def _token_rows(response_mask: torch.Tensor) -> torch.Tensor:

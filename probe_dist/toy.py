@@ -36,9 +36,9 @@ COMPLETE_MARKER = "BUILD_COMPLETE"
 
 # The training recipe recorded in training_args.json; the probe's defaults come from here.
 TRAINING_ARGS = {
-    "loss": "grpo", "temperature": 1.0, "max_new_tokens": MAX_ANSWER_TOKENS, "lr": 2e-3,
+    "loss": "grpo", "temperature": 1.0, "max_new_tokens": MAX_ANSWER_TOKENS, "lr": 1e-3,
     "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01, "grad_clip": 1.0, "kl_coef": 0.0,
-    "prompts_per_step": 16, "group_size": 8, "grpo_steps": 6,
+    "prompts_per_step": 8, "group_size": 8, "grpo_steps": 4,
     "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]},
 }

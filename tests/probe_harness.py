@@ -1,0 +1,68 @@
+"""Run the probe in-process on the toy checkpoint (world size 1), and enumerate responses exactly."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from probe_dist.config import load_config
+from probe_dist.main import build_probe, resolve_from_checkpoint  # noqa: F401  (re-exported for tests)
+from probe_dist.rollout.batch import Group
+from probe_dist.runtime.dist import Runtime
+
+
+def make_probe(ckpt: Path, overrides: list[str]):
+    cfg = load_config(None, [f"checkpoint.path={ckpt}", "device=cpu", *overrides])
+    return build_probe(cfg, Runtime())
+
+
+def write_prompts(path: Path, pairs: list[tuple[int, int]]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n" for a, b in pairs))
+    return path
+
+
+def enumerate_responses(vocab_size: int, eos_id: int, pad_id: int, max_new_tokens: int):
+    """Every response with full support: sequences that end at the first EOS, or are cut at max_new_tokens."""
+    seqs = []
+    for length in range(1, max_new_tokens + 1):
+        for prefix in itertools.product([v for v in range(vocab_size) if v != eos_id], repeat=length - 1):
+            if length < max_new_tokens:
+                seqs.append(list(prefix) + [eos_id])
+            else:
+                seqs.extend(list(prefix) + [last] for last in range(vocab_size))
+    responses = torch.full((len(seqs), max_new_tokens), pad_id, dtype=torch.long)
+    lengths = torch.zeros(len(seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        responses[i, : len(s)] = torch.tensor(s)
+        lengths[i] = len(s)
+    return responses, lengths
+
+
+def exact_population(probe, prompt_ids_list, responses, lengths, grad: bool = False, payload: str = "rb",
+                     normalize: str = "per_token"):
+    """Exact H = Σ_p E_p[h] / Σ_p E_p[λ] over the prompts (each weighted once), by enumeration.
+
+    With grad=True returns a differentiable scalar (for the exact ∇H); otherwise a float.
+    """
+    num = torch.zeros((), dtype=torch.float64)
+    den = torch.zeros((), dtype=torch.float64)
+    total_prob = []
+    for prompt_ids in prompt_ids_list:
+        g = Group(0, prompt_ids, responses, lengths, torch.zeros(len(lengths), dtype=torch.float64))
+        layout = g.layout(slice(0, g.size))
+        with torch.set_grad_enabled(grad):
+            token_logp, token_h = probe.policy(layout["input_ids"], layout["attention_mask"], layout["response_start"],
+                                               layout["response_mask"], probe.cfg.sampling.temperature)
+        rows = layout["response_mask"].nonzero(as_tuple=True)[0]
+        S = torch.zeros(g.size, dtype=torch.float64).index_add(0, rows, token_logp.double())
+        h_rb = torch.zeros(g.size, dtype=torch.float64).index_add(0, rows, token_h.double())
+        h = h_rb if payload == "rb" else -S
+        p = torch.exp(S)
+        lam = lengths.double() if normalize == "per_token" else torch.ones(g.size, dtype=torch.float64)
+        num = num + (p * h).sum()
+        den = den + (p * lam).sum()
+        total_prob.append(float(p.sum()))
+    return (num / den if grad else float(num / den)), total_prob
