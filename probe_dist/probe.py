@@ -440,6 +440,7 @@ class Probe:
                       "clip_coef": grad_info["clip_coef"]} if est.mode == "single_batch" else None
                 d1 = self.delta_h1(batch_e, scores_e, base, u, sb)
             self.update_vector = u
+            self.update_grad = grad
             self.grad_entropy = d1["grad_entropy"]
             theta0 = [t.clone() for t in snapshot.params]
             self.log_weights_by_eta = {}
