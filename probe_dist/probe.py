@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -63,6 +64,7 @@ class PhaseClock:
 
     @contextmanager
     def phase(self, name: str):
+        inject_fault(name)
         if self.profile and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
@@ -70,6 +72,15 @@ class PhaseClock:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         if self.profile:
             self.memory[name] = memory_snapshot(self.device)
+
+
+def inject_fault(phase: str) -> None:
+    """Fault injection for failure-behaviour tests: PROBE_FAULT="<rank>:<phase>" raises there, on that rank."""
+    spec = os.environ.get("PROBE_FAULT")
+    if spec:
+        rank, _, where = spec.partition(":")
+        if where == phase and os.environ.get("RANK", "0") == rank:
+            raise RuntimeError(f"injected fault (PROBE_FAULT={spec})")
 
 
 def memory_snapshot(device: torch.device) -> dict:
@@ -250,8 +261,14 @@ class Probe:
                     refs[(gi, sl.start)] = self._forward(layout, grad=False)[0].detach()
         return refs
 
-    def group_loss_backward(self, gi: int, group: Group, norm: LossNormalisers, refs: dict) -> None:
-        """Forward + backward of the training loss per microbatch of one group; grads accumulate in .grad."""
+    def group_loss_backward(self, gi: int, group: Group, norm: LossNormalisers, refs: dict,
+                            accumulator: list[torch.Tensor]) -> None:
+        """Forward + backward of the training loss per microbatch of one group, each microbatch's gradient
+        added to the float64 CPU accumulator at once.
+
+        Summing in .grad would round in float32 in an order that depends on how many groups a rank holds; float64
+        sums of float32 terms are (practically) exact, so the update vector is the same bits for any world size.
+        """
         normalisers = sequence_normalisers(self.cfg.update.loss, group.lengths, norm)
         for sl, layout in group.microbatches(self.rows_grad):
             token_logp, _ = self._forward(layout, grad=True)
@@ -260,6 +277,17 @@ class Probe:
                                refs.get((gi, sl.start)))
             # Zero-weight padding still joins the graph so every rank runs the same backward passes.
             (loss * group.weight).backward()
+            self._drain_grads_into(accumulator)
+
+    def _drain_grads_into(self, accumulator: list[torch.Tensor]) -> None:
+        for acc, (_, p) in zip(accumulator, self.trainable):
+            if p.grad is not None:
+                acc += p.grad.detach().to(acc.device, torch.float64)
+                p.grad = None
+
+    def _new_accumulator(self) -> list[torch.Tensor]:
+        dev = "cpu" if self.cfg.memory.accumulator_device == "cpu" else self.rt.device
+        return [torch.zeros(p.shape, dtype=torch.float64, device=dev) for _, p in self.trainable]
 
     def update_gradient(self, batch: RolloutBatch) -> tuple[list[torch.Tensor], dict]:
         """g = ∇L_U (float64, CPU, all-reduced, clipped as in training) by per-microbatch backward."""
@@ -267,12 +295,11 @@ class Probe:
         refs = self.reference_logps(batch)
         def local_gradient():
             self._zero_grads()
+            accumulator = self._new_accumulator()
             with self._no_sync():
                 for gi, g in enumerate(batch.groups):
-                    self.group_loss_backward(gi, g, norm, refs)
-            local = self._grads_f64()
-            self._zero_grads()
-            return local
+                    self.group_loss_backward(gi, g, norm, refs, accumulator)
+            return [a.cpu() for a in accumulator]
 
         grad = self._reduce_vectors(self.with_oom_retry("grad", local_gradient))
         total_norm = math.sqrt(sum(float((x * x).sum()) for x in grad))
@@ -425,6 +452,7 @@ class Probe:
             with self.clock.phase("score_base"):
                 scores_e = self.score_batch(batch_e)
                 base = self.entropy_at_theta(batch_e, scores_e)
+                self.base = base
             out.update({"entropy/base": base["entropy"], "entropy/base_se": base["entropy_se"],
                         "entropy/base_naive": base["entropy_naive"]})
             self.check_stop()
@@ -515,10 +543,11 @@ class _UStatState:
         probe = self.probe
         group = self.batch_u.groups[gi]
         probe._zero_grads()
+        g_p = probe._new_accumulator()
         with probe._no_sync():
-            probe.group_loss_backward(gi, group, self.ctx["norm"], probe.reference_logps(RolloutBatch("U", [group])))
-        g_p = probe._grads_f64()
-        probe._zero_grads()
+            probe.group_loss_backward(gi, group, self.ctx["norm"], probe.reference_logps(RolloutBatch("U", [group])),
+                                      g_p)
+        g_p = [g.cpu() for g in g_p]
         if self.x_unit is None:
             self.x_unit, self.y_unit = [x.clone() for x in x_p], g_p
         else:

@@ -54,13 +54,16 @@ def test_enumeration_is_complete(exact_setup):
         assert abs(total - 1.0) < 1e-5
 
 
-def _run_seed(toy_checkpoint, setup, seed: int, method: str):
+def _run_seed(toy_checkpoint, setup, seed: int) -> dict:
+    """One probe run (snis_derivative) plus the causal_rb δH₁ on the same E samples and the same u."""
     probe = make_probe(toy_checkpoint, [
         f"sampling.prompts={setup['prompts']}", "sampling.max_new_tokens=2", f"sampling.seed={seed}",
         f"sampling.B_E={len(PAIRS)}", "sampling.G_E=8", "sampling.B_U=6", "sampling.G_U=4",
-        f"estimators.etas=[0.0,{ETA}]", f"estimators.delta_h1={method}"])
+        f"estimators.etas=[0.0,{ETA}]", "estimators.delta_h1=snis_derivative"])
     summary = probe.run()
     u = probe.update_vector
+    probe.cfg.estimators.delta_h1 = "causal_rb"
+    causal = probe.delta_h1(probe.batches["E"], probe.scores_e, probe.base, u)
     exact_d1 = ETA * sum(float((g * x).sum()) for g, x in zip(setup["grad_h"], u))
     with torch.no_grad():
         theta0 = [p.detach().clone() for _, p in probe.trainable]
@@ -72,25 +75,32 @@ def _run_seed(toy_checkpoint, setup, seed: int, method: str):
     sweep = {s["eta"]: s for s in summary["sweep"]}
     return {
         "entropy": (summary["entropy/base"] - setup["h"], summary["entropy/base_se"]),
-        "delta_h1": (sweep[ETA]["delta_h1"] - exact_d1, sweep[ETA]["delta_h1_se"]),
+        "snis_derivative": (sweep[ETA]["delta_h1"] - exact_d1, sweep[ETA]["delta_h1_se"]),
+        "causal_rb": (ETA * causal["per_eta"] - exact_d1, ETA * causal["se_per_eta"]),
         "delta_h_true": (sweep[ETA]["delta_h_true"] - (h_new - setup["h"]), sweep[ETA]["delta_h_true_se"]),
         "eta0": sweep[0.0],
     }
 
 
+@pytest.fixture(scope="module")
+def seed_runs(toy_checkpoint, exact_setup):
+    return [_run_seed(toy_checkpoint, exact_setup, seed) for seed in range(NUM_SEEDS)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["snis_derivative", "causal_rb"])
-def test_probe_matches_exact_enumeration(toy_checkpoint, exact_setup, method):
-    runs = [_run_seed(toy_checkpoint, exact_setup, seed, method) for seed in range(NUM_SEEDS)]
-    for key in ("entropy", "delta_h1", "delta_h_true"):
-        errors = torch.tensor([r[key][0] for r in runs], dtype=torch.float64)
-        ses = torch.tensor([r[key][1] for r in runs], dtype=torch.float64)
-        z = errors / ses
-        assert bool((z.abs() < 4).all()), f"{key}: |z| up to {float(z.abs().max()):.2f} (errors {errors.tolist()})"
-        # Reported SE vs empirical spread of the error around the exact value (both conditional on u).
-        ratio = float(errors.pow(2).mean().sqrt() / ses.pow(2).mean().sqrt())
-        assert 1 / 1.5 < ratio < 1.5, f"{key}: empirical spread / reported SE = {ratio:.3f}"
-    for r in runs:
+@pytest.mark.parametrize("key", ["entropy", "snis_derivative", "causal_rb", "delta_h_true"])
+def test_probe_matches_exact_enumeration(seed_runs, key):
+    errors = torch.tensor([r[key][0] for r in seed_runs], dtype=torch.float64)
+    ses = torch.tensor([r[key][1] for r in seed_runs], dtype=torch.float64)
+    z = errors / ses
+    assert bool((z.abs() < 4).all()), f"{key}: |z| up to {float(z.abs().max()):.2f} (errors {errors.tolist()})"
+    # Reported SE vs the empirical spread of the error around the exact value (both conditional on u).
+    ratio = float(errors.pow(2).mean().sqrt() / ses.pow(2).mean().sqrt())
+    assert 1 / 1.5 < ratio < 1.5, f"{key}: empirical spread / reported SE = {ratio:.3f}"
+
+
+def test_eta_zero_in_every_seed(seed_runs):
+    for r in seed_runs:
         assert r["eta0"]["delta_h_true"] == 0.0 and r["eta0"]["ess_frac"] == 1.0
 
 

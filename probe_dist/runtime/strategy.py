@@ -1,8 +1,9 @@
 """How the policy is wrapped across ranks: none (world size 1 or plain replicas), DDP, or FSDP2.
 
-The probe reduces every gradient itself, in float64 on CPU (so results agree across world sizes to ~1e-15):
-DDP and FSDP2 backward passes run with gradient synchronisation off; the wrappers provide the replicated or
-sharded forward and the parameter broadcast/sharding.
+The probe reduces every gradient itself, in float64 on CPU (so results agree across world sizes to ~1e-15, and
+every collective is a float64 sum as DESIGN.md asks): DDP backward passes run under no_sync, and FSDP2 shards
+the frozen base while the trainable adapter stays replicated. A float32 DDP all-reduce of gradients would make
+the update depend on the world size at the 1e-7 level, and ΔH_true with it.
 """
 
 from __future__ import annotations
@@ -42,9 +43,7 @@ def _fsdp_no_sync(module):
 def build_strategy(cfg, rt, model) -> Strategy | None:
     policy = PolicyModel(model, cfg.memory.logits_chunk)
     name = cfg.distributed.strategy
-    if name == "none" or rt.world_size == 1 and name == "none":
-        return Strategy("none", policy, policy, policy)
-    if rt.world_size == 1:
+    if name == "none" or rt.world_size == 1:
         # A wrapper over one rank changes nothing numerically; run unwrapped, same code path.
         return Strategy("none", policy, policy, policy)
     if name == "ddp":
@@ -58,10 +57,12 @@ def build_strategy(cfg, rt, model) -> Strategy | None:
 
         from probe_dist.model.policy import unwrap_causal_lm
 
-        layers = unwrap_causal_lm(model).get_decoder().layers
-        for layer in layers:
-            fully_shard(layer)
-        fully_shard(policy)
+        # Shard the frozen base; keep the (small) trainable adapter replicated and out of FSDP's hands, so its
+        # gradients stay rank-local and the probe reduces them in float64 like every other sum.
+        trainable = {p for p in model.parameters() if p.requires_grad}
+        for layer in unwrap_causal_lm(model).get_decoder().layers:
+            fully_shard(layer, ignored_params=trainable)
+        fully_shard(policy, ignored_params=trainable)
         register_fsdp_forward_method(policy, "decode")
         return Strategy("fsdp2", policy, policy, policy)
     raise ValueError(f"unknown distributed.strategy {name!r}")

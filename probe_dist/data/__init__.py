@@ -1,0 +1,1 @@
+"""Prompt sources, reward functions and the built-in toy task."""
