@@ -118,6 +118,9 @@ def run(cfg, rt) -> dict:
 
 
 def main(argv=None) -> int:
+    from probe_dist.runtime import signals
+
+    signals.install()  # first thing: a pre-emption signal during loading must not kill a rank silently
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.help_config:
         print(format_config_help())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -29,8 +28,9 @@ from probe_dist.estimators.snis import (
 )
 from probe_dist.estimators.ustat import block_assignments, u_statistic_dot
 from probe_dist.model.policy import PolicyModel
-from probe_dist.rollout.batch import Group, RolloutBatch, group_advantages
+from probe_dist.rollout.batch import Group, RolloutBatch, group_advantages, response_text
 from probe_dist.rollout.generate import prompt_seed, sample_responses
+from probe_dist.runtime import signals
 from probe_dist.runtime.sharding import max_groups_per_rank, shard_groups
 from probe_dist.runtime.snapshot import restore_snapshot, take_snapshot
 from probe_dist.update.adamw import AdamWHyper, adamw_update_vector
@@ -159,7 +159,7 @@ class Probe:
             log.warning("auto_microbatch: retrying with memory.microbatch_%s=%d", kind, max(1, current // 2))
 
     def check_stop(self) -> None:
-        if self.rt.any_flag(self.stop_requested):
+        if self.rt.any_flag(self.stop_requested or signals.requested()):
             raise StopRequested()
 
     # ------------------------------------------------------------------ sampling
@@ -184,8 +184,7 @@ class Probe:
             responses, lengths = sample_responses(
                 self.decoder_policy(), prompt_ids, group_size, s.max_new_tokens, s.temperature, self.eos_id,
                 self.pad_id, prompt_seed(s.seed, name, batch_pos), self.rt.device, lockstep=lockstep)
-            texts = [self.tokenizer.decode(r[: int(n)].tolist(), skip_special_tokens=True)
-                     for r, n in zip(responses, lengths)]
+            texts = [response_text(self.tokenizer, r[: int(n)]) for r, n in zip(responses, lengths)]
             rewards = torch.tensor([reward_fn(t, prompt["answer"]) for t in texts], dtype=torch.float64)
             g = Group(prompt_index=batch_pos, prompt_ids=prompt_ids, responses=responses, lengths=lengths,
                       rewards=rewards, advantages=group_advantages(rewards, family, self.cfg.update.adv_eps),
@@ -440,7 +439,6 @@ class Probe:
     def run(self) -> dict:
         cfg, est = self.cfg, self.cfg.estimators
         out: dict = {"status": "running", "sweep": []}
-        old_handlers = _install_stop_handlers(self)
         self.model.eval()
         snapshot = take_snapshot(self.model, self.trainable, self.optimizer)
         verified = []
@@ -505,7 +503,6 @@ class Probe:
             log.warning("stop requested: restoring the training state and writing a partial summary")
         finally:
             verified.append(restore_snapshot(snapshot, self.model, self.trainable, self.optimizer))
-            _restore_handlers(old_handlers)
         all_verified = self.rt.all_gather_objects(all(verified))
         out["restore/verified"] = bool(all(all_verified))
         out["restore/verified_ranks"] = all_verified
@@ -591,22 +588,3 @@ def _row_sums(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(sum(float((x.reshape(-1).double() * y.reshape(-1).double()).sum()) for x, y in zip(a, b)))
-
-
-def _install_stop_handlers(probe: Probe):
-    def handler(signum, _frame):
-        probe.stop_requested = True
-        log.warning("received signal %d: stopping at the next safe point", signum)
-
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        try:
-            old[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread
-            pass
-    return old
-
-
-def _restore_handlers(old: dict) -> None:
-    for sig, h in old.items():
-        signal.signal(sig, h)

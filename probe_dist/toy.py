@@ -25,7 +25,7 @@ from probe_dist.data.rewards import get_reward_fn
 from probe_dist.data.toy_task import MAX_ANSWER_TOKENS, encode_prompt
 from probe_dist.model.load import save_optimizer, trainable_parameters
 from probe_dist.model.policy import PolicyModel
-from probe_dist.rollout.batch import Group, group_advantages
+from probe_dist.rollout.batch import Group, group_advantages, response_text
 from probe_dist.rollout.generate import prompt_seed, sample_responses
 from probe_dist.update.loss import LossNormalisers, sequence_normalisers, update_loss
 
@@ -59,7 +59,7 @@ def grpo_steps(model, tokenizer, optimizer, trainable, seed: int, args: dict) ->
             responses, lengths = sample_responses(policy, ids, args["group_size"], args["max_new_tokens"],
                                                   args["temperature"], tokenizer.eos_token_id, tokenizer.pad_token_id,
                                                   prompt_seed(seed + step, "train", pos), torch.device("cpu"))
-            texts = [tokenizer.decode(r[: int(n)].tolist(), skip_special_tokens=True) for r, n in zip(responses, lengths)]
+            texts = [response_text(tokenizer, r[: int(n)]) for r, n in zip(responses, lengths)]
             rewards = torch.tensor([reward_fn(t, prompt["answer"]) for t in texts], dtype=torch.float64)
             groups.append(Group(pos, ids, responses, lengths, rewards,
                                 group_advantages(rewards, args["loss"], 1e-6), prompt["answer"]))
@@ -87,13 +87,23 @@ def grpo_steps(model, tokenizer, optimizer, trainable, seed: int, args: dict) ->
 
 def build(out_dir: str | Path, seed: int = 0) -> dict:
     """Build the whole checkpoint into out_dir (created; must not exist or be empty)."""
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    # One thread: identical bits to two, and far faster for a tiny model on a shared 2-core machine.
+    torch.set_num_threads(1)
+    try:
+        return _build(out, seed, start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out: Path, seed: int, start: float) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from probe_dist.toy_base import sample_stats, train_base
 
-    start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     base, tokenizer, base_stats = train_base(seed)
     base.save_pretrained(str(out / "base"))
     tokenizer.save_pretrained(str(out / "tokenizer"))

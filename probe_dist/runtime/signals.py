@@ -1,0 +1,36 @@
+"""Pre-emption: SIGTERM / SIGUSR1 (Slurm time limit, scancel, torchrun forwarding) request a stop.
+
+The handler only sets a flag; the probe checks it at safe points (between phases and η values), agrees on it
+across ranks with one all-reduce, restores the training state, and writes a summary marked "interrupted".
+Installed at the very start of main() so a signal during model loading is not fatal either.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+log = logging.getLogger("probe_dist")
+_requested = {"signal": None}
+
+
+def _handler(signum, _frame):
+    if _requested["signal"] is None:
+        log.warning("received signal %d: stopping at the next safe point", signum)
+    _requested["signal"] = signum
+
+
+def install() -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            signal.signal(sig, _handler)
+        except ValueError:  # not the main thread (e.g. embedded use): leave default handling
+            pass
+
+
+def requested() -> bool:
+    return _requested["signal"] is not None
+
+
+def reset() -> None:
+    _requested["signal"] = None
