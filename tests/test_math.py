@@ -1,0 +1,160 @@
+"""Pure math against independent computations: AdamW update vector, loss normalisers, surrogate coefficients,
+ratio influence functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probe_dist.estimators.delta_h1 import delta_h1_influence, surrogate_coefficients
+from probe_dist.estimators.entropy import ratio_influence, se_from_influence
+from probe_dist.estimators.snis import SNIS_SUM_FIELDS, log_weights, snis_finalize, snis_local_sums
+from probe_dist.rollout.batch import group_advantages
+from probe_dist.update.adamw import AdamWHyper, adamw_update_vector
+from probe_dist.update.loss import LossNormalisers, sequence_normalisers, update_loss
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("step", [1, 7])
+def test_update_vector_is_one_real_adamw_step(amsgrad, weight_decay, step):
+    """θ + ηu equals torch.optim.AdamW(lr=η).step() from the same state (float64: exact up to rounding)."""
+    gen = torch.Generator().manual_seed(step)
+    theta = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    grad = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    m = torch.randn(5, 3, generator=gen, dtype=torch.float64) * 0.1
+    v = torch.rand(5, 3, generator=gen, dtype=torch.float64) * 0.01
+    v_max = v + torch.rand(5, 3, generator=gen, dtype=torch.float64) * 0.01
+    hp = AdamWHyper(betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay, amsgrad=amsgrad)
+    parts = adamw_update_vector(theta, grad, m, v, float(step), hp, v_max if amsgrad else None)
+    for eta in (1e-6, 1e-3, 0.5):
+        p = torch.nn.Parameter(theta.clone())
+        opt = torch.optim.AdamW([p], lr=eta, betas=hp.betas, eps=hp.eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+        if amsgrad:
+            opt.state[p]["max_exp_avg_sq"] = v_max.clone()
+        p.grad = grad.clone()
+        opt.step()
+        assert torch.allclose(p.detach() - theta, eta * parts.u, rtol=1e-10, atol=1e-15)
+    # u splits into the part that does not depend on g and the linear gradient map.
+    assert torch.allclose(parts.u, parts.u_base + parts.grad_coef * grad, rtol=0, atol=1e-15)
+
+
+def test_loss_normalisers_follow_the_spec():
+    lengths = torch.tensor([3, 1, 2, 5])
+    norm = LossNormalisers(num_prompts=2, group_size=2, total_tokens=11.0, max_len=6)
+    assert torch.allclose(sequence_normalisers("grpo", lengths, norm), 1.0 / (4 * lengths.double()))
+    assert torch.allclose(sequence_normalisers("dr_grpo", lengths, norm), torch.full((4,), 1.0 / (2 * 2 * 6.0),
+                                                                                         dtype=torch.float64))
+    assert torch.allclose(sequence_normalisers("dapo", lengths, norm), torch.full((4,), 1 / 11.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown loss family"):
+        sequence_normalisers("ppo", lengths, norm)
+
+
+def test_loss_adds_up_over_microbatches_and_matches_a_direct_formula():
+    """Σ over any microbatch split = the batch loss; grpo = mean over sequences of −A·(token mean of ℓ)."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([2, 4, 1, 3])
+    row = torch.repeat_interleave(torch.arange(4), lengths)
+    logp = -torch.rand(int(lengths.sum()), generator=gen, dtype=torch.float64)
+    adv = torch.tensor([1.0, -0.5, 0.25, -0.75], dtype=torch.float64)
+    norm = LossNormalisers(num_prompts=2, group_size=2, total_tokens=float(lengths.sum()), max_len=4)
+    n = sequence_normalisers("grpo", lengths, norm)
+    whole = update_loss(logp, row, adv, n)
+    direct = sum(-adv[i] * logp[row == i].mean() for i in range(4)) / 4
+    assert torch.isclose(whole, direct)
+    first = int(lengths[:2].sum())
+    split = update_loss(logp[:first], row[:first], adv[:2], n[:2]) + \
+        update_loss(logp[first:], row[first:] - 2, adv[2:], n[2:])
+    assert torch.isclose(whole, split, rtol=1e-14)
+    # KL term: k3 is zero when the policy equals the reference, positive otherwise.
+    assert torch.isclose(update_loss(logp, row, adv, n, kl_coef=0.1, token_ref_logp=logp), whole)
+    assert update_loss(logp, row, adv, n, kl_coef=0.1, token_ref_logp=logp - 0.3) > whole
+
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(group_advantages(r, "dr_grpo", 1e-6), r - 0.5)
+    a = group_advantages(r, "grpo", 1e-6)
+    assert torch.allclose(a, (r - 0.5) / (r.std() + 1e-6))
+    assert torch.equal(group_advantages(torch.ones(4, dtype=torch.float64), "grpo", 1e-6), torch.zeros(4, dtype=torch.float64))
+
+
+def test_causal_coefficients_match_brute_force():
+    """Entropy-to-go with baseline H_t and tokens-to-go, row by row in a flat layout."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = [3, 1, 4]
+    row = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+    h = torch.rand(int(sum(lengths)), generator=gen, dtype=torch.float64)
+    a, b = surrogate_coefficients("causal_rb", "per_token", h, h, row, 3, entropy_bar=0.7)
+    k = 0
+    for t_len in lengths:
+        seg = h[k:k + t_len]
+        for t in range(t_len):
+            after = float(seg[t + 1:].sum())
+            assert torch.isclose(a[k + t], torch.tensor(after - 0.7 * (t_len - 1 - t), dtype=torch.float64))
+            assert b[k + t] == t_len - 1 - t
+        k += t_len
+    a_s, b_s = surrogate_coefficients("snis_derivative", "per_token", h, h, row, 3, entropy_bar=0.7)
+    h_row = torch.zeros(3, dtype=torch.float64).index_add(0, row, h)
+    assert torch.allclose(a_s, (h_row - 0.7 * torch.tensor(lengths, dtype=torch.float64))[row])
+    assert torch.equal(b_s, torch.tensor(lengths, dtype=torch.float64)[row])
+
+
+def _ratio(h, lam):
+    return h.sum() / lam.sum()
+
+
+def test_ratio_influence_matches_numerical_jackknife_direction():
+    """c_p is the derivative of Ĥ = Σh/Σλ w.r.t. group p's weight: check by a finite weight perturbation."""
+    gen = torch.Generator().manual_seed(2)
+    h, lam = torch.rand(6, generator=gen, dtype=torch.float64), 1 + torch.rand(6, generator=gen, dtype=torch.float64)
+    est = float(_ratio(h, lam))
+    c = ratio_influence(h, lam, est, float(lam.sum()))
+    assert abs(float(c.sum())) < 1e-14
+    for p in range(6):
+        w = torch.ones(6, dtype=torch.float64)
+        w[p] += 1e-7
+        fd = (float(_ratio(w * h, w * lam)) - est) / 1e-7
+        assert abs(fd - float(c[p])) < 1e-6
+    assert se_from_influence(float((c * c).sum()), 1) != se_from_influence(float((c * c).sum()), 1)  # NaN for n<2
+
+
+def test_delta_h1_influence_is_the_derivative_of_the_ratio_formula():
+    """f = (Σa − H̄ Σb)/Σλ with H̄ = Σh/Σλ: c_p equals ∂f/∂(weight of group p)."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+    h, lam = torch.rand(5, generator=gen, dtype=torch.float64), 1 + torch.rand(5, generator=gen, dtype=torch.float64)
+
+    def f(w):
+        hbar = (w * h).sum() / (w * lam).sum()
+        return float(((w * a).sum() - hbar * (w * b).sum()) / (w * lam).sum())
+
+    ones = torch.ones(5, dtype=torch.float64)
+    value, sum_lam, hbar, sum_b = f(ones), float(lam.sum()), float(h.sum() / lam.sum()), float(b.sum())
+    q = (a - hbar * b) / sum_lam  # what ∇surrogate₁·u gives per group
+    c = delta_h1_influence(q, lam, h, value, sum_lam, hbar, sum_b)
+    for p in range(5):
+        w = ones.clone()
+        w[p] += 1e-7
+        assert abs((f(w) - value) / 1e-7 - float(c[p])) < 1e-5
+    assert abs(float(c.sum())) < 1e-12
+
+
+def test_snis_sums_and_finalize():
+    logp_old = torch.tensor([-1.0, -2.0, -0.5, -3.0], dtype=torch.float64)
+    logp_new = logp_old + torch.tensor([0.1, -0.2, 0.05, 0.3], dtype=torch.float64)
+    h_new = torch.tensor([0.4, 1.1, 0.2, 2.0], dtype=torch.float64)
+    lam = torch.tensor([1.0, 2.0, 1.0, 3.0], dtype=torch.float64)
+    lw = log_weights(logp_new, logp_old)
+    sums = snis_local_sums(lw, float(lw.max()), h_new, lam)
+    assert len(sums) == len(SNIS_SUM_FIELDS)
+    res = snis_finalize(sums, entropy_old=0.5)
+    w = torch.exp(lw)
+    assert abs(res.entropy_new - float((w * h_new).sum() / (w * lam).sum())) < 1e-14
+    assert abs(res.ess - float(w.sum() ** 2 / (w * w).sum())) < 1e-12
+    assert abs(res.max_weight - float(w.max() / w.sum())) < 1e-14
+    assert abs(res.kl_k1 - float((-lw).mean())) < 1e-14
+    # Stabilising by any global max leaves the estimates unchanged (only the scale of w).
+    res2 = snis_finalize(snis_local_sums(lw, float(lw.max()) + 5.0, h_new, lam), entropy_old=0.5)
+    assert abs(res2.entropy_new - res.entropy_new) < 1e-14 and abs(res2.ess - res.ess) < 1e-12
