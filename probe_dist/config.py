@@ -83,7 +83,11 @@ def _unknown_key(key: str, where: str, is_section: bool = False) -> ConfigError:
     else:
         what, pool = "key", list(_leaves()) + list(_sections())
     same_name = [k for k in _leaves() if what == "key" and k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
-    match = same_name or difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+    # Case-insensitive first (sampling.B_e → sampling.B_E), then by similarity.
+    same_case = [k for k in pool if k.lower() == key.lower()]
+    by_lower = {k.lower(): k for k in pool}
+    close = [by_lower[m] for m in difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.6)]
+    match = same_name or same_case or close
     hint = f"did you mean '{match[0]}'?" if match else "run with --help-config to list the valid keys"
     return ConfigError(f"unknown config {what} '{key}'{where}; {hint}")
 

@@ -439,8 +439,9 @@ class Probe:
     def run(self) -> dict:
         cfg, est = self.cfg, self.cfg.estimators
         out: dict = {"status": "running", "sweep": []}
-        self.model.eval()
+        # Snapshot first: it records the caller's train/eval flags, which restore puts back.
         snapshot = take_snapshot(self.model, self.trainable, self.optimizer)
+        self.model.eval()  # every probe pass in eval mode (LoRA dropout off)
         verified = []
         try:
             with self.clock.phase("sample"):

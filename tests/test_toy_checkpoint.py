@@ -1,0 +1,164 @@
+"""The built-in toy RL checkpoint: layout, a non-trivial policy, reproducibility for a seed, the build CLI."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import probe_dist.toy_base
+from probe_dist import toy
+from tests.probe_harness import make_probe
+
+REPO = Path(__file__).resolve().parents[1]
+TENSOR_FILES = ("base/model.safetensors", "adapter_model.safetensors")
+TIMING_KEYS = ("build_seconds", "seconds")
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, keyed '<file>:<name>' (optimizer state keyed by parameter name)."""
+    out = {}
+    for rel in TENSOR_FILES:
+        out.update({f"{rel}:{k}": v for k, v in load_file(str(ckpt / rel)).items()})
+    blob = torch.load(str(ckpt / "optimizer.pt"), map_location="cpu", weights_only=False)
+    ids = [i for g in blob["state_dict"]["param_groups"] for i in g["params"]]
+    for pid, name in zip(ids, blob["param_names"]):
+        for key, val in blob["state_dict"]["state"][pid].items():
+            out[f"optimizer.pt:{name}:{key}"] = val
+    return out
+
+
+def optimizer_meta(ckpt: Path) -> dict:
+    blob = torch.load(str(ckpt / "optimizer.pt"), map_location="cpu", weights_only=False)
+    groups = [{k: v for k, v in g.items()} for g in blob["state_dict"]["param_groups"]]
+    return {"class": blob["optimizer_class"], "names": blob["param_names"], "groups": groups}
+
+
+def without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------- layout
+
+
+def test_directory_layout(toy_checkpoint):
+    ckpt = toy_checkpoint
+    assert (ckpt / toy.COMPLETE_MARKER).is_file()
+    assert (ckpt / "base" / "config.json").is_file() and (ckpt / "base" / "model.safetensors").is_file()
+    assert (ckpt / "tokenizer" / "tokenizer.json").is_file()
+    adapter_cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["r"] == 8 and adapter_cfg["lora_dropout"] == 0.05
+    adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
+
+    blob = torch.load(str(ckpt / "optimizer.pt"), map_location="cpu", weights_only=False)
+    assert blob["optimizer_class"] == "AdamW"
+    names = blob["param_names"]
+    assert len(names) == len(set(names)) == len(adapter) == len(blob["state_dict"]["state"])
+    # param_names are the live peft names of the adapter tensors (the saved file drops the adapter name).
+    assert {n.replace(".default.", ".") for n in names} == set(adapter)
+    for state in blob["state_dict"]["state"].values():
+        assert {"exp_avg", "exp_avg_sq", "step"} <= set(state) and float(state["step"]) == 4.0
+        assert float(state["exp_avg_sq"].abs().sum()) > 0.0
+
+    args = json.loads((ckpt / "training_args.json").read_text())
+    for key in ("loss", "temperature", "max_new_tokens", "lr", "betas", "eps", "weight_decay", "grad_clip"):
+        assert key in args, key
+    assert args["loss"] == "grpo" and args["temperature"] > 0 and args["max_new_tokens"] >= 1
+    (group,) = blob["state_dict"]["param_groups"]
+    assert group["lr"] == args["lr"] and list(group["betas"]) == list(args["betas"])
+    assert group["eps"] == args["eps"] and group["weight_decay"] == args["weight_decay"]
+
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["global_step"] == args["grpo_steps"] == len(state["grpo_history"])
+    assert state["format_version"] == toy.TOY_FORMAT_VERSION
+
+
+# ----------------------------------------------------------------------------------------------- non-trivial policy
+
+
+def test_policy_is_non_trivial(toy_checkpoint):
+    """Sampled at the recorded temperature, the policy is partly right and still uncertain."""
+    args = json.loads((toy_checkpoint / "training_args.json").read_text())
+    probe = make_probe(toy_checkpoint, [])
+    assert probe.cfg.sampling.temperature == args["temperature"]  # the probe samples at the recorded temperature
+    batch = probe.sample("E", 25, 8)  # 200 samples; generation cost is per prompt group
+    rewards = torch.cat([g.rewards for g in batch.groups])
+    assert rewards.numel() == 200
+    assert 0.1 < float(rewards.mean()) < 0.9, float(rewards.mean())
+    # Groups with mixed rewards exist, so GRPO advantages are non-zero.
+    assert any(float(g.advantages.abs().sum()) > 0 for g in batch.groups)
+    scores = probe.score_batch(batch)
+    tokens = sum(int(s.lengths.sum()) for s in scores)
+    token_entropy = sum(float(s.rb.sum()) for s in scores) / tokens
+    assert token_entropy > 0.05, token_entropy
+    recorded = json.loads((toy_checkpoint / "trainer_state.json").read_text())
+    assert 0.1 < recorded["final_sampled_accuracy"] < 0.9 and recorded["final_token_entropy"] > 0.05
+
+
+# ----------------------------------------------------------------------------------------------- reproducibility
+
+
+@pytest.mark.slow
+def test_same_seed_rebuilds_bitwise(tmp_path, toy_checkpoint):
+    again = tmp_path / "again"
+    toy.build(again, seed=0)
+    first, second = checkpoint_tensors(toy_checkpoint), checkpoint_tensors(again)
+    assert set(first) == set(second)
+    assert sum(k.startswith("optimizer.pt:") for k in first) == 3 * len(optimizer_meta(again)["names"])
+    differing = [k for k in first if not bitwise_equal(first[k], second[k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+    assert optimizer_meta(toy_checkpoint) == optimizer_meta(again)
+    for name in ("training_args.json", "adapter_config.json"):
+        assert json.loads((toy_checkpoint / name).read_text()) == json.loads((again / name).read_text()), name
+    assert without_timings(json.loads((toy_checkpoint / "trainer_state.json").read_text())) == \
+        without_timings(json.loads((again / "trainer_state.json").read_text()))
+
+
+@pytest.mark.slow
+def test_different_seed_gives_different_tensors(tmp_path, monkeypatch):
+    """Seeds 0 and 1 with a shortened base schedule (the seed, not the schedule, is under test; a full extra build
+    costs minutes)."""
+    short = functools.partial(probe_dist.toy_base.train_base, steps=20, eval_samples=8)
+    monkeypatch.setattr(probe_dist.toy_base, "train_base", short)
+    for seed in (0, 1):
+        state = toy.build(tmp_path / f"s{seed}", seed=seed)
+        # Precondition: some GRPO step had mixed rewards, so the AdamW moments are not all zero.
+        assert any(h["grad_norm"] > 0 for h in state["grpo_history"]), state["grpo_history"]
+    a, b = checkpoint_tensors(tmp_path / "s0"), checkpoint_tensors(tmp_path / "s1")
+    assert set(a) == set(b)
+    for rel in (*TENSOR_FILES, "optimizer.pt"):
+        keys = [k for k in a if k.startswith(rel + ":") and not k.endswith(":step")]
+        assert keys and all(not bitwise_equal(a[k], b[k]) for k in keys), f"{rel}: a tensor is seed-independent"
+    assert json.loads((tmp_path / "s1" / "training_args.json").read_text())["seed"] == 1
+
+
+# ----------------------------------------------------------------------------------------------- build CLI
+
+
+def test_build_cli_refuses_non_empty_out(tmp_path):
+    out = tmp_path / "occupied"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "probe_dist.toy", "build", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error:") and "not empty" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine\n"
