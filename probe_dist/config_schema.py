@@ -71,7 +71,7 @@ class EstimatorsConfig:
 
 @dataclass
 class MemoryConfig:
-    microbatch_generate: int = _f(8, ge=1, help="prompts generated together")
+    microbatch_generate: int = _f(8, ge=1, help="responses of one prompt decoded together (bounds the KV cache)")
     microbatch_score: int = _f(8, ge=1, help="sequences per no-grad scoring forward")
     microbatch_grad: int = _f(4, ge=1, help="sequences per forward+backward")
     logits_chunk: int = _f(1024, ge=1, help="response positions per logits/entropy chunk")
@@ -102,7 +102,7 @@ class OutputConfig:
     save_update_vector: bool = _f(False, help="write update_vector.safetensors keyed by adapter names")
     table_format: str = _f("jsonl", choices=("jsonl", "parquet"), help="per-sequence table format")
     plots: bool = _f(True, help="write PNG plots when matplotlib is installed")
-    overwrite: bool = _f(True, help="allow writing into a non-empty output directory")
+    overwrite: bool = _f(True, help="replace the results of an earlier run in output.dir (false: refuse)")
 
 
 @dataclass

@@ -140,6 +140,9 @@ def main(argv=None) -> int:
     try:
         rt = init_runtime(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_s)
         out_dir = Path(cfg.output.dir)
+        if not cfg.output.overwrite and (out_dir / "summary.json").exists():
+            raise ConfigError(f"output.dir {str(out_dir)!r} already holds a summary.json and output.overwrite=false; "
+                              "choose a new output.dir or set output.overwrite=true.")
         if rt.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
         rt.barrier()

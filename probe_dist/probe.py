@@ -29,7 +29,7 @@ from probe_dist.estimators.snis import (
 from probe_dist.estimators.ustat import block_assignments, u_statistic_dot
 from probe_dist.model.policy import PolicyModel
 from probe_dist.rollout.batch import Group, RolloutBatch, group_advantages, response_text
-from probe_dist.rollout.generate import prompt_seed, sample_responses
+from probe_dist.rollout.generate import sample_responses
 from probe_dist.runtime import signals
 from probe_dist.runtime.sharding import max_groups_per_rank, shard_groups
 from probe_dist.runtime.snapshot import restore_snapshot, take_snapshot
@@ -183,7 +183,8 @@ class Probe:
                 prompt_ids = torch.cat([torch.tensor([self.tokenizer.bos_token_id]), prompt_ids])
             responses, lengths = sample_responses(
                 self.decoder_policy(), prompt_ids, group_size, s.max_new_tokens, s.temperature, self.eos_id,
-                self.pad_id, prompt_seed(s.seed, name, batch_pos), self.rt.device, lockstep=lockstep)
+                self.pad_id, (s.seed, name, batch_pos), self.rt.device,
+                rows_per_chunk=self.cfg.memory.microbatch_generate, lockstep=lockstep)
             texts = [response_text(self.tokenizer, r[: int(n)]) for r, n in zip(responses, lengths)]
             rewards = torch.tensor([reward_fn(t, prompt["answer"]) for t in texts], dtype=torch.float64)
             g = Group(prompt_index=batch_pos, prompt_ids=prompt_ids, responses=responses, lengths=lengths,

@@ -26,7 +26,7 @@ from probe_dist.data.toy_task import MAX_ANSWER_TOKENS, encode_prompt
 from probe_dist.model.load import save_optimizer, trainable_parameters
 from probe_dist.model.policy import PolicyModel
 from probe_dist.rollout.batch import Group, group_advantages, response_text
-from probe_dist.rollout.generate import prompt_seed, sample_responses
+from probe_dist.rollout.generate import sample_responses
 from probe_dist.update.loss import LossNormalisers, sequence_normalisers, update_loss
 
 log = logging.getLogger("probe_dist")
@@ -58,7 +58,7 @@ def grpo_steps(model, tokenizer, optimizer, trainable, seed: int, args: dict) ->
             ids = torch.tensor(encode_prompt(tokenizer, prompt["prompt"]), dtype=torch.long)
             responses, lengths = sample_responses(policy, ids, args["group_size"], args["max_new_tokens"],
                                                   args["temperature"], tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                                  prompt_seed(seed + step, "train", pos), torch.device("cpu"))
+                                                  (seed + step, "train", pos), torch.device("cpu"))
             texts = [response_text(tokenizer, r[: int(n)]) for r, n in zip(responses, lengths)]
             rewards = torch.tensor([reward_fn(t, prompt["answer"]) for t in texts], dtype=torch.float64)
             groups.append(Group(pos, ids, responses, lengths, rewards,

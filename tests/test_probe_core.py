@@ -127,3 +127,27 @@ def test_negated_advantages_flip_the_prediction(toy_checkpoint):
     flipped, _ = probe.update_gradient(batch_u)
     for a, b in zip(grad, flipped):
         assert torch.allclose(a, -b, rtol=1e-6, atol=1e-12)
+
+
+def test_samples_do_not_depend_on_generation_chunking(toy_checkpoint):
+    """Each response has its own seeded generator: decoding rows 1 at a time or all together gives the same."""
+    tokens = []
+    for rows in (1, 3, 8):
+        probe = make_probe(toy_checkpoint, SMALL + [f"memory.microbatch_generate={rows}"])
+        batch = probe.sample("E", 3, 4)
+        tokens.append([(g.responses.tolist(), g.lengths.tolist()) for g in batch.groups])
+    assert tokens[0] == tokens[1] == tokens[2]
+    other_seed = make_probe(toy_checkpoint, SMALL + ["sampling.seed=99"]).sample("E", 3, 4)
+    assert [(g.responses.tolist(), g.lengths.tolist()) for g in other_seed.groups] != tokens[0]
+
+
+def test_output_overwrite_false_refuses_existing_results(toy_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "summary.json").write_text("{}")
+    res = subprocess.run([sys.executable, "-m", "probe_dist.main", f"checkpoint.path={toy_checkpoint}",
+                          f"output.dir={tmp_path}", "output.overwrite=false", "device=cpu"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "output.overwrite=false" in res.stderr
+    assert (tmp_path / "summary.json").read_text() == "{}"
