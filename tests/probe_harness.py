@@ -41,6 +41,39 @@ def enumerate_responses(vocab_size: int, eos_id: int, pad_id: int, max_new_token
     return responses, lengths
 
 
+def exact_gradient(probe, prompt_ids_list, responses, lengths) -> list[torch.Tensor]:
+    """Exact ∇H for H = N/D (N = Σ_p E_p[h], D = Σ_p E_p[T]): ∇N and ∇D accumulated prompt by prompt."""
+    params = [p for _, p in probe.trainable]
+    grad_n = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    grad_d = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    num = den = 0.0
+    for prompt_ids in prompt_ids_list:
+        n_p, d_p = _prompt_sums(probe, prompt_ids, responses, lengths, grad=True)
+        for acc, g in zip(grad_n, torch.autograd.grad(n_p, params, retain_graph=True)):
+            acc += g.double()
+        for acc, g in zip(grad_d, torch.autograd.grad(d_p, params)):
+            acc += g.double()
+        num, den = num + float(n_p), den + float(d_p)
+    return [(gn * den - num * gd) / den ** 2 for gn, gd in zip(grad_n, grad_d)]
+
+
+def _prompt_sums(probe, prompt_ids, responses, lengths, grad: bool, payload: str = "rb",
+                 normalize: str = "per_token"):
+    """E_p[h] and E_p[λ] for one prompt by enumeration (differentiable with grad=True)."""
+    g = Group(0, prompt_ids, responses, lengths, torch.zeros(len(lengths), dtype=torch.float64))
+    layout = g.layout(slice(0, g.size))
+    with torch.set_grad_enabled(grad):
+        token_logp, token_h = probe.policy(layout["input_ids"], layout["attention_mask"], layout["response_start"],
+                                           layout["response_mask"], probe.cfg.sampling.temperature)
+        rows = layout["response_mask"].nonzero(as_tuple=True)[0]
+        s = torch.zeros(g.size, dtype=torch.float64).index_add(0, rows, token_logp.double())
+        h_rb = torch.zeros(g.size, dtype=torch.float64).index_add(0, rows, token_h.double())
+        h = h_rb if payload == "rb" else -s
+        p = torch.exp(s)
+        lam = lengths.double() if normalize == "per_token" else torch.ones(g.size, dtype=torch.float64)
+        return (p * h).sum(), (p * lam).sum()
+
+
 def exact_population(probe, prompt_ids_list, responses, lengths, grad: bool = False, payload: str = "rb",
                      normalize: str = "per_token"):
     """Exact H = Σ_p E_p[h] / Σ_p E_p[λ] over the prompts (each weighted once), by enumeration.
