@@ -21,6 +21,7 @@ from probe_dist.estimators.delta_h1 import delta_h1_influence, delta_h1_se, surr
 from probe_dist.estimators.entropy import normaliser_lengths, ratio_influence, se_from_influence
 from probe_dist.estimators.psis import khat_threshold, pareto_khat
 from probe_dist.estimators.snis import (
+    SNIS_SUM_FIELDS,
     log_weights,
     snis_delta_influence,
     snis_finalize,
@@ -215,20 +216,15 @@ class Probe:
     # ------------------------------------------------------------------ global entropy at θ
     def entropy_at_theta(self, batch: RolloutBatch, scores: list[GroupScores]) -> dict:
         est = self.cfg.estimators
-        local = torch.zeros(4, dtype=torch.float64)  # Σh(payload), Σλ, Σh(naive), #groups
-        for g, sc in zip(batch.groups, scores):
-            if g.weight == 0:
-                continue
-            lam = normaliser_lengths(sc.lengths, est.normalize)
-            local += torch.tensor([float(sc.payload(est.payload).sum()), float(lam.sum()),
-                                   float((-sc.logp).sum()), 1.0], dtype=torch.float64)
-        sum_h, sum_lam, sum_naive, n_groups = self.rt.sum_f64(local).tolist()
+        real = [sc for g, sc in zip(batch.groups, scores) if g.weight > 0]
+        h_groups = torch.tensor([float(sc.payload(est.payload).sum()) for sc in real], dtype=torch.float64)
+        lam_groups = torch.tensor([float(normaliser_lengths(sc.lengths, est.normalize).sum()) for sc in real],
+                                  dtype=torch.float64)
+        naive = sum(float((-sc.logp).sum()) for sc in real)
+        sum_h, sum_lam, sum_naive, n_groups = self.rt.sum_scalars(float(h_groups.sum()), float(lam_groups.sum()),
+                                                                  naive, float(len(real)))
         entropy = sum_h / sum_lam
-        c2 = sum(float(ratio_influence(sc.payload(est.payload).sum().reshape(1),
-                                       normaliser_lengths(sc.lengths, est.normalize).sum().reshape(1),
-                                       entropy, sum_lam).pow(2).sum())
-                 for g, sc in zip(batch.groups, scores) if g.weight > 0)
-        (c2,) = self.rt.sum_scalars(c2)
+        (c2,) = self.rt.sum_scalars(float(ratio_influence(h_groups, lam_groups, entropy, sum_lam).pow(2).sum()))
         return {"entropy": entropy, "entropy_se": se_from_influence(c2, int(n_groups)),
                 "entropy_naive": sum_naive / sum_lam, "sum_lam": sum_lam, "sum_h": sum_h,
                 "num_groups": int(n_groups)}
@@ -415,8 +411,9 @@ class Probe:
             lam = normaliser_lengths(s1.lengths, est.normalize)
             clipped = (s1.logp - s0.logp) > est.log_weight_clip if est.log_weight_clip is not None else None
             sums += snis_local_sums(lw, gmax, s1.payload(est.payload), lam, clipped)
-        res = snis_finalize(self.rt.sum_f64(sums), base["entropy"])
-        sum_w_lam = float(self.rt.sum_f64(sums)[3])
+        global_sums = self.rt.sum_f64(sums)
+        res = snis_finalize(global_sums, base["entropy"])
+        sum_w_lam = float(global_sums[SNIS_SUM_FIELDS.index("sum_w_lam")])
         c2 = 0.0
         for (_g, s0, s1), lw in zip(real, lw_local):
             lam = normaliser_lengths(s1.lengths, est.normalize)
@@ -432,7 +429,7 @@ class Probe:
             khat = pareto_khat(all_lw) if all_lw.numel() else float("nan")
         return {"delta_h_true": res.delta, "delta_h_true_se": se_from_influence(c2, base["num_groups"]),
                 "entropy_new": res.entropy_new, "ess": res.ess, "ess_frac": res.ess_frac, "khat": khat,
-                "khat_threshold": khat_threshold(int(res.ess / res.ess_frac)) if res.ess_frac > 0 else float("nan"),
+                "khat_threshold": khat_threshold(round(res.ess / res.ess_frac)) if res.ess_frac > 0 else float("nan"),
                 "kl": res.kl_k3, "kl_k1": res.kl_k1, "max_weight": res.max_weight, "clip_frac": res.clip_frac,
                 "log_weights": lw_local}
 

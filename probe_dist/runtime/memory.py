@@ -214,8 +214,9 @@ class PhaseMemoryRecorder:
 
         with PhaseMemoryRecorder(device) as rec:
             ...phase...
-        rec.result   # {"rss_bytes", "rss_peak_bytes", "rss_start_bytes", "saved_peak_bytes",
-                     #  "saved_current_bytes", ("cuda_*" on GPU), "rss_peak_scope": "phase" | "process"}
+        rec.result   # {"rss_bytes", "rss_peak_bytes", "rss_start_bytes", "rss_growth_bytes" (peak − start),
+                     #  "saved_peak_bytes", "saved_current_bytes", ("cuda_*" on GPU),
+                     #  "rss_peak_scope": "phase" (VmHWM was reset at entry) | "process" (lifetime peak)}
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
@@ -235,12 +236,15 @@ class PhaseMemoryRecorder:
 
     def __exit__(self, *exc) -> None:
         self.meter.__exit__(*exc)
-        self.result = {**phase_memory(self.device), "rss_start_bytes": self._rss_start,
+        mem = phase_memory(self.device)
+        self.result = {**mem, "rss_start_bytes": self._rss_start,
+                       "rss_growth_bytes": max(0, mem["rss_peak_bytes"] - self._rss_start),
                        "rss_peak_scope": "phase" if self._rss_reset else "process",
                        "saved_peak_bytes": self.meter.peak_bytes, "saved_current_bytes": self.meter.current_bytes}
 
 
-_PEAK_KEYS = ("rss_peak_bytes", "saved_peak_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes")
+_PEAK_KEYS = ("rss_peak_bytes", "rss_growth_bytes", "saved_peak_bytes", "cuda_peak_allocated_bytes",
+              "cuda_peak_reserved_bytes")
 
 
 def merge_phase_records(old: dict | None, new: dict) -> dict:
