@@ -222,11 +222,14 @@ def _compared_values(summary: dict) -> dict[str, float]:
 @pytest.mark.skipif(
     importlib.util.find_spec("probe_dist.main") is None, reason="probe_dist.main not available yet"
 )
-def test_sbatch_multinode_probe_matches_torchrun(slurm_cluster: LocalSlurmCluster, tmp_path: Path) -> None:
+def test_sbatch_multinode_probe_matches_torchrun(
+    slurm_cluster: LocalSlurmCluster, tmp_path: Path, toy_checkpoint: Path
+) -> None:
     """The probe gives the same numbers on 2 Slurm nodes x 2 ranks as under one torchrun with 4 ranks."""
     world_size = NODES * RANKS_PER_NODE
+    overrides = [*PROBE_OVERRIDES, f"checkpoint.path={toy_checkpoint}"]
     env = _job_env(tmp_path / "slurm", "probe_dist.main", [REPO])
-    job_id = _submit_multinode(slurm_cluster, env, PROBE_OVERRIDES)
+    job_id = _submit_multinode(slurm_cluster, env, overrides)
     state = slurm_cluster.wait(job_id, timeout=480)
     assert state == "COMPLETED", f"job {job_id} ended {state}\n{slurm_cluster.job_output(job_id)}"
     slurm_summary = _read_summary(slurm_cluster, tmp_path / "slurm" / job_id / "summary.json", job_id)
@@ -245,7 +248,7 @@ def test_sbatch_multinode_probe_matches_torchrun(slurm_cluster: LocalSlurmCluste
             "probe_dist.main",
             "--config",
             env["PROBE_CONFIG"],
-            *PROBE_OVERRIDES,
+            *overrides,
             f"output.dir={plain_dir}",
         ],
         cwd=REPO,
@@ -275,7 +278,7 @@ def test_sbatch_multinode_probe_matches_torchrun(slurm_cluster: LocalSlurmCluste
     importlib.util.find_spec("probe_dist.main") is None, reason="probe_dist.main not available yet"
 )
 def test_sbatch_preemption_stops_probe_at_safe_point(
-    slurm_cluster: LocalSlurmCluster, tmp_path: Path
+    slurm_cluster: LocalSlurmCluster, tmp_path: Path, toy_checkpoint: Path
 ) -> None:
     """Pre-emption warning mid-sweep: every rank stops at the next η, restores, and rank 0 writes a summary."""
     # A long η sweep (each η is one scoring pass over E), so the signal lands well inside it.
@@ -285,6 +288,7 @@ def test_sbatch_preemption_stops_probe_at_safe_point(
         "sampling.B_U=4",
         "distributed.strategy=ddp",
         "device=cpu",
+        f"checkpoint.path={toy_checkpoint}",
         "estimators.etas=[" + ",".join(f"{eta:.6g}" for eta in etas) + "]",
     ]
     env = _job_env(tmp_path, "probe_dist.main", [REPO])
