@@ -118,8 +118,12 @@ def run(cfg, rt) -> dict:
 
 
 def main(argv=None) -> int:
+    import warnings
+
     from probe_dist.runtime import signals
 
+    # peft calls a transformers name deprecated in v5; not actionable for our users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     signals.install()  # first thing: a pre-emption signal during loading must not kill a rank silently
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.help_config:

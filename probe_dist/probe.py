@@ -487,7 +487,7 @@ class Probe:
                     res = self.snis(batch_e, scores_e, scores_new, base)
                 per_eta = d1.get("ustat_per_eta", d1["per_eta"])
                 self.log_weights_by_eta[eta] = res.pop("log_weights")
-                out["sweep"].append({"eta": eta, **res, "delta_h1": eta * per_eta,
+                out["sweep"].append({"eta": eta, **res, "delta_h1": eta * per_eta + 0.0,  # + 0.0: no −0.0 at η = 0
                                      "delta_h1_se": abs(eta) * d1["se_per_eta"]})
                 if self.rt.is_main:
                     log.info("eta=%g  dH_true=%+.6g ± %.2g  dH1=%+.6g  ESS/N=%.3f", eta, res["delta_h_true"],

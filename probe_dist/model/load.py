@@ -93,6 +93,9 @@ def load_tokenizer(path: Path):
 def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # rank-prefixed logs instead of one progress bar per rank
 
     base = AutoModelForCausalLM.from_pretrained(str(paths.base), dtype=dtype)
     if paths.adapter is not None:

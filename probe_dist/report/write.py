@@ -91,7 +91,9 @@ def console_table(summary: dict) -> str:
              f"{'eta':>10} {'dH_true':>13} {'±se':>9} {'dH1':>13} {'±se':>9} {'ESS/N':>7} {'khat':>6} {'KL':>9}"]
     for s in summary["sweep"]:
         def f(x, spec):
-            return format(x, spec) if isinstance(x, float) and math.isfinite(x) else "nan"
+            if isinstance(x, float) and math.isfinite(x):
+                return format(x, spec)
+            return format("nan", ">" + "".join(ch for ch in spec if ch.isdigit() or ch == ".").split(".")[0])
         lines.append(f"{s['eta']:>10.3g} {f(s['delta_h_true'], '+13.5e')} {f(s['delta_h_true_se'], '9.2e')} "
                      f"{f(s['delta_h1'], '+13.5e')} {f(s['delta_h1_se'], '9.2e')} {f(s['ess_frac'], '7.3f')} "
                      f"{f(s['khat'], '6.2f')} {f(s['kl'], '9.2e')}")
