@@ -91,6 +91,9 @@ def build_probe(cfg, rt):
     resolve_from_checkpoint(cfg, paths.training_args)
     torch.set_float32_matmul_precision(cfg.precision.matmul)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[cfg.precision.dtype]
+    if dtype == torch.bfloat16:
+        log.warning("precision.dtype=bfloat16: θ + ηu is rounded to bf16 (8 bits of mantissa), so ΔH_true at small η "
+                    "is quantised and can disagree with δH₁; use float32 for numbers you will report.")
     if os.environ.get("PROBE_DETECT_ANOMALY") == "1":
         torch.autograd.set_detect_anomaly(True)
     tokenizer = load_tokenizer(paths.tokenizer)

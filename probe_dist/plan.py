@@ -7,34 +7,34 @@
 The model is instantiated on the meta device (no weights, no download) and the LoRA adapter is attached with
 peft on the meta model, so parameter counts are exact. Peaks are what the CUDA caching allocator reports as
 *allocated* (torch.cuda.max_memory_allocated); the CUDA context and allocator slack are covered by `--reserve`
-and `--margin`, which are taken off the GPU memory before anything is compared with it.
+and `--margin`, which are taken off the GPU memory before anything is compared with it. Exit status: 0 when some
+microbatch sizes fit (the configured ones, or the proposal printed), 1 when nothing fits, 2 for bad input.
 
 Memory model (b = bytes of precision.dtype; n rows × L = prompt + max_new_tokens tokens per microbatch;
-M = n × max_new_tokens scored positions; h hidden, I intermediate, H heads, kv KV heads, d head dim,
-V vocabulary, ℓ layers, Σr the LoRA ranks of one layer; every row of a microbatch belongs to one prompt group,
-so n ≤ G):
+M = n × max_new_tokens scored positions; h hidden, I intermediate, H heads, d head dim, V vocabulary, ℓ layers;
+every row of a microbatch belongs to one prompt group, so n ≤ G):
 
-  static      weights + adapter (b each; FSDP2: ÷ world size, plus two unsharded decoder layers),
-              AdamW exp_avg/exp_avg_sq on the device in the parameter dtype (÷ world size under FSDP2),
+  static      weights (b each; FSDP2 shards the frozen base: ÷ world size, plus two unsharded decoder layers),
+              adapter (b) and AdamW exp_avg/exp_avg_sq on the device in the parameter dtype (replicated),
               DDP gradient buckets (adapter × b), param-sized accumulators only if memory.accumulator_device=model
               (snapshots, the update vector and gradient accumulators are float64 on CPU by default);
               adapter gradients (adapter × b) in the passes with grad.
   saved for backward, per layer and token (Qwen2/Llama-style decoder, SDPA, frozen base, LoRA on projections):
-              RMSNorm ×2: input in float32 (4h) + normalised output (b·h, saved by the LoRA A of q/k/v or gate/up)
-              attention: q after RoPE, k and v repeated to H heads, SDPA output, o_proj input (5·b·h),
-                         log-sum-exp (4·H), the additive mask (b·L) — padded rows make transformers pass a mask,
-                         which also makes it repeat k/v (the upper bound of the two SDPA paths is used)
-              MLP: gate, SiLU(gate), up, SiLU(gate)·up (4·b·I; 3 without LoRA on down_proj)
-              LoRA: the rank-r output of every lora_A (b·Σr)
-              plus the final norm input (4h), RoPE cos/sin (2·b·d) per token, minus layer 0's norm input (the
-              embedding output needs no grad). This matches the SavedTensorsMeter on CPU (tests/test_plan.py).
-  transient   grad passes: the response hidden states kept for the checkpointed head (M·h·b) plus the larger of
-              one layer's backward workspace (b·(1.5·I + h) per token) and the logits chunk's backward
-              (recompute + grads: 7 × chunk × V × 4 bytes); no-grad passes: the residual stream (2·b·h per token)
-              plus one layer's forward temporaries (b·max(4I + 2h, 8h) per token), or at the head the last hidden
-              states + response hidden states + 4 × chunk × V × 4 bytes.
-  generation  KV cache 2·ℓ·kv·d·G·L·b (one prompt group of G rows at a time) plus one layer's cache copy, and the
-              larger of the prefill temporaries and the per-step float32 logits/probabilities (3·G·V·4).
+              both RMSNorm inputs in float32 (8h) and their rsqrt; SDPA's q, k, v (k/v repeated to H heads when a
+              padding mask is passed — the default assumption, an upper bound) and output, which is also o_proj's
+              input (4·b·h), its log-sum-exp (4·H) and the additive mask (b·L); MLP gate, SiLU(gate), up (3·b·I);
+              LoRA: each lora_A's input (shared when adapter and model dtype agree: b·h for q/k/v, b·h for gate/up,
+              b·I for down; a float32 copy per projection for a bf16 model) and rank-r output (4·r);
+              plus, once: the final norm input (4h), RoPE cos/sin (2·b·d), the response hidden states and targets
+              (M·(b·h + 8)), minus layer 0's norm input (the embedding output needs no grad).
+              tests/test_plan.py checks this against SavedTensorsMeter on real forwards (equal to ~0.1%).
+  transient   grad passes: the larger of the checkpointed head chunk's backward (5 float32 [chunk, V] buffers,
+              measured) and one layer's backward workspace (b·(1.5·I + h) per token); no-grad passes: the residual
+              stream plus one layer's temporaries (b·(2h + max(4I + 2h, 8h)) per token, and the mask), or at the
+              head the last hidden states + response hidden states + 4 float32 [chunk, V] buffers.
+  generation  KV cache 2·ℓ·kv·d·g·L·b for g = min(memory.microbatch_generate, G) rows of one prompt decoded
+              together, plus one layer's cache copy, and the larger of the prefill temporaries and the per-step
+              float32 logits/probabilities (3·g·V·4).
 """
 
 from __future__ import annotations
@@ -224,6 +224,7 @@ class Settings:
     real_step: bool
     amsgrad: bool
     accumulators_on_device: bool
+    rows_generate: int = 8  # memory.microbatch_generate: responses of one prompt decoded together
 
     @property
     def seq_len(self) -> int:
@@ -270,10 +271,12 @@ def logits_chunk_bytes(shape: ModelShape, chunk: int, grad: bool) -> int:
 def _static(shape: ModelShape, s: Settings) -> dict[str, int]:
     b, ws = s.dtype_bytes, s.world_size
     shard = ws if s.strategy == "fsdp2" and ws > 1 else 1
+    # FSDP2 shards the frozen base only: the adapter, its optimizer state and gradients stay replicated
+    # (probe_dist.runtime.strategy), so their gradients are reduced by the probe in float64.
     out = {
         "weights": math.ceil(shape.base_params * b / shard),
-        "adapter": 0 if shape.full_finetune else math.ceil(shape.adapter_params * b / shard),
-        "optimizer_state": math.ceil((3 if s.amsgrad else 2) * shape.adapter_params * b / shard),
+        "adapter": 0 if shape.full_finetune else shape.adapter_params * b,
+        "optimizer_state": (3 if s.amsgrad else 2) * shape.adapter_params * b,
     }
     if s.strategy == "ddp" and ws > 1:
         out["ddp_buckets"] = shape.adapter_params * b
@@ -311,7 +314,7 @@ def _grad_pass(shape: ModelShape, s: Settings, n: int, chunk: int) -> dict[str, 
 
 def _sample(shape: ModelShape, s: Settings) -> dict[str, int]:
     b = s.dtype_bytes
-    g = max(s.group_e, s.group_u)  # generation runs one prompt group (G rows) at a time
+    g = min(s.rows_generate, max(s.group_e, s.group_u))  # rows of one prompt decoded together
     per_token_layer = 2 * shape.kv_heads * shape.head_dim * b
     kv = shape.num_layers * per_token_layer * g * s.seq_len
     prefill = g * s.prompt_tokens * b * (2 * shape.hidden + max(4 * shape.intermediate + 2 * shape.hidden,
@@ -490,7 +493,8 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
                  prompt_tokens=int(prompt_tokens), max_new_tokens=int(max_new), group_e=cfg.sampling.G_E,
                  group_u=cfg.sampling.G_U, single_batch=cfg.estimators.mode == "single_batch",
                  kl=bool(cfg.update.kl_coef), real_step=cfg.update.route == "real_step", amsgrad=False,
-                 accumulators_on_device=cfg.memory.accumulator_device == "model")
+                 accumulators_on_device=cfg.memory.accumulator_device == "model",
+                 rows_generate=cfg.memory.microbatch_generate)
     available = int(gpu_mem_bytes * (1.0 - margin) - reserve_bytes)
     m = cfg.memory
     configured = phase_peaks(shape, s, m.microbatch_score, m.microbatch_grad, m.logits_chunk)
@@ -587,7 +591,7 @@ def _message(plan: dict) -> str:
         tail = (f" Does not fit at all: even microbatch 1 and logits_chunk {MIN_LOGITS_CHUNK} need "
                 f"{_gib(prop['peak_bytes'])} (static part: "
                 + ", ".join(f"{k} {_gib(v)}" for k, v in static.items())
-                + "). Options: distributed.strategy=fsdp2 (shards weights and optimizer state over the GPUs), "
+                + "). Options: distributed.strategy=fsdp2 (shards the base weights over the GPUs), "
                   "precision.dtype=bfloat16 (halves weights and activations; quantises tiny η, see PITFALLS #1), "
                   "a shorter sampling.max_new_tokens or smaller G, or a GPU with more memory.")
     return head + tail
