@@ -105,9 +105,19 @@ def build_probe(cfg, rt):
     ordered = [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
     log.info("loaded %s: %d trainable tensors (%s parameters), optimizer state coverage %d/%d",
              paths.base, len(ordered), f"{n_trainable:,}", coverage["with_state"], coverage["params"])
+    memory_plan = None
+    if cfg.memory.auto_microbatch:
+        from probe_dist.plan import auto_microbatch_plan
+
+        memory_plan = auto_microbatch_plan(cfg, model, rt.world_size, rt.device, tokenizer)
+        # Every rank must use rank 0's sizes (same passes, same collectives).
+        (cfg.memory.microbatch_score, cfg.memory.microbatch_grad, cfg.memory.logits_chunk) = rt.broadcast_object(
+            (cfg.memory.microbatch_score, cfg.memory.microbatch_grad, cfg.memory.logits_chunk))
     strategy = build_strategy(cfg, rt, model)
     probe = Probe(cfg, rt, model, tokenizer, optimizer, ordered, policy=strategy.policy, strategy=strategy)
-    probe.load_info = {"provenance/optimizer_coverage": coverage, "provenance/trainable_params": n_trainable}
+    probe.load_info = {"provenance/optimizer_coverage": coverage, "provenance/trainable_params": n_trainable,
+                       "provenance/memory_plan": {k: memory_plan[k] for k in ("peak_bytes", "peak_phase", "fits",
+                                                                              "proposal")} if memory_plan else None}
     return probe
 
 

@@ -32,6 +32,7 @@ from probe_dist.model.policy import PolicyModel
 from probe_dist.rollout.batch import Group, RolloutBatch, group_advantages, response_text
 from probe_dist.rollout.generate import sample_responses
 from probe_dist.runtime import signals
+from probe_dist.runtime.memory import PhaseMemoryRecorder, merge_phase_records
 from probe_dist.runtime.sharding import max_groups_per_rank, shard_groups
 from probe_dist.runtime.snapshot import restore_snapshot, take_snapshot
 from probe_dist.update.adamw import AdamWHyper, adamw_update_vector
@@ -66,13 +67,13 @@ class PhaseClock:
     @contextmanager
     def phase(self, name: str):
         inject_fault(name)
-        if self.profile and self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        recorder = PhaseMemoryRecorder(self.device) if self.profile else nullcontext()
         start = time.perf_counter()
-        yield
+        with recorder:  # resets the CUDA peaks and peak RSS, meters bytes saved for backward
+            yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         if self.profile:
-            self.memory[name] = memory_snapshot(self.device)
+            self.memory[name] = merge_phase_records(self.memory.get(name), recorder.result)
 
 
 def inject_fault(phase: str) -> None:
@@ -82,16 +83,6 @@ def inject_fault(phase: str) -> None:
         rank, _, where = spec.partition(":")
         if where == phase and os.environ.get("RANK", "0") == rank:
             raise RuntimeError(f"injected fault (PROBE_FAULT={spec})")
-
-
-def memory_snapshot(device: torch.device) -> dict:
-    import resource
-
-    out = {"rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if device.type == "cuda":
-        out["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
-        out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-    return out
 
 
 class Probe:

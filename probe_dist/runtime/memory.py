@@ -14,9 +14,10 @@ Parameters (and views of them, e.g. the transposed weight a linear layer saves) 
 live in memory anyway, so they are not "activations". Storages counted by an enclosing phase meter are counted
 by every active meter: meters nest (one hook pair is installed for all of them).
 
-Limitations: tensors kept alive by other means than autograd's saved-tensor slots — e.g. the inputs that a
-non-reentrant activation checkpoint keeps for its recomputation — are not seen; torch.func transforms refuse
-to run under saved-tensor hooks, so do not profile a phase that calls torch.func (functional jvp/vjp).
+Limitations: saved-tensor hooks are per thread, so a meter sees the graphs built by the thread that entered it
+(the probe builds every graph on its main thread); tensors kept alive by other means than autograd's saved-tensor
+slots are not seen; torch.func.{grad, vjp, jacrev, hessian} refuse to run under saved-tensor hooks (torch.func.jvp
+works), so do not profile a phase that calls those.
 """
 
 from __future__ import annotations

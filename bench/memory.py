@@ -1,0 +1,334 @@
+"""Memory benchmark: per-phase peaks as the batch grows, and (with a GPU) measured vs planned peaks.
+
+    python bench/memory.py [--out bench/results/memory_cpu.json] [--toy-cache DIR] [--sizes 8,16,32,64]
+
+CPU part (always): the real probe on the toy checkpoint (built once into --toy-cache) for B_U in --sizes at fixed
+microbatch sizes, memory.profile on, each size in a fresh process (so absolute RSS peaks compare). Per phase it
+records the peak bytes saved for backward (SavedTensorsMeter), the peak RSS and the RSS growth within the phase
+(VmHWM reset at the phase start; allocations of 16 KiB and more pinned to mmap so freed memory leaves RSS
+at once). With
+--scale-e (the default) B_E grows with B_U, so the δH₁ pass (over E) is exercised at the same sizes.
+
+GPU part (only when CUDA is available; --no-gpu skips it): builds a random-weight Qwen2.5-1.5B-shaped checkpoint
+(LoRA r=64 on all projections, a synthetic AdamW state saved like probe_dist.model.load.save_optimizer, a
+character tokenizer widened to the model's vocabulary) in a temporary directory, caps this process at 40 GiB with
+torch.cuda.set_per_process_memory_fraction, runs configs/a100_40gb_8gpu.yaml on one GPU with one GPU's share of
+the batches (B_E = 512/8, B_U = 64/8; peaks do not depend on the number of groups, which the CPU part shows), and
+records each phase's measured torch.cuda.max_memory_allocated against the planner's prediction for the microbatch
+sizes the run ended up using. Target: planner error within 15%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from probe_dist.probe import PhaseClock  # noqa: E402
+from probe_dist.runtime.memory import PhaseMemoryRecorder, merge_phase_records  # noqa: E402
+
+GiB = 1 << 30
+PHASES = ("sample", "score_base", "update_gradient", "delta_h1", "sweep")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def pin_malloc() -> bool:
+    """glibc: allocations ≥ 16 KiB always mmap'd (freed memory leaves RSS at once), trim at 128 KiB."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 16 * 1024)) and bool(libc.mallopt(-1, 128 * 1024))
+    except (OSError, AttributeError):
+        return False
+
+
+class ProfilingClock(PhaseClock):
+    """PhaseClock whose memory record per phase comes from PhaseMemoryRecorder (saved bytes, RSS, CUDA peaks)."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        gc.collect()
+        start = time.perf_counter()
+        with PhaseMemoryRecorder(self.device) as rec:
+            yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.memory[name] = merge_phase_records(self.memory.get(name), rec.result)
+
+
+def build_probe_profiled(cfg):
+    from probe_dist.main import build_probe
+    from probe_dist.runtime.dist import Runtime, init_runtime
+
+    rt = init_runtime(cfg.device) if cfg.device != "cpu" else Runtime()
+    probe = build_probe(cfg, rt)
+    probe.clock = ProfilingClock(profile=True, device=rt.device)
+    return probe
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "cuda": torch.version.cuda, "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------- CPU part
+def run_one_size(args) -> dict:
+    """One B_U in this process: the whole probe with profiling; per-phase records."""
+    from probe_dist.config import load_config
+
+    pinned = pin_malloc()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    b_u = args.one
+    b_e = b_u if args.scale_e else args.b_e
+    overrides = [f"checkpoint.path={args.checkpoint}", "device=cpu", f"sampling.B_U={b_u}", f"sampling.B_E={b_e}",
+                 f"sampling.G_U={args.group}", f"sampling.G_E={args.group}", "memory.profile=true",
+                 f"memory.microbatch_score={args.microbatch_score}", f"memory.microbatch_grad={args.microbatch_grad}",
+                 f"output.dir={tempfile.mkdtemp(prefix='bench-mem-')}", "log_level=warning"]
+    cfg = load_config(None, overrides)
+    probe = build_probe_profiled(cfg)
+    start = time.perf_counter()
+    summary = probe.run()
+    phases = {}
+    for name in PHASES:
+        rec = probe.clock.memory.get(name, {})
+        phases[name] = {k: rec.get(k) for k in ("saved_peak_bytes", "rss_peak_bytes", "rss_growth_bytes",
+                                                "rss_start_bytes", "rss_peak_scope")}
+        phases[name]["seconds"] = probe.clock.seconds.get(name)
+    return {"B_U": b_u, "B_E": b_e, "G": args.group, "microbatch_score": args.microbatch_score,
+            "microbatch_grad": args.microbatch_grad, "malloc_pinned": pinned, "status": summary["status"],
+            "entropy_base": summary.get("entropy/base"), "delta_h1_per_eta": summary.get("delta_h1/per_eta"),
+            "seconds": time.perf_counter() - start, "phases": phases}
+
+
+def cpu_part(args) -> dict:
+    from probe_dist.toy import ensure_toy_checkpoint
+
+    ckpt = Path(args.checkpoint) if args.checkpoint else ensure_toy_checkpoint(0, args.toy_cache)
+    runs = []
+    for size in args.sizes:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(size), "--checkpoint", str(ckpt),
+               "--group", str(args.group), "--microbatch-score", str(args.microbatch_score),
+               "--microbatch-grad", str(args.microbatch_grad), "--b-e", str(args.b_e),
+               "--threads", str(args.threads or 0)] + ([] if args.scale_e else ["--no-scale-e"])
+        print(f"[bench/memory] CPU: B_U={size} ...", file=sys.stderr, flush=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        if res.returncode != 0:
+            raise RuntimeError(f"B_U={size} failed:\n{res.stderr[-4000:]}")
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    flat = {}
+    for phase in ("update_gradient", "delta_h1"):
+        saved = [r["phases"][phase]["saved_peak_bytes"] for r in runs]
+        rss = [r["phases"][phase]["rss_peak_bytes"] for r in runs]
+        growth = [r["phases"][phase]["rss_growth_bytes"] for r in runs]
+        flat[phase] = {"saved_peak_max_over_min": max(saved) / max(min(saved), 1),
+                       "rss_peak_max_over_min": max(rss) / max(min(rss), 1),
+                       "rss_growth_max_over_min": max(growth) / max(min(growth), 1)}
+    return {"checkpoint": str(ckpt), "sizes": args.sizes, "runs": runs, "flatness": flat}
+
+
+# ------------------------------------------------------------------------------------------- GPU part
+def wide_char_tokenizer(vocab_size: int):
+    """The toy character tokenizer with ids 16..vocab_size-1 as dummy tokens '<xN>' (WordLevel, fast)."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from probe_dist.data.toy_task import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, VOCAB
+
+    vocab = dict(VOCAB)
+    vocab.update({f"<x{i}>": i for i in range(len(VOCAB), vocab_size)})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
+                                                pad_token=PAD_TOKEN, unk_token=UNK_TOKEN, padding_side="left",
+                                                model_max_length=4096)
+
+
+def build_random_checkpoint(out: Path, model_config, device: torch.device, lora_r: int = 64,
+                            max_new_tokens: int = 128) -> Path:
+    """Random-weight base + LoRA (B ≠ 0) + synthetic AdamW state, in the probe's checkpoint layout."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from probe_dist.data.toy_task import BOS_ID, EOS_ID, PAD_ID
+    from probe_dist.model.load import save_optimizer, trainable_parameters
+    from probe_dist.plan import ALL_PROJECTIONS
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = model_config
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, PAD_ID
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.Qwen2ForCausalLM(config).float().eval()
+    model.save_pretrained(str(out / "base"))
+    wide_char_tokenizer(config.vocab_size).save_pretrained(str(out / "tokenizer"))
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=2 * lora_r,
+                                             lora_dropout=0.0, target_modules=list(ALL_PROJECTIONS)))
+    trainable = trainable_parameters(model)
+    with torch.no_grad():
+        for name, p in trainable:
+            if "lora_B" in name:
+                p.normal_(0.0, 1e-3)  # the adapter changes the policy, as a trained one does
+    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=1e-5, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=0.01)
+    gen = torch.Generator(device=device).manual_seed(1)
+    for _, p in trainable:  # a plausible state after 10 steps, without running them
+        optimizer.state[p] = {"step": torch.tensor(10.0),
+                              "exp_avg": 1e-4 * torch.randn(p.shape, generator=gen, device=p.device),
+                              "exp_avg_sq": 1e-8 * torch.rand(p.shape, generator=gen, device=p.device)}
+    model.save_pretrained(str(out))
+    save_optimizer(optimizer, trainable, out / "optimizer.pt")
+    (out / "training_args.json").write_text(json.dumps({"loss": "grpo", "temperature": 1.0,
+                                                        "max_new_tokens": max_new_tokens, "grad_clip": 1.0}))
+    del model, optimizer, trainable
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def preset_part(args, device: torch.device) -> dict:
+    """Run the preset on one device under a memory cap; measured vs planned per phase."""
+    from probe_dist.config import load_config
+    from probe_dist.data.prompts import load_prompts
+    from probe_dist.plan import builtin_model_config, load_model_config, plan_memory
+
+    workdir = Path(args.gpu_workdir or tempfile.mkdtemp(prefix="bench-mem-gpu-"))
+    model_config = (builtin_model_config("qwen2.5-1.5b") if args.preset_model == "qwen2.5-1.5b"
+                    else load_model_config(args.preset_model))
+    t0 = time.perf_counter()
+    ckpt = build_random_checkpoint(workdir / "ckpt", model_config, device, lora_r=args.lora_r)
+    build_seconds = time.perf_counter() - t0
+    cap = None
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        cap = min(args.gpu_mem, total)
+        torch.cuda.set_per_process_memory_fraction(cap / total, device)
+        torch.cuda.reset_peak_memory_stats(device)
+    overrides = [f"checkpoint.path={ckpt}", f"device={device.type}", f"sampling.B_E={args.gpu_groups_e}",
+                 f"sampling.B_U={args.gpu_groups_u}", f"output.dir={workdir / 'run'}", "memory.profile=true",
+                 "log_level=warning", *args.preset_overrides]
+    cfg = load_config(args.preset, overrides)
+    probe = build_probe_profiled(cfg)
+    status, error = "completed", None
+    t0 = time.perf_counter()
+    try:
+        summary = probe.run()
+        status = summary["status"]
+    except Exception as exc:  # noqa: BLE001 - an OOM or any failure is a result worth recording
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+    run_seconds = time.perf_counter() - t0
+    # Plan for the sizes the run really used (auto_microbatch may have halved them) and the real prompt length.
+    cfg.memory.microbatch_score, cfg.memory.microbatch_grad = probe.rows_score, probe.rows_grad
+    cfg.memory.logits_chunk = probe.policy.logits_chunk
+    prompts = load_prompts(cfg.sampling.prompts, cfg.sampling.split)
+    prompt_tokens = 1 + max(len(probe.tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
+    plan = plan_memory(cfg, args.gpu_mem, ckpt / "base", world_size=1, prompt_tokens=prompt_tokens)
+    phases = {}
+    for name in PHASES:
+        rec = probe.clock.memory.get(name, {})
+        planned = plan["phases"][name]["peak_bytes"]
+        measured = rec.get("cuda_peak_allocated_bytes")
+        phases[name] = {"planned_bytes": planned, "measured_bytes": measured,
+                        "measured_reserved_bytes": rec.get("cuda_peak_reserved_bytes"),
+                        "saved_peak_bytes": rec.get("saved_peak_bytes"),
+                        "error": (measured - planned) / planned if measured else None,
+                        "components": plan["phases"][name]["components"], "seconds": probe.clock.seconds.get(name)}
+    errors = [abs(p["error"]) for p in phases.values() if p["error"] is not None]
+    batch_e = getattr(probe, "batches", {}).get("E")
+    widths = sorted({int(g.lengths.max()) for g in batch_e.groups}) if batch_e is not None else []
+    out = {"preset": str(args.preset), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "memory_cap_bytes": cap, "status": status, "error": error, "B_E": cfg.sampling.B_E,
+           "B_U": cfg.sampling.B_U, "microbatch_score": probe.rows_score, "microbatch_grad": probe.rows_grad,
+           "logits_chunk": probe.policy.logits_chunk, "prompt_tokens": prompt_tokens, "response_widths_E": widths,
+           "build_seconds": build_seconds, "run_seconds": run_seconds, "phases": phases,
+           "max_abs_planner_error": max(errors) if errors else None,
+           "planner_within_15pct": (max(errors) <= 0.15) if errors else None,
+           "plan_message": plan["message"]}
+    if not args.keep_workdir and not args.gpu_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_cpu.json"), help="JSON output path")
+    p.add_argument("--toy-cache", default=None, help="where the toy checkpoint is built/cached")
+    p.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the toy one")
+    p.add_argument("--sizes", default="8,16,32,64", help="B_U values")
+    p.add_argument("--group", type=int, default=4, help="G_U = G_E")
+    p.add_argument("--b-e", type=int, default=8, help="B_E when --no-scale-e")
+    p.add_argument("--no-scale-e", dest="scale_e", action="store_false", help="keep B_E fixed at --b-e")
+    p.add_argument("--microbatch-score", type=int, default=4)
+    p.add_argument("--microbatch-grad", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the CPU runs (0: torch default)")
+    p.add_argument("--no-gpu", action="store_true", help="skip the GPU part even when CUDA is available")
+    p.add_argument("--preset", default=str(REPO / "configs" / "a100_40gb_8gpu.yaml"))
+    p.add_argument("--preset-model", default="qwen2.5-1.5b", help="model config for the random checkpoint")
+    p.add_argument("--preset-overrides", nargs="*", default=[], help="extra key=value for the preset run")
+    p.add_argument("--preset-on-cpu", action="store_true", help="smoke-test the GPU part's code path on CPU")
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--gpu-mem", default="40GiB", help="per-process memory cap for the preset run")
+    p.add_argument("--gpu-groups-e", type=int, default=64, help="B_E on the one GPU (512/8: one GPU's share)")
+    p.add_argument("--gpu-groups-u", type=int, default=8, help="B_U on the one GPU (64/8)")
+    p.add_argument("--gpu-workdir", default=None, help="where the random checkpoint goes (default: a temp dir)")
+    p.add_argument("--keep-workdir", action="store_true")
+    p.add_argument("--skip-cpu", action="store_true", help="only the GPU part")
+    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
+    from probe_dist.plan import parse_bytes
+
+    args.gpu_mem = parse_bytes(args.gpu_mem)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(run_one_size(args)))
+        return 0
+    result = {"benchmark": "memory", "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if not args.skip_cpu:
+        result["cpu"] = cpu_part(args)
+    if args.preset_on_cpu:
+        result["preset_cpu_smoke"] = preset_part(args, torch.device("cpu"))
+    elif torch.cuda.is_available() and not args.no_gpu:
+        print("[bench/memory] GPU: building the random checkpoint and running the preset ...", file=sys.stderr)
+        result["gpu"] = preset_part(args, torch.device("cuda", 0))
+    else:
+        result["gpu"] = {"skipped": "no CUDA device" if not torch.cuda.is_available() else "--no-gpu"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"[bench/memory] wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
