@@ -651,7 +651,11 @@ def format_plan(plan: dict) -> str:
 
 
 def main(argv=None) -> int:
+    import warnings
+
     from probe_dist.config import ConfigError, load_config
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     p = argparse.ArgumentParser(prog="python -m probe_dist.plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
