@@ -48,7 +48,7 @@ def exact_gradient(probe, prompt_ids_list, responses, lengths) -> list[torch.Ten
     grad_d = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
     num = den = 0.0
     for prompt_ids in prompt_ids_list:
-        n_p, d_p = _prompt_sums(probe, prompt_ids, responses, lengths, grad=True)
+        n_p, d_p, _ = _prompt_sums(probe, prompt_ids, responses, lengths, grad=True)
         for acc, g in zip(grad_n, torch.autograd.grad(n_p, params, retain_graph=True)):
             acc += g.double()
         for acc, g in zip(grad_d, torch.autograd.grad(d_p, params)):
@@ -59,7 +59,7 @@ def exact_gradient(probe, prompt_ids_list, responses, lengths) -> list[torch.Ten
 
 def _prompt_sums(probe, prompt_ids, responses, lengths, grad: bool, payload: str = "rb",
                  normalize: str = "per_token"):
-    """E_p[h] and E_p[λ] for one prompt by enumeration (differentiable with grad=True)."""
+    """E_p[h], E_p[λ] and the total probability for one prompt by enumeration (differentiable with grad)."""
     g = Group(0, prompt_ids, responses, lengths, torch.zeros(len(lengths), dtype=torch.float64))
     layout = g.layout(slice(0, g.size))
     with torch.set_grad_enabled(grad):
@@ -71,31 +71,17 @@ def _prompt_sums(probe, prompt_ids, responses, lengths, grad: bool, payload: str
         h = h_rb if payload == "rb" else -s
         p = torch.exp(s)
         lam = lengths.double() if normalize == "per_token" else torch.ones(g.size, dtype=torch.float64)
-        return (p * h).sum(), (p * lam).sum()
+        return (p * h).sum(), (p * lam).sum(), p.sum()
 
 
-def exact_population(probe, prompt_ids_list, responses, lengths, grad: bool = False, payload: str = "rb",
-                     normalize: str = "per_token"):
-    """Exact H = Σ_p E_p[h] / Σ_p E_p[λ] over the prompts (each weighted once), by enumeration.
-
-    With grad=True returns a differentiable scalar (for the exact ∇H); otherwise a float.
-    """
-    num = torch.zeros((), dtype=torch.float64)
-    den = torch.zeros((), dtype=torch.float64)
+def exact_population(probe, prompt_ids_list, responses, lengths, payload: str = "rb",
+                     normalize: str = "per_token") -> tuple[float, list[float]]:
+    """Exact H = Σ_p E_p[h] / Σ_p E_p[λ] over the prompts (each weighted once), by enumeration, and each
+    prompt's total probability of the enumerated responses (1 when nothing is missing)."""
+    num = den = 0.0
     total_prob = []
     for prompt_ids in prompt_ids_list:
-        g = Group(0, prompt_ids, responses, lengths, torch.zeros(len(lengths), dtype=torch.float64))
-        layout = g.layout(slice(0, g.size))
-        with torch.set_grad_enabled(grad):
-            token_logp, token_h = probe.policy(layout["input_ids"], layout["attention_mask"], layout["response_start"],
-                                               layout["response_mask"], probe.cfg.sampling.temperature)
-        rows = layout["response_mask"].nonzero(as_tuple=True)[0]
-        S = torch.zeros(g.size, dtype=torch.float64).index_add(0, rows, token_logp.double())
-        h_rb = torch.zeros(g.size, dtype=torch.float64).index_add(0, rows, token_h.double())
-        h = h_rb if payload == "rb" else -S
-        p = torch.exp(S)
-        lam = lengths.double() if normalize == "per_token" else torch.ones(g.size, dtype=torch.float64)
-        num = num + (p * h).sum()
-        den = den + (p * lam).sum()
-        total_prob.append(float(p.sum()))
-    return (num / den if grad else float(num / den)), total_prob
+        n_p, d_p, mass = _prompt_sums(probe, prompt_ids, responses, lengths, False, payload, normalize)
+        num, den = num + float(n_p), den + float(d_p)
+        total_prob.append(float(mass))
+    return num / den, total_prob
