@@ -53,7 +53,7 @@ def exact_gradient(probe, prompt_ids_list, responses, lengths) -> list[torch.Ten
             acc += g.double()
         for acc, g in zip(grad_d, torch.autograd.grad(d_p, params)):
             acc += g.double()
-        num, den = num + float(n_p), den + float(d_p)
+        num, den = num + float(n_p.detach()), den + float(d_p.detach())
     return [(gn * den - num * gd) / den ** 2 for gn, gd in zip(grad_n, grad_d)]
 
 

@@ -89,11 +89,11 @@ def test_real_step_matches_update_vector(toy_checkpoint, dtype):
         probe.set_theta(theta0, probe.update_vector, eta)
         formed = [p.detach().clone() for _, p in probe.trainable]
         assert restore_snapshot(snap, probe.model, probe.trainable, probe.optimizer)
-        for a, b, t in zip(stepped, formed, theta0):
-            # Relative to the operands' scale: where the step cancels θ, θ' ≈ 0 and a plain relative
-            # difference would measure cancellation, not rounding.
-            scale = torch.maximum(t.double().abs(), b.double().abs()).clamp_min(1e-30)
-            rel = ((a.double() - b.double()).abs() / scale).max()
+        for a, b in zip(stepped, formed):
+            # Max relative difference per tensor, ‖a − b‖∞ / ‖b‖∞ (measured ~1.4e-7). Element by element it
+            # is not a rounding measure: where θ + step cancels, or the real step's fp32 m' = β1 m + (1−β1) g
+            # cancels ~100-fold (seen on the toy checkpoint), one element's relative error is amplified.
+            rel = float((a.double() - b.double()).abs().max() / b.double().abs().max())
             assert rel < 1e-5
         # The step itself: Δθ of the real step vs η·u, up to the rounding of θ' in the parameter dtype.
         delta_real = torch.cat([(a.double() - t.double()).reshape(-1) for a, t in zip(stepped, theta0)])
