@@ -100,6 +100,11 @@ class Probe:
         # Live microbatch sizes: auto_microbatch halves them on OOM (all ranks together).
         self.rows_score = cfg.memory.microbatch_score
         self.rows_grad = cfg.memory.microbatch_grad
+        # Results a run leaves behind for the report (and for tests).
+        self.update_vector = self.update_grad = self.grad_entropy = self.base = None
+        self.log_weights_by_eta: dict[float, list[torch.Tensor]] = {}
+        self.batches: dict = {"E": None, "U": None}
+        self.scores_e = None
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -432,6 +437,7 @@ class Probe:
         snapshot = take_snapshot(self.model, self.trainable, self.optimizer)
         self.model.eval()  # every probe pass in eval mode (LoRA dropout off)
         verified = []
+        batch_e = batch_u = scores_e = None  # what exists so far, also for an interrupted run's table
         try:
             with self.clock.phase("sample"):
                 batch_e = self.sample("E", cfg.sampling.B_E, cfg.sampling.G_E)
@@ -459,7 +465,6 @@ class Probe:
             self.update_grad = grad
             self.grad_entropy = d1["grad_entropy"]
             theta0 = [t.clone() for t in snapshot.params]
-            self.log_weights_by_eta = {}
             for eta in est.etas:
                 self.check_stop()
                 with self.clock.phase("sweep"):
@@ -496,9 +501,8 @@ class Probe:
         all_verified = self.rt.all_gather_objects(all(verified))
         out["restore/verified"] = bool(all(all_verified))
         out["restore/verified_ranks"] = all_verified
-        self.batches = {"E": batch_e if "batch_e" in locals() else None,
-                        "U": batch_u if "batch_u" in locals() else None}
-        self.scores_e = scores_e if "scores_e" in locals() else None
+        self.batches = {"E": batch_e, "U": batch_u}
+        self.scores_e = scores_e
         out["provenance/phase_seconds"] = dict(self.clock.seconds)
         if self.cfg.memory.profile:
             out["memory/phases"] = self.rt.gather_objects(dict(self.clock.memory))

@@ -18,7 +18,7 @@ def sequence_rows(probe) -> list[dict]:
     """This rank's per-sequence records (E with log w per η, U with reward/advantage)."""
     rows = []
     batches = probe.batches
-    etas = list(getattr(probe, "log_weights_by_eta", {}).keys())
+    etas = list(probe.log_weights_by_eta)
     if batches.get("E") is not None and probe.scores_e is not None:
         real = [(g, s) for g, s in zip(batches["E"].groups, probe.scores_e) if g.weight > 0]
         for k, (g, sc) in enumerate(real):
@@ -72,7 +72,7 @@ def build_outputs(cfg, rt, probe, summary: dict) -> dict:
     rows = sorted((r for part in gathered for r in part), key=lambda r: (r["batch"], r["prompt_index"], r["response"]))
     dump_config(cfg, out_dir / "config.yaml")
     write_table(out_dir, rows, cfg.output.table_format)
-    if cfg.output.save_update_vector and getattr(probe, "update_vector", None) is not None:
+    if cfg.output.save_update_vector and probe.update_vector is not None:
         from safetensors.torch import save_file
 
         from probe_dist.model.load import canonical_name
