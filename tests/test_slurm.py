@@ -96,6 +96,25 @@ def _read_summary(cluster: LocalSlurmCluster, path: Path, job_id: str) -> dict:
     return json.loads(path.read_text())
 
 
+
+def _wait_while_running(cluster: LocalSlurmCluster, job_id: str, ready, what: str, timeout: float) -> None:
+    """Poll until ready() while the job is still queued or running; fail if it ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        state = cluster.job_info(job_id).get("JobState", "")
+        assert state in ("PENDING", "CONFIGURING", "RUNNING", ""), (
+            f"job {job_id} ended {state} before {what}\n{cluster.job_output(job_id)}"
+        )
+        assert time.monotonic() < deadline, f"timed out waiting until {what}\n{cluster.job_output(job_id)}"
+        time.sleep(0.2)
+
+
+def _preempt(cluster: LocalSlurmCluster, job_id: str) -> None:
+    """What Slurm does before a time limit (--signal=B:USR1@120): USR1 to the batch shell."""
+    subprocess.run(
+        ["scancel", "--batch", "--signal=USR1", job_id], env=cluster.env, check=True, capture_output=True, timeout=30
+    )
+
 def test_sbatch_multinode_echo(slurm_cluster: LocalSlurmCluster, tmp_path: Path) -> None:
     """The harness itself: 2 nodes x 2 ranks join one gloo group through the c10d rendezvous."""
     env = _job_env(tmp_path, "dist_echo", [HELPERS, REPO])
@@ -145,22 +164,10 @@ def test_sbatch_forwards_preemption_signal(slurm_cluster: LocalSlurmCluster, tmp
     out_dir = tmp_path / job_id
     world_size = NODES * RANKS_PER_NODE
 
-    deadline = time.monotonic() + 180
-    while len(list(out_dir.glob("ready.*"))) < world_size:
-        state = slurm_cluster.job_info(job_id).get("JobState", "")
-        assert state in ("PENDING", "CONFIGURING", "RUNNING", ""), (
-            f"job {job_id} ended {state} before all ranks were ready\n{slurm_cluster.job_output(job_id)}"
-        )
-        assert time.monotonic() < deadline, f"ranks not ready\n{slurm_cluster.job_output(job_id)}"
-        time.sleep(0.2)
-
-    subprocess.run(
-        ["scancel", "--batch", "--signal=USR1", job_id],
-        env=slurm_cluster.env,
-        check=True,
-        capture_output=True,
-        timeout=30,
+    _wait_while_running(
+        slurm_cluster, job_id, lambda: len(list(out_dir.glob("ready.*"))) >= world_size, "all ranks were ready", 180
     )
+    _preempt(slurm_cluster, job_id)
     state = slurm_cluster.wait(job_id, timeout=120)
     output = slurm_cluster.job_output(job_id)
     summary = _read_summary(slurm_cluster, out_dir / "summary.json", job_id)
@@ -296,21 +303,14 @@ def test_sbatch_preemption_stops_probe_at_safe_point(
     rank0_log = tmp_path / job_id / "probe.log"
 
     # The first sweep line (η = 0) is logged inside the run, after the stop handlers are installed.
-    deadline = time.monotonic() + 300
-    while not (rank0_log.is_file() and "eta=0 " in rank0_log.read_text(errors="replace")):
-        state = slurm_cluster.job_info(job_id).get("JobState", "")
-        assert state in ("PENDING", "CONFIGURING", "RUNNING", ""), (
-            f"job {job_id} ended {state} before the sweep started\n{slurm_cluster.job_output(job_id)}"
-        )
-        assert time.monotonic() < deadline, f"sweep did not start\n{slurm_cluster.job_output(job_id)}"
-        time.sleep(0.2)
-    subprocess.run(
-        ["scancel", "--batch", "--signal=USR1", job_id],
-        env=slurm_cluster.env,
-        check=True,
-        capture_output=True,
-        timeout=30,
+    _wait_while_running(
+        slurm_cluster,
+        job_id,
+        lambda: rank0_log.is_file() and "eta=0 " in rank0_log.read_text(errors="replace"),
+        "the sweep started",
+        300,
     )
+    _preempt(slurm_cluster, job_id)
     signalled_at = time.monotonic()
     state = slurm_cluster.wait(job_id, timeout=180)
     stop_seconds = time.monotonic() - signalled_at
