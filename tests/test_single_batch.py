@@ -21,11 +21,12 @@ def _grad_of(probe, scalar, retain: bool = False) -> list[torch.Tensor]:
     return [g.double() for g in grads]
 
 
-@pytest.mark.parametrize("ustat", ["exact", "blocks"])
-def test_single_batch_u_statistic_matches_brute_force(toy_checkpoint, ustat):
+@pytest.mark.parametrize(("ustat", "kl_coef"), [("exact", 0.0), ("blocks", 0.0), ("exact", 0.05)])
+def test_single_batch_u_statistic_matches_brute_force(toy_checkpoint, ustat, kl_coef):
     probe = make_probe(toy_checkpoint, [f"sampling.B_E={B}", f"sampling.B_U={B}", f"sampling.G_E={G}",
                                         f"sampling.G_U={G}", "estimators.mode=single_batch", f"estimators.ustat={ustat}",
-                                        "estimators.ustat_blocks=2", "estimators.etas=[0.0,1e-3]"])
+                                        "estimators.ustat_blocks=2", "estimators.etas=[0.0,1e-3]",
+                                        f"update.kl_coef={kl_coef}"])
     summary = probe.run()
     groups = probe.batches["E"].groups
     assert probe.batches["U"] is probe.batches["E"]
@@ -46,7 +47,11 @@ def test_single_batch_u_statistic_matches_brute_force(toy_checkpoint, ustat):
         # SPEC §5.1 per token: Σ_i [h_i + (h_i − H̄ T_i) S_i] / T_tot, coefficients held fixed.
         surrogate = (hs + (hs.detach() - h_bar * t) * s).sum() / total_tokens
         xs.append(_grad_of(probe, surrogate, retain=True))
-        loss = update_loss(lp, rows, g.advantages, sequence_normalisers(probe.cfg.update.loss, g.lengths, norm))
+        with torch.no_grad(), probe.model.disable_adapter():  # the KL reference: the base without the adapter
+            ref_lp, _ = probe.policy(lay["input_ids"], lay["attention_mask"], lay["response_start"],
+                                     lay["response_mask"], temperature)
+        loss = update_loss(lp, rows, g.advantages, sequence_normalisers(probe.cfg.update.loss, g.lengths, norm),
+                           kl_coef=kl_coef, token_ref_logp=ref_lp)
         gs.append(_grad_of(probe, loss))
     raw = [sum(gp[k] for gp in gs) for k in range(len(gs[0]))]
     clip = probe.cfg.update.grad_clip
