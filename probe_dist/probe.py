@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from probe_dist.data.prompts import load_prompts, select_prompts
-from probe_dist.data.rewards import get_reward_fn
-from probe_dist.estimators.delta_h1 import delta_h1_influence, delta_h1_se, surrogate_coefficients
+from probe_dist.data.rewards import decode_response, get_reward_fn
+from probe_dist.estimators.delta_h1 import delta_h1_influence, surrogate_coefficients
 from probe_dist.estimators.entropy import normaliser_lengths, ratio_influence, se_from_influence
 from probe_dist.estimators.psis import khat_threshold, pareto_khat
 from probe_dist.estimators.snis import (
@@ -29,7 +29,7 @@ from probe_dist.estimators.snis import (
 )
 from probe_dist.estimators.ustat import block_assignments, u_statistic_dot
 from probe_dist.model.policy import PolicyModel
-from probe_dist.rollout.batch import Group, RolloutBatch, group_advantages, response_text
+from probe_dist.rollout.batch import Group, RolloutBatch, group_advantages
 from probe_dist.rollout.generate import sample_responses
 from probe_dist.runtime import signals
 from probe_dist.runtime.memory import PhaseMemoryRecorder, merge_phase_records
@@ -96,7 +96,6 @@ class Probe:
         self.policy = policy or PolicyModel(model, cfg.memory.logits_chunk)
         self.strategy = strategy      # runtime.strategy.Strategy or None (world size 1, no wrapper)
         self.clock = PhaseClock(profile=cfg.memory.profile, device=runtime.device)
-        self.stop_requested = False
         # Live microbatch sizes: auto_microbatch halves them on OOM (all ranks together).
         self.rows_score = cfg.memory.microbatch_score
         self.rows_grad = cfg.memory.microbatch_grad
@@ -156,7 +155,7 @@ class Probe:
             log.warning("auto_microbatch: retrying with memory.microbatch_%s=%d", kind, max(1, current // 2))
 
     def check_stop(self) -> None:
-        if self.rt.any_flag(self.stop_requested or signals.requested()):
+        if self.rt.any_flag(signals.requested()):
             raise StopRequested()
 
     # ------------------------------------------------------------------ sampling
@@ -182,7 +181,7 @@ class Probe:
                 self.decoder_policy(), prompt_ids, group_size, s.max_new_tokens, s.temperature, self.eos_id,
                 self.pad_id, (s.seed, name, batch_pos), self.rt.device,
                 rows_per_chunk=self.cfg.memory.microbatch_generate, lockstep=lockstep)
-            texts = [response_text(self.tokenizer, r[: int(n)]) for r, n in zip(responses, lengths)]
+            texts = [decode_response(self.tokenizer, r[: int(n)]) for r, n in zip(responses, lengths)]
             rewards = torch.tensor([reward_fn(t, prompt["answer"]) for t in texts], dtype=torch.float64)
             g = Group(prompt_index=batch_pos, prompt_ids=prompt_ids, responses=responses, lengths=lengths,
                       rewards=rewards, advantages=group_advantages(rewards, family, self.cfg.update.adv_eps),
@@ -230,9 +229,12 @@ class Probe:
         for _, p in self.trainable:
             p.grad = None
 
-    def _grads_f64(self) -> list[torch.Tensor]:
-        return [torch.zeros(p.shape, dtype=torch.float64) if p.grad is None
-                else p.grad.detach().to("cpu", torch.float64) for _, p in self.trainable]
+    def _take_grads(self) -> list[torch.Tensor]:
+        """This microbatch's gradient as float64 CPU tensors; .grad is cleared for the next one."""
+        out = [torch.zeros(p.shape, dtype=torch.float64) if p.grad is None
+               else p.grad.detach().to("cpu", torch.float64) for _, p in self.trainable]
+        self._zero_grads()
+        return out
 
     def loss_normalisers(self, batch: RolloutBatch) -> LossNormalisers:
         real = [g for g in batch.groups if g.weight > 0]
@@ -347,11 +349,9 @@ class Probe:
                         surrogate1 = (phi.double().sum() + (a * token_logp.double()).sum()) / sum_lam
                         surrogate2 = (b * token_logp.double()).sum()
                         (surrogate1 * group.weight).backward(retain_graph=True)
-                        g1 = self._grads_f64()
-                        self._zero_grads()
+                        g1 = self._take_grads()
                         (surrogate2 * group.weight).backward()
-                        g2 = self._grads_f64()
-                        self._zero_grads()
+                        g2 = self._take_grads()
                         q_p += _dot(g1, u)
                         b_p += _dot(g2, u)
                         for acc, x in zip(grad_entropy, g1):
@@ -373,7 +373,7 @@ class Probe:
         c = delta_h1_influence(torch.tensor(q_groups, dtype=torch.float64), torch.tensor(lam_groups, dtype=torch.float64),
                                torch.tensor(h_groups, dtype=torch.float64), value_per_eta, sum_lam, h_bar, sum_b)
         (c2,) = self.rt.sum_scalars(float((c * c).sum()))
-        out = {"per_eta": value_per_eta, "se_per_eta": delta_h1_se(c2, base["num_groups"]),
+        out = {"per_eta": value_per_eta, "se_per_eta": se_from_influence(c2, base["num_groups"]),
                "grad_entropy": self._reduce_vectors(grad_entropy)}
         if ustat is not None:
             out.update(ustat.finish(out["grad_entropy"]))
@@ -536,8 +536,9 @@ class _UStatState:
         probe._zero_grads()
         g_p = probe._new_accumulator()
         with probe._no_sync():
-            probe.group_loss_backward(gi, group, self.ctx["norm"], probe.reference_logps(RolloutBatch("U", [group])),
-                                      g_p)
+            # Reference log-probs per group again: the microbatch layout may have changed since (OOM retry).
+            refs = probe.reference_logps(RolloutBatch("U", [group]))
+            probe.group_loss_backward(0, group, self.ctx["norm"], refs, g_p)
         g_p = [g.cpu() for g in g_p]
         if self.x_unit is None:
             self.x_unit, self.y_unit = [x.clone() for x in x_p], g_p

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from probe_dist.data.prompts import load_prompts, select_prompts
-from probe_dist.data.rewards import get_reward_fn
+from probe_dist.data.rewards import decode_response, get_reward_fn
 from probe_dist.data.toy_task import MAX_ANSWER_TOKENS, encode_prompt
 from probe_dist.model.load import save_optimizer, trainable_parameters
 from probe_dist.model.policy import PolicyModel
-from probe_dist.rollout.batch import Group, group_advantages, response_text
+from probe_dist.rollout.batch import Group, group_advantages
 from probe_dist.rollout.generate import sample_responses
 from probe_dist.update.loss import LossNormalisers, sequence_normalisers, update_loss
 
@@ -59,7 +59,7 @@ def grpo_steps(model, tokenizer, optimizer, trainable, seed: int, args: dict) ->
             responses, lengths = sample_responses(policy, ids, args["group_size"], args["max_new_tokens"],
                                                   args["temperature"], tokenizer.eos_token_id, tokenizer.pad_token_id,
                                                   (seed + step, "train", pos), torch.device("cpu"))
-            texts = [response_text(tokenizer, r[: int(n)]) for r, n in zip(responses, lengths)]
+            texts = [decode_response(tokenizer, r[: int(n)]) for r, n in zip(responses, lengths)]
             rewards = torch.tensor([reward_fn(t, prompt["answer"]) for t in texts], dtype=torch.float64)
             groups.append(Group(pos, ids, responses, lengths, rewards,
                                 group_advantages(rewards, args["loss"], 1e-6), prompt["answer"]))

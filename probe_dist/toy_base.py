@@ -79,50 +79,6 @@ def _answer_loss(model, input_ids, attention_mask, position_ids, labels) -> torc
 
 
 @torch.no_grad()
-def sample_responses(
-    model,
-    tokenizer,
-    prompts: list[dict],
-    temperature: float,
-    max_new_tokens: int,
-    generator: torch.Generator,
-) -> tuple[list[list[int]], list[float]]:
-    """Sample one response per prompt (plain ancestral sampling, no KV cache — the toy is tiny).
-
-    Returns the generated ids per prompt (up to and including EOS when emitted) and, per prompt, the
-    mean over generated tokens of the entropy (nats) of the temperature-scaled next-token distribution.
-    Sampling uses ``generator`` on the CPU so that results do not depend on the device.
-    """
-    device = next(model.parameters()).device
-    input_ids, attention_mask, _ = left_pad(
-        [encode_prompt(tokenizer, p["prompt"]) for p in prompts], tokenizer.pad_token_id
-    )
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    n = input_ids.shape[0]
-    generated = torch.full((n, max_new_tokens), tokenizer.pad_token_id, dtype=torch.long)
-    finished = torch.zeros(n, dtype=torch.bool)
-    lengths = torch.zeros(n, dtype=torch.long)
-    entropy_sums = torch.zeros(n, dtype=torch.float64)
-    for step in range(max_new_tokens):
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        log_probs = torch.log_softmax(logits[:, -1].float().cpu() / temperature, dim=-1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-        next_ids = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
-        active = ~finished
-        generated[active, step] = next_ids[active]
-        entropy_sums += torch.where(active, entropy.double(), 0.0)
-        lengths += active.long()
-        finished |= next_ids == tokenizer.eos_token_id
-        input_ids = torch.cat([input_ids, next_ids.to(device)[:, None]], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        if bool(finished.all()):
-            break
-    responses = [generated[i, : int(lengths[i])].tolist() for i in range(n)]
-    mean_entropies = (entropy_sums / lengths.clamp(min=1)).tolist()
-    return responses, mean_entropies
-
-
 def _eval_prompts(prompts: list[dict], n: int, generator: torch.Generator) -> list[dict]:
     """n prompts: a random subset without replacement while possible, then whole reshuffled cycles."""
     picked: list[dict] = []
@@ -136,19 +92,33 @@ def _eval_prompts(prompts: list[dict], n: int, generator: torch.Generator) -> li
 def sample_stats(
     model, tokenizer, prompts: list[dict], temperature: float, max_new_tokens: int, seed: int, n: int
 ) -> dict[str, float]:
-    """Accuracy (exact match) and mean per-token entropy of ``n`` sampled responses."""
+    """Accuracy (exact match) and mean per-token RB entropy of ``n`` sampled responses.
+
+    Uses the probe's own sampler, reward text and scoring, so the numbers mean what the probe's do.
+    """
+    from probe_dist.model.policy import PolicyModel
+    from probe_dist.rollout.batch import Group
+    from probe_dist.rollout.generate import sample_responses
+
     if not prompts:
         raise ValueError("sample_stats needs at least one prompt")
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    chosen = _eval_prompts(prompts, n, generator)
-    responses, entropies = sample_responses(model, tokenizer, chosen, temperature, max_new_tokens, generator)
-    rewards = [exact_match(decode_response(tokenizer, r), p["answer"]) for r, p in zip(responses, chosen)]
-    tokens = sum(len(r) for r in responses)
-    token_entropy = sum(h * len(r) for h, r in zip(entropies, responses)) / max(tokens, 1)
+    policy = PolicyModel(model)
+    chosen = _eval_prompts(prompts, n, torch.Generator().manual_seed(seed))
+    correct, tokens, entropy_sum = 0.0, 0, 0.0
+    for i, prompt in enumerate(chosen):
+        ids = torch.tensor(encode_prompt(tokenizer, prompt["prompt"]), dtype=torch.long)
+        response, length = sample_responses(policy, ids, 1, max_new_tokens, temperature, tokenizer.eos_token_id,
+                                            tokenizer.pad_token_id, (seed, "stats", i), torch.device("cpu"))
+        correct += exact_match(decode_response(tokenizer, response[0, : int(length[0])]), prompt["answer"])
+        layout = Group(i, ids, response, length, torch.zeros(1, dtype=torch.float64)).layout(slice(0, 1))
+        _, token_entropy = policy(layout["input_ids"], layout["attention_mask"], layout["response_start"],
+                                  layout["response_mask"], temperature)
+        tokens += int(length[0])
+        entropy_sum += float(token_entropy.double().sum())
     model.train(was_training)
-    return {"accuracy": sum(rewards) / n, "token_entropy": token_entropy, "mean_response_tokens": tokens / n}
+    return {"accuracy": correct / n, "token_entropy": entropy_sum / max(tokens, 1), "mean_response_tokens": tokens / n}
 
 
 def sample_accuracy(

@@ -1,7 +1,7 @@
 """Reward functions: ``get_reward_fn(name)(response_text, answer) -> float``.
 
 A reward function sees the response *text* — the generated tokens up to (not including) the first
-EOS, decoded with special tokens skipped and surrounding whitespace stripped; ``decode_response``
+EOS, decoded with other special tokens kept and surrounding whitespace stripped; ``decode_response``
 produces exactly that from token ids, so every caller scores the same string.
 """
 
@@ -46,12 +46,13 @@ def get_reward_fn(name: str) -> RewardFn:
 
 
 def decode_response(tokenizer, token_ids: Sequence[int]) -> str:
-    """Response text as reward functions see it: ids up to the first EOS, special tokens skipped, stripped."""
+    """Response text as reward functions see it: ids up to the first EOS, stripped. Other special tokens stay in
+    (a <pad> inside an answer must not decode to a correct-looking "19")."""
     ids = [int(t) for t in token_ids]
     eos_id = tokenizer.eos_token_id
     if eos_id is not None and eos_id in ids:
         ids = ids[: ids.index(eos_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return tokenizer.decode(ids, skip_special_tokens=False).strip()
 
 
 @register_reward("exact_match")

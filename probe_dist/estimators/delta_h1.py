@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from probe_dist.estimators.entropy import se_from_influence
-
 
 def surrogate_coefficients(method: str, normalize: str, phi: torch.Tensor, rb_entropy: torch.Tensor,
                            token_row: torch.Tensor, num_rows: int, entropy_bar: float):
@@ -57,7 +55,3 @@ def delta_h1_influence(q_group: torch.Tensor, lam_group: torch.Tensor, h_group: 
     """Per-group linearisation of δH₁/η = (Σa − H̄ Σb)/Σλ in the group totals:
     c_p = q_p − f λ_p/Σλ − (Σb/Σλ²)(h_p − H̄ λ_p), with q_p = group p's ∇surrogate₁·u (sums to 0 over groups)."""
     return q_group - value * lam_group / sum_lam - (sum_b / sum_lam ** 2) * (h_group - entropy_bar * lam_group)
-
-
-def delta_h1_se(sum_c2: float, num_groups: int) -> float:
-    return se_from_influence(sum_c2, num_groups)

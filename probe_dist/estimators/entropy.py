@@ -20,11 +20,6 @@ def normaliser_lengths(lengths: torch.Tensor, normalize: str) -> torch.Tensor:
     raise ValueError(f"normalize must be 'per_token' or 'per_sequence', got {normalize!r}")
 
 
-def group_sums(values: torch.Tensor, group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Σ of per-sequence values within each prompt group (the statistical unit)."""
-    return torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, values.to(torch.float64))
-
-
 def ratio_influence(h_group: torch.Tensor, lam_group: torch.Tensor, estimate: float, sum_lam: float) -> torch.Tensor:
     """Per-group linearisation c_p = (h_p − Ĥ λ_p)/Σλ of the ratio Ĥ = Σh/Σλ (sums to 0 over all groups)."""
     return (h_group - estimate * lam_group) / sum_lam

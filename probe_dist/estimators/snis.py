@@ -5,12 +5,9 @@ Two-phase so the runtime can all-reduce between them: local sums → (global sum
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-
-from probe_dist.estimators.entropy import se_from_influence
 
 
 def log_weights(logp_new: torch.Tensor, logp_old: torch.Tensor, clip: float | None = None) -> torch.Tensor:
@@ -68,11 +65,3 @@ def snis_delta_influence(w: torch.Tensor, h_new: torch.Tensor, h_old: torch.Tens
     """Per-group c_p = Σ_{i∈p} [ w_i (h'_i − Ĥ(θ') λ_i)/Σwλ − (h_i − Ĥ(θ) λ_i)/Σλ ] (SPEC §6), local groups."""
     per_seq = w * (h_new - entropy_new * lam) / sum_w_lam - (h_old - entropy_old * lam) / sum_lam
     return torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, per_seq)
-
-
-def snis_se(sum_c2: float, num_groups: int) -> float:
-    return se_from_influence(sum_c2, num_groups)
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

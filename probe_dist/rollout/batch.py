@@ -52,19 +52,6 @@ class RolloutBatch:
     name: str                          # "E" or "U"
     groups: list[Group]                # this rank's groups (plus zero-weight padding)
 
-    @property
-    def num_sequences(self) -> int:
-        return sum(g.size for g in self.groups if g.weight > 0)
-
-
-def response_text(tokenizer, response_ids: torch.Tensor) -> str:
-    """The text a reward sees: the generated tokens without the final EOS. Other special tokens (a <pad> inside
-    an answer) stay in, so they cannot decode to a correct-looking answer."""
-    ids = response_ids.tolist()
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=False).strip()
-
 
 def group_advantages(rewards: torch.Tensor, family: str, eps: float) -> torch.Tensor:
     """Advantages within one group (SPEC §4): grpo/dapo (r − mean)/(std + ε); dr_grpo r − mean."""

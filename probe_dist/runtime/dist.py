@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import pickle
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +120,3 @@ def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: float =
         if backend == "nccl":
             rt.cpu_group = dist.new_group(backend="gloo", timeout=timeout)
     return rt
-
-
-def object_nbytes(obj) -> int:
-    return len(pickle.dumps(obj))
