@@ -86,6 +86,7 @@ def load_tokenizer(path: Path):
     else:
         tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:
+        log.info("tokenizer has no pad token: using EOS %r as pad (pad is never scored)", tok.eos_token)
         tok.pad_token = tok.eos_token
     return tok
 

@@ -63,6 +63,7 @@ def write_plot(out_dir: Path, summary: dict) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        log.info("no plot: matplotlib is not installed (pip install -e '.[plots]')")
         return None
     sweep = [s for s in summary.get("sweep", []) if s["eta"] > 0]
     if not sweep:
