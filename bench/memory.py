@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import gc
 import json
 import os
@@ -43,11 +44,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from probe_dist.phases import DELTA_H1, PHASES, UPDATE_GRADIENT  # noqa: E402
+from probe_dist.plan.meter import PhaseMemoryRecorder, merge_phase_records  # noqa: E402
 from probe_dist.probe import PhaseClock  # noqa: E402
-from probe_dist.runtime.memory import PhaseMemoryRecorder, merge_phase_records  # noqa: E402
 
 GiB = 1 << 30
-PHASES = ("sample", "score_base", "update_gradient", "delta_h1", "sweep")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -81,7 +82,7 @@ def build_probe_profiled(cfg):
 
     rt = init_runtime(cfg.device) if cfg.device != "cpu" else Runtime()
     probe = build_probe(cfg, rt)
-    probe.clock = ProfilingClock(profile=True, device=rt.device)
+    probe.clock = ProfilingClock(rank=rt.rank, profile=True, device=rt.device)
     return probe
 
 
@@ -111,7 +112,7 @@ def run_one_size(args) -> dict:
     cfg = load_config(None, overrides)
     probe = build_probe_profiled(cfg)
     start = time.perf_counter()
-    summary = probe.run()
+    summary = probe.run().summary()
     phases = {}
     for name in PHASES:
         rec = probe.clock.memory.get(name, {})
@@ -140,7 +141,7 @@ def cpu_part(args) -> dict:
             raise RuntimeError(f"B_U={size} failed:\n{res.stderr[-4000:]}")
         runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
     flat = {}
-    for phase in ("update_gradient", "delta_h1"):
+    for phase in (UPDATE_GRADIENT, DELTA_H1):
         saved = [r["phases"][phase]["saved_peak_bytes"] for r in runs]
         rss = [r["phases"][phase]["rss_peak_bytes"] for r in runs]
         growth = [r["phases"][phase]["rss_growth_bytes"] for r in runs]
@@ -237,14 +238,15 @@ def preset_part(args, device: torch.device) -> dict:
     status, error = "completed", None
     t0 = time.perf_counter()
     try:
-        summary = probe.run()
-        status = summary["status"]
+        result = probe.run()
+        status = result.status
     except Exception as exc:  # noqa: BLE001 - an OOM or any failure is a result worth recording
         status, error = "failed", f"{type(exc).__name__}: {exc}"
     run_seconds = time.perf_counter() - t0
     # Plan for the sizes the run really used (auto_microbatch may have halved them) and the real prompt length.
-    cfg.memory.microbatch_score, cfg.memory.microbatch_grad = probe.rows_score, probe.rows_grad
-    cfg.memory.logits_chunk = probe.policy.logits_chunk
+    cfg = dataclasses.replace(cfg, memory=dataclasses.replace(
+        cfg.memory, microbatch_score=probe.runner.sizes.score, microbatch_grad=probe.runner.sizes.grad,
+        logits_chunk=probe.policy.logits_chunk))
     prompts = load_prompts(cfg.sampling.prompts, cfg.sampling.split)
     prompt_tokens = 1 + max(len(probe.tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
     plan = plan_memory(cfg, args.gpu_mem, ckpt / "base", world_size=1, prompt_tokens=prompt_tokens)
@@ -259,11 +261,12 @@ def preset_part(args, device: torch.device) -> dict:
                         "error": (measured - planned) / planned if measured else None,
                         "components": plan["phases"][name]["components"], "seconds": probe.clock.seconds.get(name)}
     errors = [abs(p["error"]) for p in phases.values() if p["error"] is not None]
-    batch_e = getattr(probe, "batches", {}).get("E")
+    batch_e = result.batch_e if status != "failed" else None
     widths = sorted({int(g.lengths.max()) for g in batch_e.groups}) if batch_e is not None else []
     out = {"preset": str(args.preset), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "memory_cap_bytes": cap, "status": status, "error": error, "B_E": cfg.sampling.B_E,
-           "B_U": cfg.sampling.B_U, "microbatch_score": probe.rows_score, "microbatch_grad": probe.rows_grad,
+           "B_U": cfg.sampling.B_U, "microbatch_score": probe.runner.sizes.score,
+           "microbatch_grad": probe.runner.sizes.grad,
            "logits_chunk": probe.policy.logits_chunk, "prompt_tokens": prompt_tokens, "response_widths_E": widths,
            "build_seconds": build_seconds, "run_seconds": run_seconds, "phases": phases,
            "max_abs_planner_error": max(errors) if errors else None,

@@ -5,7 +5,7 @@
 #
 # Config: --config, else $PROBE_CONFIG, else configs/debug_1gpu.yaml (device auto: the GPU when there is one).
 # Turns on TORCH_DISTRIBUTED_DEBUG=DETAIL (collective shape/order checks), C++ stack traces, the Python
-# fault handler, and PROBE_DETECT_ANOMALY=1 (the probe enables torch.autograd.set_detect_anomaly).
+# fault handler, and the config override debug.detect_anomaly=true (torch.autograd.set_detect_anomaly).
 # Uses the first GPU unless CUDA_VISIBLE_DEVICES is set. Set CUDA_LAUNCH_BLOCKING=1 yourself for exact
 # CUDA error locations (slow). Interpreter: $PYTHON (default python3).
 set -euo pipefail
@@ -19,8 +19,7 @@ export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 export TORCH_DISTRIBUTED_DEBUG=DETAIL
 export TORCH_SHOW_CPP_STACKTRACES=1
 export PYTHONFAULTHANDLER=1
-export PROBE_DETECT_ANOMALY=1
 
 set -x
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 \
-    -m probe_dist.main --config "$CONFIG" "${OVERRIDES[@]}"
+    -m probe_dist.main --config "$CONFIG" debug.detect_anomaly=true "${OVERRIDES[@]}"

@@ -205,7 +205,8 @@ def _parse_override(text: str) -> tuple[str, Any]:
 def _check_consistency(cfg: ProbeConfig) -> None:
     s, e = cfg.sampling, cfg.estimators
     why = ("truncated sampling support makes the importance weights π_θ'/π_θ (and the entropy of the "
-           "sampling distribution) wrong, so SPEC §1 requires sampling.top_p=1.0 and sampling.top_k=0")
+           "sampling distribution) wrong, so the probe requires sampling.top_p=1.0 and sampling.top_k=0 "
+           "(docs/method.md §1)")
     if s.top_p != 1.0:
         raise ConfigError(f"sampling.top_p={s.top_p} is not supported: {why}. Set sampling.top_p=1.0 or remove it.")
     if s.top_k != 0:

@@ -1,11 +1,12 @@
-"""The typed configuration schema: every knob SPEC.md names, with its default and allowed values.
+"""The typed configuration schema: every knob of the method (docs/method.md), with its default and allowed values.
 
 Each field carries `metadata` used by the loader (`probe_dist.config`) for validation:
   choices=(...)      allowed values
   ge= / gt= / le=    numeric range
   help="..."         one line shown in error messages and `--help-config`
 Fields whose default is None are resolved later from the checkpoint's recorded training settings
-(temperature, max_new_tokens, loss family, grad clip) — see `probe_dist.config.resolve_from_checkpoint`.
+(temperature, max_new_tokens, loss family, grad clip) by `probe_dist.main.resolve_config`, which returns the
+final config once; every section is frozen, so nothing changes it while a run is going.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def _f(default, **meta):
     return field(default=default, metadata=meta)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     path: str | None = _f(None, help="checkpoint directory laid out like `python -m probe_dist.toy build`")
     base: str | None = _f(None, help="explicit base-model directory (HF format); overrides path/base")
@@ -30,7 +31,7 @@ class CheckpointConfig:
     toy_cache: str | None = _f(None, help="where the toy checkpoint is cached (default ~/.cache/probe_dist)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingConfig:
     B_E: int = _f(8, ge=1, help="prompts in the evaluation batch E")
     G_E: int = _f(4, ge=1, help="responses per prompt in E")
@@ -46,7 +47,7 @@ class SamplingConfig:
     reward: str = _f("exact_match", choices=("exact_match", "math_verify"), help="reward function")
 
 
-@dataclass
+@dataclass(frozen=True)
 class UpdateConfig:
     route: str = _f("update_vector", choices=("update_vector", "real_step"),
                     help="how θ' is reached: exact AdamW update vector θ+ηu, or a real optimizer.step()")
@@ -57,7 +58,7 @@ class UpdateConfig:
     max_len: int | None = _f(None, ge=1, help="L_max for dr_grpo normalisation (default: max_new_tokens)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EstimatorsConfig:
     normalize: str = _f("per_token", choices=("per_token", "per_sequence"), help="entropy normalisation")
     payload: str = _f("rb", choices=("rb", "naive"), help="entropy payload: Rao–Blackwellised or −log π")
@@ -69,7 +70,7 @@ class EstimatorsConfig:
     log_weight_clip: float | None = _f(None, gt=0.0, help="clip log-weights above this (off by default)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemoryConfig:
     microbatch_generate: int = _f(8, ge=1, help="responses of one prompt decoded together (bounds the KV cache)")
     microbatch_score: int = _f(8, ge=1, help="sequences per no-grad scoring forward")
@@ -83,20 +84,20 @@ class MemoryConfig:
     gpu_mem_gib: float | None = _f(None, gt=0.0, help="memory budget per GPU for the planner (default: device's)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrecisionConfig:
     dtype: str = _f("float32", choices=("float32", "bfloat16", "float64"), help="dtype of the probe's forwards")
     matmul: str = _f("highest", choices=("highest", "high", "medium"), help="torch float32 matmul precision")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistributedConfig:
     strategy: str = _f("none", choices=("none", "ddp", "fsdp2"), help="how the model is wrapped across ranks")
     backend: str = _f("auto", choices=("auto", "nccl", "gloo"), help="process-group backend")
     timeout_s: float = _f(600.0, gt=0.0, help="collective timeout; a failing rank ends all ranks within it")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = _f("runs/probe", help="output directory (rank 0 writes)")
     save_update_vector: bool = _f(False, help="write update_vector.safetensors keyed by adapter names")
@@ -105,7 +106,14 @@ class OutputConfig:
     overwrite: bool = _f(True, help="replace the results of an earlier run in output.dir (false: refuse)")
 
 
-@dataclass
+@dataclass(frozen=True)
+class DebugConfig:
+    fault: str | None = _f(None, help="fault injection for failure tests: '<rank>:<phase>' raises in that phase "
+                                      "on that rank (phases: sample, score_base, update_gradient, delta_h1, sweep)")
+    detect_anomaly: bool = _f(False, help="torch.autograd anomaly detection (slow; for debugging NaN gradients)")
+
+
+@dataclass(frozen=True)
 class ProbeConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -115,5 +123,6 @@ class ProbeConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     device: str = _f("auto", choices=("auto", "cpu", "cuda"), help="compute device")
     log_level: str = _f("info", choices=("debug", "info", "warning"), help="logging verbosity")

@@ -11,12 +11,14 @@ import logging
 import os
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from probe_dist import __version__
 from probe_dist.config import ConfigError, config_hash, format_config_help, load_config
+from probe_dist.config_schema import ProbeConfig
 from probe_dist.model.load import CheckpointError
 
 log = logging.getLogger("probe_dist")
@@ -51,27 +53,38 @@ def setup_logging(rank: int, level: str, out_dir: Path | None = None) -> None:
     root.propagate = False
 
 
-def resolve_from_checkpoint(cfg, training_args: dict) -> None:
-    """Fill settings left unset (None) from the checkpoint's recorded training settings."""
-    filled = {
+def resolve_from_checkpoint(cfg: ProbeConfig, training_args: dict) -> ProbeConfig:
+    """The config with settings left unset (None) filled from the checkpoint's recorded training settings.
+
+    Raises ConfigError when a setting is neither configured nor recorded, or the recorded loss is unsupported.
+    """
+    recorded = {
         ("sampling", "temperature"): training_args.get("temperature"),
         ("sampling", "max_new_tokens"): training_args.get("max_new_tokens"),
         ("update", "loss"): training_args.get("loss"),
         ("update", "grad_clip"): training_args.get("grad_clip", training_args.get("max_grad_norm")),
     }
-    for (section, key), value in filled.items():
-        sec = getattr(cfg, section)
-        if getattr(sec, key) is None:
+    filled: dict[str, dict] = {"sampling": {}, "update": {}}
+    for (section, key), value in recorded.items():
+        if getattr(getattr(cfg, section), key) is None:
             if value is None and key != "grad_clip":
                 raise ConfigError(f"{section}.{key} is not set and the checkpoint records no training value for it; "
                                   f"set it explicitly, e.g. {section}.{key}=...")
-            setattr(sec, key, value)
+            filled[section][key] = value
+    cfg = replace(cfg, **{section: replace(getattr(cfg, section), **values) for section, values in filled.items()})
+    if cfg.update.max_len is None:  # dr_grpo's L_max defaults to the response cap
+        cfg = replace(cfg, update=replace(cfg.update, max_len=cfg.sampling.max_new_tokens))
     if cfg.update.loss not in ("grpo", "dr_grpo", "dapo"):
         raise ConfigError(f"checkpoint records loss {cfg.update.loss!r}; set update.loss to grpo, dr_grpo or dapo.")
+    return cfg
 
 
-def build_probe(cfg, rt):
-    """Config → loaded checkpoint → wrapped policy → a ready Probe (no sampling yet)."""
+def build_probe(cfg: ProbeConfig, rt):
+    """Config → loaded checkpoint → the whole config resolved once → wrapped policy → a ready Probe.
+
+    Resolution (the toy checkpoint's path, checkpoint-recorded defaults, the memory plan's microbatch sizes)
+    happens here and only here; the Probe and its steps get the final, frozen config.
+    """
     from probe_dist.model.load import (
         check_trainable_count,
         load_model,
@@ -80,21 +93,24 @@ def build_probe(cfg, rt):
         resolve_paths,
         trainable_parameters,
     )
+    from probe_dist.model.runner import PolicyRunner
     from probe_dist.probe import Probe
+    from probe_dist.runtime.oom import MicrobatchSizes
     from probe_dist.runtime.strategy import build_strategy
 
     if not (cfg.checkpoint.path or cfg.checkpoint.base):
         from probe_dist.toy import ensure_toy_checkpoint
 
-        cfg.checkpoint.path = str(ensure_toy_checkpoint(cfg.checkpoint.toy_seed, cfg.checkpoint.toy_cache, rt))
+        toy = ensure_toy_checkpoint(cfg.checkpoint.toy_seed, cfg.checkpoint.toy_cache, rt)
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, path=str(toy)))
     paths = resolve_paths(cfg.checkpoint)
-    resolve_from_checkpoint(cfg, paths.training_args)
+    cfg = resolve_from_checkpoint(cfg, paths.training_args)
     torch.set_float32_matmul_precision(cfg.precision.matmul)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[cfg.precision.dtype]
     if dtype == torch.bfloat16:
         log.warning("precision.dtype=bfloat16: θ + ηu is rounded to bf16 (8 bits of mantissa), so ΔH_true at small η "
                     "is quantised and can disagree with δH₁; use float32 for numbers you will report.")
-    if os.environ.get("PROBE_DETECT_ANOMALY") == "1":
+    if cfg.debug.detect_anomaly:
         torch.autograd.set_detect_anomaly(True)
     tokenizer = load_tokenizer(paths.tokenizer)
     model = load_model(paths, dtype, rt.device)
@@ -107,14 +123,19 @@ def build_probe(cfg, rt):
              paths.base, len(ordered), f"{n_trainable:,}", coverage["with_state"], coverage["params"])
     memory_plan = None
     if cfg.memory.auto_microbatch:
-        from probe_dist.plan import auto_microbatch_plan
+        from probe_dist.plan import auto_microbatch_plan, proposed_sizes
 
-        memory_plan = auto_microbatch_plan(cfg, model, rt.world_size, rt.device, tokenizer)
-        # Every rank must use rank 0's sizes (same passes, same collectives).
-        (cfg.memory.microbatch_score, cfg.memory.microbatch_grad, cfg.memory.logits_chunk) = rt.broadcast_object(
-            (cfg.memory.microbatch_score, cfg.memory.microbatch_grad, cfg.memory.logits_chunk))
+        memory_plan = auto_microbatch_plan(cfg, model, rt.world_size, rt.device, tokenizer=tokenizer)
+        # Every rank uses rank 0's sizes (same passes, same collectives).
+        sizes = rt.broadcast_object(proposed_sizes(memory_plan))
+        if sizes:
+            cfg = replace(cfg, memory=replace(cfg.memory, **sizes))
     strategy = build_strategy(cfg, rt, model)
-    probe = Probe(cfg, rt, model, tokenizer, optimizer, ordered, policy=strategy.policy, strategy=strategy)
+    runner = PolicyRunner(model=model, strategy=strategy, trainable=ordered, device=rt.device,
+                          temperature=cfg.sampling.temperature,
+                          sizes=MicrobatchSizes(score=cfg.memory.microbatch_score, grad=cfg.memory.microbatch_grad),
+                          accumulator_device=cfg.memory.accumulator_device, auto_microbatch=cfg.memory.auto_microbatch)
+    probe = Probe(cfg, rt, runner, tokenizer, optimizer)
     probe.load_info = {"provenance/optimizer_coverage": coverage, "provenance/trainable_params": n_trainable,
                        "provenance/memory_plan": {k: memory_plan[k] for k in ("peak_bytes", "peak_phase", "fits",
                                                                               "proposal")} if memory_plan else None}
@@ -125,9 +146,10 @@ def run(cfg, rt) -> dict:
     from probe_dist.report.build import build_outputs
 
     probe = build_probe(cfg, rt)
-    summary = probe.run()
+    result = probe.run()
+    summary = result.summary()
     summary.update(probe.load_info)
-    return build_outputs(cfg, rt, probe, summary)
+    return build_outputs(probe.cfg, rt, result, summary, param_names=[n for n, _ in probe.trainable])
 
 
 def main(argv=None) -> int:
@@ -184,14 +206,8 @@ def main(argv=None) -> int:
         code = EXIT_FAILURE
     # Failure path: no barrier (peers may be stuck elsewhere); torchrun tears down the other ranks, and a bare
     # launch ends them at the collective timeout.
-    if rt is not None and rt.world_size > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
+    if rt is not None:
+        rt.abandon()
     return code
 
 

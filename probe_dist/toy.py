@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 
 from probe_dist.data.prompts import load_prompts, select_prompts
-from probe_dist.data.rewards import decode_response, get_reward_fn
-from probe_dist.data.toy_task import MAX_ANSWER_TOKENS, encode_prompt
+from probe_dist.data.rewards import get_reward_fn
+from probe_dist.data.toy_task import MAX_ANSWER_TOKENS
 from probe_dist.model.load import save_optimizer, trainable_parameters
-from probe_dist.model.policy import PolicyModel
-from probe_dist.rollout.batch import Group, group_advantages
-from probe_dist.rollout.generate import sample_responses
+from probe_dist.model.runner import PolicyRunner
+from probe_dist.rollout.sample import sample_group
 from probe_dist.update.loss import LossNormalisers, sequence_normalisers, update_loss
 
 log = logging.getLogger("probe_dist")
@@ -45,24 +44,20 @@ TRAINING_ARGS = {
 
 
 def grpo_steps(model, tokenizer, optimizer, trainable, seed: int, args: dict) -> list[dict]:
-    """A few real GRPO steps: sample G responses per prompt (eval mode), then the training loss in train mode."""
-    policy = PolicyModel(model)
+    """A few real GRPO steps: sample G responses per prompt (eval mode) with the probe's own `sample_group`, then
+    the probe's training loss (`update_loss`) in train mode, fp32 .grad accumulation, clipping and AdamW."""
+    runner = PolicyRunner.single_process(model, temperature=args["temperature"], rows=args["group_size"])
     prompts = load_prompts("toy", "train")
     reward_fn = get_reward_fn("exact_match")
     history = []
     for step in range(args["grpo_steps"]):
         model.eval()
         chosen = select_prompts(prompts, args["prompts_per_step"], seed + step, "train")
-        groups = []
-        for pos, (_, prompt) in enumerate(chosen):
-            ids = torch.tensor(encode_prompt(tokenizer, prompt["prompt"]), dtype=torch.long)
-            responses, lengths = sample_responses(policy, ids, args["group_size"], args["max_new_tokens"],
-                                                  args["temperature"], tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                                  (seed + step, "train", pos), torch.device("cpu"))
-            texts = [decode_response(tokenizer, r[: int(n)]) for r, n in zip(responses, lengths)]
-            rewards = torch.tensor([reward_fn(t, prompt["answer"]) for t in texts], dtype=torch.float64)
-            groups.append(Group(pos, ids, responses, lengths, rewards,
-                                group_advantages(rewards, args["loss"], 1e-6), prompt["answer"]))
+        groups = [sample_group(runner.decoder, tokenizer, prompt, prompt_index=pos, seed_key=(seed + step, "train", pos),
+                               group_size=args["group_size"], temperature=args["temperature"],
+                               max_new_tokens=args["max_new_tokens"], reward_fn=reward_fn, loss_family=args["loss"],
+                               adv_eps=1e-6, device=torch.device("cpu"))
+                  for pos, (_, prompt) in enumerate(chosen)]
         norm = LossNormalisers(num_prompts=len(groups), group_size=args["group_size"],
                                total_tokens=float(sum(int(g.lengths.sum()) for g in groups)),
                                max_len=args["max_new_tokens"])
@@ -70,11 +65,9 @@ def grpo_steps(model, tokenizer, optimizer, trainable, seed: int, args: dict) ->
         optimizer.zero_grad(set_to_none=True)
         for g in groups:
             normalisers = sequence_normalisers(args["loss"], g.lengths, norm)
-            layout = g.layout(slice(0, g.size))
-            token_logp, _ = policy(layout["input_ids"], layout["attention_mask"], layout["response_start"],
-                                   layout["response_mask"], args["temperature"])
-            row = layout["response_mask"].nonzero(as_tuple=True)[0]
-            update_loss(token_logp, row, g.advantages, normalisers).backward()
+            mb = g.layout(slice(0, g.size))
+            token_logp, _ = runner.forward(mb, grad=True)
+            update_loss(token_logp, mb.token_rows, g.advantages, normalisers).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], args["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -83,6 +76,14 @@ def grpo_steps(model, tokenizer, optimizer, trainable, seed: int, args: dict) ->
         log.info("toy GRPO step %d: mean reward %.3f, grad norm %.3g", step, mean_reward, float(grad_norm))
     model.eval()
     return history
+
+
+def _sort_target_modules(path: Path) -> None:
+    """peft writes target_modules in set order, which depends on PYTHONHASHSEED; sort it so builds are bitwise."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def build(out_dir: str | Path, seed: int = 0) -> dict:
@@ -118,6 +119,7 @@ def _build(out: Path, seed: int, start: float) -> dict:
                                   eps=args["eps"], weight_decay=args["weight_decay"])
     history = grpo_steps(model, tokenizer, optimizer, trainable, seed, args)
     model.save_pretrained(str(out))
+    _sort_target_modules(out / "adapter_config.json")
     save_optimizer(optimizer, trainable, out / "optimizer.pt")
     prompts = load_prompts("toy", "train")
     final = sample_stats(model, tokenizer, prompts, temperature=args["temperature"],

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import transformers
 
 from probe_dist.data.prompts import load_prompts
-from probe_dist.data.rewards import decode_response, exact_match
+from probe_dist.data.rewards import exact_match
 from probe_dist.data.toy_task import (
     MAX_ANSWER_TOKENS,
     build_tokenizer,
@@ -96,26 +96,23 @@ def sample_stats(
 
     Uses the probe's own sampler, reward text and scoring, so the numbers mean what the probe's do.
     """
-    from probe_dist.model.policy import PolicyModel
-    from probe_dist.rollout.batch import Group
-    from probe_dist.rollout.generate import sample_responses
+    from probe_dist.model.runner import PolicyRunner
+    from probe_dist.rollout.sample import sample_group
 
     if not prompts:
         raise ValueError("sample_stats needs at least one prompt")
     was_training = model.training
     model.eval()
-    policy = PolicyModel(model)
+    runner = PolicyRunner.single_process(model, temperature=temperature, rows=1)
     chosen = _eval_prompts(prompts, n, torch.Generator().manual_seed(seed))
     correct, tokens, entropy_sum = 0.0, 0, 0.0
     for i, prompt in enumerate(chosen):
-        ids = torch.tensor(encode_prompt(tokenizer, prompt["prompt"]), dtype=torch.long)
-        response, length = sample_responses(policy, ids, 1, max_new_tokens, temperature, tokenizer.eos_token_id,
-                                            tokenizer.pad_token_id, (seed, "stats", i), torch.device("cpu"))
-        correct += exact_match(decode_response(tokenizer, response[0, : int(length[0])]), prompt["answer"])
-        layout = Group(i, ids, response, length, torch.zeros(1, dtype=torch.float64)).layout(slice(0, 1))
-        _, token_entropy = policy(layout["input_ids"], layout["attention_mask"], layout["response_start"],
-                                  layout["response_mask"], temperature)
-        tokens += int(length[0])
+        group = sample_group(runner.decoder, tokenizer, prompt, prompt_index=i, seed_key=(seed, "stats", i),
+                             group_size=1, temperature=temperature, max_new_tokens=max_new_tokens,
+                             reward_fn=exact_match, loss_family="dr_grpo", adv_eps=1e-6, device=torch.device("cpu"))
+        correct += float(group.rewards[0])
+        _, token_entropy = runner.forward(group.layout(slice(0, 1)), grad=False)
+        tokens += int(group.lengths[0])
         entropy_sum += float(token_entropy.double().sum())
     model.train(was_training)
     return {"accuracy": correct / n, "token_entropy": entropy_sum / max(tokens, 1), "mean_response_tokens": tokens / n}

@@ -61,11 +61,11 @@ def _prompt_sums(probe, prompt_ids, responses, lengths, grad: bool, payload: str
                  normalize: str = "per_token"):
     """E_p[h], E_p[λ] and the total probability for one prompt by enumeration (differentiable with grad)."""
     g = Group(0, prompt_ids, responses, lengths, torch.zeros(len(lengths), dtype=torch.float64))
-    layout = g.layout(slice(0, g.size))
+    mb = g.layout(slice(0, g.size))
     with torch.set_grad_enabled(grad):
-        token_logp, token_h = probe.policy(layout["input_ids"], layout["attention_mask"], layout["response_start"],
-                                           layout["response_mask"], probe.cfg.sampling.temperature)
-        rows = layout["response_mask"].nonzero(as_tuple=True)[0]
+        token_logp, token_h = probe.policy(mb.input_ids, mb.attention_mask, mb.response_start, mb.response_mask,
+                                           probe.cfg.sampling.temperature)
+        rows = mb.response_mask.nonzero(as_tuple=True)[0]
         s = torch.zeros(g.size, dtype=torch.float64).index_add(0, rows, token_logp.double())
         h_rb = torch.zeros(g.size, dtype=torch.float64).index_add(0, rows, token_h.double())
         h = h_rb if payload == "rb" else -s

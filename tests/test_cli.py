@@ -84,7 +84,7 @@ def test_summary_contents(e2e):
     for entry in s["sweep"]:
         assert set(SWEEP_KEYS) <= set(entry), set(SWEEP_KEYS) - set(entry)
     zero = s["sweep"][0]
-    assert zero["delta_h_true"] == 0.0 and zero["delta_h1"] == 0.0 and zero["kl"] == 0.0  # Pitfall 4
+    assert zero["delta_h_true"] == 0.0 and zero["delta_h1"] == 0.0 and zero["kl"] == 0.0  # η = 0 is exactly 0
     assert zero["ess_frac"] == 1.0 and zero["ess"] == B_E * G_E
     for key in PROVENANCE_KEYS:
         assert f"provenance/{key}" in s, key

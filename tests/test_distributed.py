@@ -24,15 +24,13 @@ COMPARED = ("delta_h_true", "delta_h_true_se", "delta_h1", "delta_h1_se", "ess",
 
 
 def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    e.pop("PROBE_FAULT", None)
-    return e
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
 
 
-def torchrun(n: int, out: Path, ckpt: Path, *extra: str, extra_env: dict | None = None, timeout: float = 600):
+def torchrun(n: int, out: Path, ckpt: Path, *extra: str, timeout: float = 600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "probe_dist.main", *CONFIG, f"checkpoint.path={ckpt}", f"output.dir={out}", *extra]
-    return subprocess.run(cmd, env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
 def summary(out: Path) -> dict:
@@ -98,7 +96,7 @@ def test_world_size_invariance(toy_checkpoint, reference, tmp_path, strategy):
 def test_failing_rank_ends_every_rank(toy_checkpoint, tmp_path):
     start = time.monotonic()
     res = torchrun(3, tmp_path / "fail", toy_checkpoint, "distributed.strategy=ddp", "distributed.timeout_s=60",
-                   extra_env={"PROBE_FAULT": "1:update_gradient"}, timeout=180)
+                   "debug.fault=1:update_gradient", timeout=180)
     elapsed = time.monotonic() - start
     assert res.returncode != 0
     assert "rank 1 failed: RuntimeError: injected fault" in res.stderr
@@ -147,5 +145,5 @@ def test_accelerate_launch_matches_torchrun(toy_checkpoint, reference, tmp_path)
     res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     s = summary(out)
-    assert s["provenance/world_size"] == 2  # `--cpu` would silently run one process (ENVIRONMENT_FACTS)
+    assert s["provenance/world_size"] == 2  # `--cpu` would silently run one process (measured)
     assert_same_numbers(reference[0], s)

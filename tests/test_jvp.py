@@ -1,4 +1,4 @@
-"""SPEC §5.4: δH₁ by per-microbatch backward of the surrogate (what the probe does) equals the forward-mode JVP
+"""docs/method.md §5.4: δH₁ by per-microbatch backward of the surrogate (what the probe does) equals the forward-mode JVP
 of the §6 estimator along u on the same samples."""
 
 from __future__ import annotations
@@ -13,22 +13,23 @@ from tests.probe_harness import make_probe
 def test_backward_surrogate_equals_forward_mode_jvp(toy_checkpoint):
     probe = make_probe(toy_checkpoint, ["sampling.B_E=4", "sampling.G_E=4", "sampling.B_U=4", "sampling.G_U=4",
                                         "estimators.etas=[1e-3]"])
-    summary = probe.run()
+    result = probe.run()
+    summary = result.summary()
     # SDPA has no forward-mode AD on CPU; eager attention is the same math.
     unwrap_causal_lm(probe.model).set_attn_implementation("eager")
     names = [n for n, _ in probe.trainable]
-    groups = [g for g in probe.batches["E"].groups if g.weight > 0]
+    groups = [g for g in result.batch_e.groups if g.weight > 0]
     temperature = probe.cfg.sampling.temperature
 
     def snis_estimate(*values):
         params = {"lm." + n: v for n, v in zip(names, values)}
         logps, ents = [], []
         for g in groups:
-            lay = g.layout(slice(0, g.size))
-            lp, h = functional_call(probe.policy, params, (lay["input_ids"], lay["attention_mask"],
-                                                           lay["response_start"], lay["response_mask"], temperature),
+            mb = g.layout(slice(0, g.size))
+            lp, h = functional_call(probe.policy, params, (mb.input_ids, mb.attention_mask, mb.response_start,
+                                                           mb.response_mask, temperature),
                                     strict=False)
-            rows = lay["response_mask"].nonzero(as_tuple=True)[0]
+            rows = mb.response_mask.nonzero(as_tuple=True)[0]
             logps.append(torch.zeros(g.size, dtype=torch.float64).index_add(0, rows, lp.double()))
             ents.append(torch.zeros(g.size, dtype=torch.float64).index_add(0, rows, h.double()))
         s, h = torch.cat(logps), torch.cat(ents)
@@ -37,7 +38,7 @@ def test_backward_surrogate_equals_forward_mode_jvp(toy_checkpoint):
         return (w * h).sum() / (w * lam).sum()
 
     primals = tuple(p.detach() for _, p in probe.trainable)
-    tangents = tuple(u.to(p.dtype) for (_, p), u in zip(probe.trainable, probe.update_vector))
+    tangents = tuple(u.to(p.dtype) for (_, p), u in zip(probe.trainable, result.update.u))
     value, derivative = jvp(snis_estimate, primals, tangents)
     assert abs(float(value) - summary["entropy/base"]) < 1e-6
     per_eta = summary["delta_h1/per_eta"]

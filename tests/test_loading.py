@@ -1,4 +1,4 @@
-"""Loading base + adapter + AdamW state: round trips by parameter name, and every refusal (Pitfalls 6, 7, 11).
+"""Loading base + adapter + AdamW state: round trips by parameter name, and every refusal (by name, hyperparameters from the saved groups, state cloned).
 
 The valid checkpoint is the real toy checkpoint (session fixture); broken ones are copies of its optimizer.pt
 re-saved with one thing changed, so each test isolates exactly one problem.
@@ -105,7 +105,7 @@ def test_optimizer_state_round_trips_bitwise(toy_checkpoint, loaded):
     assert set(saved) == set(by_name), "optimizer.pt covers exactly the trainable parameters"
     assert coverage == {"params": len(trainable), "with_state": len(trainable),
                         "numel": sum(p.numel() for _, p in trainable)}
-    # The new optimizer holds exactly the trainable parameters, in the saved order (Pitfall 6).
+    # The new optimizer holds exactly the trainable parameters, in the saved order.
     assert optimizer_param_names(optimizer, trainable) == blob["param_names"]
     for name, state in saved.items():
         live = optimizer.state[by_name[name]]
@@ -113,7 +113,7 @@ def test_optimizer_state_round_trips_bitwise(toy_checkpoint, loaded):
         for key in STATE_KEYS:
             assert bitwise_equal(live[key], state[key]), f"{name}: {key} differs after load"
     assert float(next(iter(saved.values()))["step"]) == 4.0  # the toy took 4 real GRPO steps
-    # Hyperparameters come from the saved param_groups, not defaults (Pitfall 7).
+    # Hyperparameters come from the saved param_groups, not defaults.
     (saved_group,) = blob["state_dict"]["param_groups"]
     (group,) = optimizer.param_groups
     for key in HYPER_KEYS:

@@ -86,7 +86,7 @@ def test_causal_coefficients_match_brute_force():
     lengths = [3, 1, 4]
     row = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
     h = torch.rand(int(sum(lengths)), generator=gen, dtype=torch.float64)
-    a, b = surrogate_coefficients("causal_rb", "per_token", h, h, row, 3, entropy_bar=0.7)
+    a, b = surrogate_coefficients("causal_rb", "per_token", h, h, row, 3, entropy=0.7)
     k = 0
     for t_len in lengths:
         seg = h[k:k + t_len]
@@ -95,7 +95,7 @@ def test_causal_coefficients_match_brute_force():
             assert torch.isclose(a[k + t], torch.tensor(after - 0.7 * (t_len - 1 - t), dtype=torch.float64))
             assert b[k + t] == t_len - 1 - t
         k += t_len
-    a_s, b_s = surrogate_coefficients("snis_derivative", "per_token", h, h, row, 3, entropy_bar=0.7)
+    a_s, b_s = surrogate_coefficients("snis_derivative", "per_token", h, h, row, 3, entropy=0.7)
     h_row = torch.zeros(3, dtype=torch.float64).index_add(0, row, h)
     assert torch.allclose(a_s, (h_row - 0.7 * torch.tensor(lengths, dtype=torch.float64))[row])
     assert torch.equal(b_s, torch.tensor(lengths, dtype=torch.float64)[row])
@@ -121,7 +121,7 @@ def test_ratio_influence_matches_numerical_jackknife_direction():
 
 
 def test_delta_h1_influence_is_the_derivative_of_the_ratio_formula():
-    """f = (Σa − H̄ Σb)/Σλ with H̄ = Σh/Σλ: c_p equals ∂f/∂(weight of group p)."""
+    """f = (Σa − Ĥ Σb)/Σλ with Ĥ = Σh/Σλ: c_p equals ∂f/∂(weight of group p)."""
     gen = torch.Generator().manual_seed(3)
     a, b = torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
     h, lam = torch.rand(5, generator=gen, dtype=torch.float64), 1 + torch.rand(5, generator=gen, dtype=torch.float64)
@@ -149,12 +149,12 @@ def test_snis_sums_and_finalize():
     lw = log_weights(logp_new, logp_old)
     sums = snis_local_sums(lw, float(lw.max()), h_new, lam)
     assert len(sums) == len(SNIS_SUM_FIELDS)
-    res = snis_finalize(sums, entropy_old=0.5)
+    res = snis_finalize(sums, entropy=0.5)
     w = torch.exp(lw)
     assert abs(res.entropy_new - float((w * h_new).sum() / (w * lam).sum())) < 1e-14
     assert abs(res.ess - float(w.sum() ** 2 / (w * w).sum())) < 1e-12
     assert abs(res.max_weight - float(w.max() / w.sum())) < 1e-14
     assert abs(res.kl_k1 - float((-lw).mean())) < 1e-14
     # Stabilising by any global max leaves the estimates unchanged (only the scale of w).
-    res2 = snis_finalize(snis_local_sums(lw, float(lw.max()) + 5.0, h_new, lam), entropy_old=0.5)
+    res2 = snis_finalize(snis_local_sums(lw, float(lw.max()) + 5.0, h_new, lam), entropy=0.5)
     assert abs(res2.entropy_new - res.entropy_new) < 1e-14 and abs(res2.ess - res.ess) < 1e-12

@@ -1,4 +1,4 @@
-"""Memory is bounded by the microbatch, not the batch (PITFALLS #19–#22), measured on CPU.
+"""Memory is bounded by the microbatch, not the batch (one microbatch's graph at a time; logits only for response positions, chunked), measured on CPU.
 
 - SavedTensorsMeter counts exactly what autograd keeps for backward and gives it back after backward.
 - The update and δH₁ passes: bytes saved for backward and process RSS stay flat as the batch grows 8 → 64
@@ -20,8 +20,7 @@ import pytest
 import torch
 
 from probe_dist.model.policy import PolicyModel
-from probe_dist.rollout.batch import Group, RolloutBatch, group_advantages
-from probe_dist.runtime.memory import (
+from probe_dist.plan.meter import (
     PhaseMemoryRecorder,
     SavedTensorsMeter,
     merge_phase_records,
@@ -29,6 +28,11 @@ from probe_dist.runtime.memory import (
     reset_peak_rss,
     rss_bytes,
 )
+from probe_dist.prediction.delta_h1 import predict_delta_h1
+from probe_dist.rollout.batch import Group, RolloutBatch, group_advantages
+from probe_dist.scoring.score import base_entropy, score_batch
+from probe_dist.update.gradient import update_gradient
+from probe_dist.update.step import update_parts
 from tests.probe_harness import make_probe
 from tests.synthetic_checkpoint import build_synthetic_checkpoint, write_empty_answer_prompts
 
@@ -133,14 +137,15 @@ def _measure(probe, batch: RolloutBatch, libc) -> dict:
             libc.malloc_trim(0)
 
     clean()
+    cfg, rt, runner = probe.cfg, probe.rt, probe.runner
     with PhaseMemoryRecorder("cpu") as update:
-        grad, _ = probe.update_gradient(batch)
-        u = [part.u for part in probe.update_parts(grad)]
-    scores = probe.score_batch(batch)
-    base = probe.entropy_at_theta(batch, scores)
+        grad, *_ = update_gradient(rt, runner, batch, cfg.update)
+        u = [part.u for part in update_parts(probe.optimizer, probe.trainable, grad)]
+    scores = score_batch(rt, runner, batch)
+    base = base_entropy(rt, batch, scores, payload=cfg.estimators.payload, normalize=cfg.estimators.normalize)
     clean()
     with PhaseMemoryRecorder("cpu") as d1:
-        probe.delta_h1(batch, scores, base, u)
+        predict_delta_h1(rt, runner, batch, scores, base, u, cfg.estimators)
     out = {}
     for name, rec in (("update", update.result), ("delta_h1", d1.result)):
         out[name] = {"saved": rec["saved_peak_bytes"], "rss_growth": rec["rss_growth_bytes"],
@@ -150,7 +155,7 @@ def _measure(probe, batch: RolloutBatch, libc) -> dict:
 
 def test_update_and_delta_h1_memory_flat_in_batch_size(memory_probe):
     probe, libc = memory_probe
-    probe.rows_grad = 2
+    probe.runner.sizes.grad = 2
     small = _measure(probe, _batch(8, 2, seed=1), libc)
     large = _measure(probe, _batch(64, 2, seed=2), libc)
     for phase in ("update", "delta_h1"):
@@ -168,11 +173,11 @@ def test_update_and_delta_h1_memory_flat_in_batch_size(memory_probe):
 def test_update_and_delta_h1_memory_grows_with_microbatch(memory_probe):
     probe, libc = memory_probe
     batch = _batch(4, 8, seed=3)
-    probe.rows_grad = 2
+    probe.runner.sizes.grad = 2
     rows2 = _measure(probe, batch, libc)
-    probe.rows_grad = 8
+    probe.runner.sizes.grad = 8
     rows8 = _measure(probe, batch, libc)
-    probe.rows_grad = probe.cfg.memory.microbatch_grad
+    probe.runner.sizes.grad = probe.cfg.memory.microbatch_grad
     for phase in ("update", "delta_h1"):
         assert rows8[phase]["saved"] > 3.0 * rows2[phase]["saved"], (phase, rows2, rows8)
         assert rows8[phase]["rss_peak"] > rows2[phase]["rss_peak"], (phase, rows2, rows8)
@@ -260,14 +265,16 @@ def _simulated_oom(monkeypatch, max_rows: int) -> list:
 def test_auto_microbatch_retry_equals_small_microbatch_run(oom_setup, monkeypatch):
     ckpt, common = oom_setup
     reference_probe = make_probe(ckpt, [*common, "memory.microbatch_score=2", "memory.microbatch_grad=2"])
-    reference = reference_probe.run()
+    reference = reference_probe.run().summary()
 
     raised = _simulated_oom(monkeypatch, max_rows=2)
     probe = make_probe(ckpt, [*common, "memory.auto_microbatch=true", "memory.microbatch_score=4",
                               "memory.microbatch_grad=4"])
-    retried = probe.run()
+    result = probe.run()
+    retried = result.summary()
     assert raised, "the simulated out-of-memory error never fired"
-    assert (probe.rows_score, probe.rows_grad) == (2, 2)
+    assert (probe.runner.sizes.score, probe.runner.sizes.grad) == (2, 2)
+    assert result.microbatch_used["score"] == result.microbatch_used["grad"] == 2  # reported as used
     assert retried["status"] == reference["status"] == "completed"
     assert reference["update/grad_norm"] > 0  # mixed rewards: the gradient path is really exercised
     for key in _NUMBERS:

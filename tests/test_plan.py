@@ -3,6 +3,7 @@ monotone predictions, proposals that fit, and a clear refusal when nothing fits.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -97,7 +98,7 @@ def test_activation_model_matches_saved_tensors(targets, padded, dtype):
     from transformers import Qwen2ForCausalLM
 
     from probe_dist.model.policy import PolicyModel
-    from probe_dist.runtime.memory import SavedTensorsMeter
+    from probe_dist.plan.meter import SavedTensorsMeter
 
     torch.manual_seed(0)
     config = _tiny_config(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=6)
@@ -113,8 +114,8 @@ def test_activation_model_matches_saved_tensors(targets, padded, dtype):
         token_logp, token_h = policy(ids, attention_mask, prompt, response_mask, 1.0)
         (token_logp.sum() + token_h.sum()).backward()
     shape = model_shape(config, LoraSpec(r=8, targets=tuple(targets)))
-    predicted = saved_activation_bytes(shape, n, prompt + width, width, 2 if dtype == torch.bfloat16 else 4,
-                                       padded=padded)
+    predicted = saved_activation_bytes(shape, n, prompt + width, width,
+                                       dtype_bytes=2 if dtype == torch.bfloat16 else 4, padded=padded)
     assert predicted == pytest.approx(meter.peak_bytes, rel=0.02), (predicted, meter.peak_bytes)
 
 
@@ -122,27 +123,34 @@ def test_bigger_microbatch_predicts_more():
     cfg = _cfg()
     plan = plan_memory(cfg, 40 * GiB, "qwen2.5-1.5b", world_size=8)
     shape = model_shape(plan_model_config(), LoraSpec(r=64))
-    from probe_dist.plan import Settings
-
-    s = Settings(4, 8, "ddp", 7, 128, 8, 8, False, False, False, False, False)
+    s = _settings(prompt_tokens=7)
     previous = None
     for rows in (1, 2, 4, 8):
-        peaks = phase_peaks(shape, s, rows, rows, 1024)
+        peaks = phase_peaks(shape, s, rows_score=rows, rows_grad=rows, chunk=1024)
         if previous is not None:
             for name in ("score_base", "update_gradient", "delta_h1", "sweep"):
                 assert peaks[name]["peak_bytes"] > previous[name]["peak_bytes"], (name, rows)
         previous = peaks
-    assert plan["phases"]["update_gradient"]["peak_bytes"] == phase_peaks(shape, s, 8, 4, 1024)[
-        "update_gradient"]["peak_bytes"]  # default memory.microbatch_grad=4
+    assert plan["phases"]["update_gradient"]["peak_bytes"] == phase_peaks(
+        shape, s, rows_score=8, rows_grad=4, chunk=1024)["update_gradient"]["peak_bytes"]  # default microbatch_grad=4
     # a longer logits chunk costs more too
-    assert (phase_peaks(shape, s, 8, 8, 2048)["update_gradient"]["peak_bytes"]
-            > phase_peaks(shape, s, 8, 8, 512)["update_gradient"]["peak_bytes"])
+    assert (phase_peaks(shape, s, rows_score=8, rows_grad=8, chunk=2048)["update_gradient"]["peak_bytes"]
+            > phase_peaks(shape, s, rows_score=8, rows_grad=8, chunk=512)["update_gradient"]["peak_bytes"])
 
 
 def plan_model_config():
     from probe_dist.plan import builtin_model_config
 
     return builtin_model_config("qwen2.5-1.5b")
+
+
+def _settings(prompt_tokens: int):
+    """_cfg()'s sizes in float32 on 8 GPUs with DDP: G_E = G_U = 8, 128 new tokens, no KL / real step."""
+    from probe_dist.plan import Settings
+
+    return Settings(dtype_bytes=4, world_size=8, strategy="ddp", prompt_tokens=prompt_tokens, max_new_tokens=128,
+                    group_e=8, group_u=8, single_batch=False, kl=False, real_step=False, amsgrad=False,
+                    accumulators_on_device=False)
 
 
 def test_proposal_is_the_largest_that_fits():
@@ -162,10 +170,9 @@ def test_proposal_is_the_largest_that_fits():
     bigger = {1: 2, 2: 4, 4: 8}.get(prop["microbatch_grad"])
     if bigger:
         shape = model_shape(plan_model_config(), LoraSpec(r=64))
-        from probe_dist.plan import Settings
-
-        s = Settings(4, 8, "ddp", 256, 128, 8, 8, False, False, False, False, False)
-        too_big = phase_peaks(shape, s, prop["microbatch_score"], bigger, prop["logits_chunk"])
+        s = _settings(prompt_tokens=256)
+        too_big = phase_peaks(shape, s, rows_score=prop["microbatch_score"], rows_grad=bigger,
+                              chunk=prop["logits_chunk"])
         assert too_big["update_gradient"]["peak_bytes"] > available
     assert "Largest sizes that fit" in plan["message"]
 
@@ -244,22 +251,27 @@ def test_module_entry_point():
     assert "update_gradient" in res.stdout and "fits" in res.stdout
 
 
-def test_auto_microbatch_plan_sets_the_sizes():
+def test_auto_microbatch_plan_proposes_the_sizes_and_leaves_the_config_alone():
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2ForCausalLM
 
     from probe_dist.data.toy_task import build_tokenizer
-    from probe_dist.plan import auto_microbatch_plan
+    from probe_dist.plan import auto_microbatch_plan, proposed_sizes
 
     model = get_peft_model(Qwen2ForCausalLM(_tiny_config(vocab_size=4096)),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    cfg = load_config(None, ["sampling.max_new_tokens=64", "sampling.G_E=8", "sampling.G_U=8",
-                             "memory.microbatch_score=1", "memory.microbatch_grad=1", "memory.logits_chunk=4096"])
+    common = ["sampling.max_new_tokens=64", "sampling.G_E=8", "sampling.G_U=8",
+              "memory.microbatch_score=1", "memory.microbatch_grad=1", "memory.logits_chunk=4096"]
+    cfg = load_config(None, common)
     assert auto_microbatch_plan(cfg, model, 1, torch.device("cpu")) is None  # CPU without a budget: OOM retry only
-    cfg.memory.gpu_mem_gib = 2.0  # 2 GiB − 10% − 1 GiB CUDA reserve: 0.8 GiB usable
-    plan = auto_microbatch_plan(cfg, model, 1, torch.device("cpu"), build_tokenizer())
+    assert proposed_sizes(None) is None
+    # 2 GiB − 10% − 1 GiB CUDA reserve: 0.8 GiB usable
+    cfg = load_config(None, [*common, "memory.gpu_mem_gib=2.0"])
+    before = copy.deepcopy(cfg)
+    plan = auto_microbatch_plan(cfg, model, 1, torch.device("cpu"), tokenizer=build_tokenizer())
     prop = plan["proposal"]
     assert prop["fits"] and plan["inputs"]["prompt_tokens"] == 7
     assert plan["model"]["adapter_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert (cfg.memory.microbatch_score, cfg.memory.microbatch_grad, cfg.memory.logits_chunk) == (
-        prop["microbatch_score"], prop["microbatch_grad"], prop["logits_chunk"]) == (8, 8, 4096)
+    assert (prop["microbatch_score"], prop["microbatch_grad"], prop["logits_chunk"]) == (8, 8, 4096)
+    assert proposed_sizes(plan) == {"microbatch_score": 8, "microbatch_grad": 8, "logits_chunk": 4096}
+    assert cfg == before  # the caller applies the sizes (main.py, with dataclasses.replace)

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from probe_dist.runtime.snapshot import restore_snapshot, take_snapshot
+from probe_dist.update.gradient import update_gradient
+from probe_dist.update.step import real_step, set_theta
 from tests.probe_harness import make_probe
 
 SMALL = ["sampling.B_E=6", "sampling.G_E=4", "sampling.B_U=4", "sampling.G_U=4"]
@@ -42,11 +44,12 @@ def _assert_bitwise_equal(a, b):
 
 def test_eta_zero_is_exactly_zero(toy_checkpoint):
     probe = make_probe(toy_checkpoint, SMALL + ["estimators.etas=[0.0,1e-3]"])
-    summary = probe.run()
+    result = probe.run()
+    summary = result.summary()
     s0 = summary["sweep"][0]
     assert s0["eta"] == 0.0 and s0["delta_h_true"] == 0.0 and s0["delta_h1"] == 0.0
     assert s0["ess_frac"] == 1.0 and s0["kl"] == 0.0
-    for lw in probe.log_weights_by_eta[0.0]:
+    for lw in result.log_weights[0.0]:
         assert torch.equal(lw, torch.zeros_like(lw))  # every weight exactly 1
     assert summary["sweep"][1]["delta_h_true"] != 0.0
 
@@ -55,7 +58,7 @@ def test_eta_zero_is_exactly_zero(toy_checkpoint):
 def test_restore_is_bitwise(toy_checkpoint, route):
     probe = make_probe(toy_checkpoint, SMALL + [f"update.route={route}", "estimators.etas=[0.0,1e-3,1e-2]"])
     before = _training_state(probe)
-    summary = probe.run()
+    summary = probe.run().summary()
     assert summary["restore/verified"] is True and summary["restore/verified_ranks"] == [True]
     _assert_bitwise_equal(before, _training_state(probe))
 
@@ -65,14 +68,15 @@ def test_real_step_matches_update_vector(toy_checkpoint, dtype):
     """θ' from optimizer.step() with lr = η equals θ + ηu to fp32 rounding, and ΔH_true agrees.
 
     In float32 the real step itself rounds θ' (and 1 − η·wd) to fp32, which moves ΔH_true by up to ~1e-4
-    relative at η = 1e-5 (measured); the update-vector route forms θ + ηu in float64 (PITFALLS 5). In float64
+    relative at η = 1e-5 (measured); the update-vector route forms θ + ηu in float64 (never a tiny step added in low precision). In float64
     both routes are exact, so there ΔH_true must agree to 1e-6 relative.
     """
     etas = [1e-4, 1e-3, 1e-2]
     common = SMALL + [f"estimators.etas={etas}", f"precision.dtype={dtype}"]
     probe_u = make_probe(toy_checkpoint, common + ["update.route=update_vector"])
     probe_r = make_probe(toy_checkpoint, common + ["update.route=real_step"])
-    sum_u, sum_r = probe_u.run(), probe_r.run()
+    sum_u, result_r = probe_u.run().summary(), probe_r.run()
+    sum_r = result_r.summary()
     for su, sr in zip(sum_u["sweep"], sum_r["sweep"]):
         assert su["eta"] == sr["eta"]
         assert su["delta_h1"] == sr["delta_h1"]
@@ -83,10 +87,11 @@ def test_real_step_matches_update_vector(toy_checkpoint, dtype):
     theta0 = [p.detach().clone() for _, p in probe.trainable]
     snap = take_snapshot(probe.model, probe.trainable, probe.optimizer)
     for eta in etas:
-        probe.real_step(probe.update_grad, eta)  # also advances m, v and step: restored below
+        # Also advances m, v and step: restored below.
+        real_step(probe.optimizer, probe.trainable, result_r.update.grad, eta)
         stepped = [p.detach().clone() for _, p in probe.trainable]
         assert restore_snapshot(snap, probe.model, probe.trainable, probe.optimizer)
-        probe.set_theta(theta0, probe.update_vector, eta)
+        set_theta(probe.trainable, theta0, result_r.update.u, eta)
         formed = [p.detach().clone() for _, p in probe.trainable]
         assert restore_snapshot(snap, probe.model, probe.trainable, probe.optimizer)
         for a, b in zip(stepped, formed):
@@ -97,17 +102,17 @@ def test_real_step_matches_update_vector(toy_checkpoint, dtype):
             assert rel < 1e-5
         # The step itself: Δθ of the real step vs η·u, up to the rounding of θ' in the parameter dtype.
         delta_real = torch.cat([(a.double() - t.double()).reshape(-1) for a, t in zip(stepped, theta0)])
-        delta_vec = torch.cat([(eta * u).reshape(-1) for u in probe.update_vector])
+        delta_vec = torch.cat([(eta * u).reshape(-1) for u in result_r.update.u])
         tol = 1e-3 if dtype == "float32" else 1e-9
         assert float((delta_real - delta_vec).norm() / delta_vec.norm()) < tol
 
 
 def test_same_sample_limit_is_linear_in_eta(toy_checkpoint):
-    """ΔH_true(η)/η → δH₁/η on one batch, with error shrinking linearly in η (SPEC §5.1)."""
-    # float64 and η ≤ 1e-3: off the fp32 floor (PITFALLS 5b) and inside the linear regime.
+    """ΔH_true(η)/η → δH₁/η on one batch, with error shrinking linearly in η (docs/method.md §5.1)."""
+    # float64 and η ≤ 1e-3: off the fp32 floor (some layers compute in fp32 whatever the model dtype) and inside the linear regime.
     etas = [1e-5, 1e-4, 1e-3]
     probe = make_probe(toy_checkpoint, SMALL + [f"estimators.etas={etas}", "precision.dtype=float64"])
-    summary = probe.run()
+    summary = probe.run().summary()
     per_eta = summary["delta_h1/per_eta"]
     errors = [abs(s["delta_h_true"] / s["eta"] - per_eta) for s in summary["sweep"]]
     for small, big in zip(errors, errors[1:]):
@@ -119,12 +124,12 @@ def test_same_sample_limit_is_linear_in_eta(toy_checkpoint):
 def test_negated_advantages_flip_the_prediction(toy_checkpoint):
     """Sanity on signs (seed notes): the gradient part of u is odd in the advantages."""
     probe = make_probe(toy_checkpoint, SMALL + ["estimators.etas=[1e-3]"])
-    probe.run()
-    grad = probe.update_grad
-    batch_u = probe.batches["U"]
+    result = probe.run()
+    grad = result.update.grad
+    batch_u = result.batch_u
     for g in batch_u.groups:
         g.advantages = -g.advantages
-    flipped, _ = probe.update_gradient(batch_u)
+    flipped, *_ = update_gradient(probe.rt, probe.runner, batch_u, probe.cfg.update)
     for a, b in zip(grad, flipped):
         assert torch.allclose(a, -b, rtol=1e-6, atol=1e-12)
 

@@ -1,4 +1,4 @@
-"""Tests for the PSIS Pareto k̂ diagnostic (SPEC §6)."""
+"""Tests for the PSIS Pareto k̂ diagnostic (docs/method.md §6)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,9 @@ from probe_dist.update.loss import LossNormalisers, sequence_normalisers, update
 from tests.probe_harness import make_probe
 
 B, G = 4, 4
+# A seed whose 4 groups all have mixed rewards on the toy checkpoint: with the default seed (1234) every group's
+# rewards are equal, so the advantages — and with kl_coef=0 the update gradient — are zero and u = u_base.
+SEED = 2
 
 
 def _grad_of(probe, scalar, retain: bool = False) -> list[torch.Tensor]:
@@ -26,30 +29,30 @@ def test_single_batch_u_statistic_matches_brute_force(toy_checkpoint, ustat, kl_
     probe = make_probe(toy_checkpoint, [f"sampling.B_E={B}", f"sampling.B_U={B}", f"sampling.G_E={G}",
                                         f"sampling.G_U={G}", "estimators.mode=single_batch", f"estimators.ustat={ustat}",
                                         "estimators.ustat_blocks=2", "estimators.etas=[0.0,1e-3]",
-                                        f"update.kl_coef={kl_coef}"])
-    summary = probe.run()
-    groups = probe.batches["E"].groups
-    assert probe.batches["U"] is probe.batches["E"]
+                                        f"update.kl_coef={kl_coef}", f"sampling.seed={SEED}"])
+    result = probe.run()
+    summary = result.summary()
+    groups = result.batch_e.groups
+    assert result.batch_u is result.batch_e
     temperature = probe.cfg.sampling.temperature
     total_tokens = float(sum(int(g.lengths.sum()) for g in groups))
-    h_bar = probe.base["entropy"]
+    entropy = result.base.entropy
     norm = LossNormalisers(num_prompts=B, group_size=G, total_tokens=total_tokens,
                            max_len=probe.cfg.sampling.max_new_tokens)
     xs, gs = [], []
     for g in groups:
-        lay = g.layout(slice(0, g.size))
-        lp, h = probe.policy(lay["input_ids"], lay["attention_mask"], lay["response_start"], lay["response_mask"],
-                             temperature)
-        rows = lay["response_mask"].nonzero(as_tuple=True)[0]
+        mb = g.layout(slice(0, g.size))
+        lp, h = probe.policy(mb.input_ids, mb.attention_mask, mb.response_start, mb.response_mask, temperature)
+        rows = mb.response_mask.nonzero(as_tuple=True)[0]
         s = torch.zeros(g.size, dtype=torch.float64).index_add(0, rows, lp.double())
         hs = torch.zeros(g.size, dtype=torch.float64).index_add(0, rows, h.double())
         t = g.lengths.double()
-        # SPEC §5.1 per token: Σ_i [h_i + (h_i − H̄ T_i) S_i] / T_tot, coefficients held fixed.
-        surrogate = (hs + (hs.detach() - h_bar * t) * s).sum() / total_tokens
+        # docs/method.md §5.1 per token: Σ_i [h_i + (h_i − Ĥ T_i) S_i] / T_tot, coefficients held fixed.
+        surrogate = (hs + (hs.detach() - entropy * t) * s).sum() / total_tokens
         xs.append(_grad_of(probe, surrogate, retain=True))
         with torch.no_grad(), probe.model.disable_adapter():  # the KL reference: the base without the adapter
-            ref_lp, _ = probe.policy(lay["input_ids"], lay["attention_mask"], lay["response_start"],
-                                     lay["response_mask"], temperature)
+            ref_lp, _ = probe.policy(mb.input_ids, mb.attention_mask, mb.response_start, mb.response_mask,
+                                     temperature)
         loss = update_loss(lp, rows, g.advantages, sequence_normalisers(probe.cfg.update.loss, g.lengths, norm),
                            kl_coef=kl_coef, token_ref_logp=ref_lp)
         gs.append(_grad_of(probe, loss))

@@ -1,4 +1,4 @@
-"""Snapshot / restore of the training state (SPEC §7, Pitfalls 11, 21) and eval-mode probe passes (Pitfall 3).
+"""Snapshot / restore of the training state (docs/method.md §7: moments cloned, snapshot on CPU) and eval-mode probe passes (LoRA dropout off).
 
 Everything runs on the real toy checkpoint: a peft LoRA model (with lora_dropout 0.05) and its saved AdamW state.
 """
@@ -14,6 +14,7 @@ import torch
 from probe_dist.config import load_config
 from probe_dist.model.load import load_model, load_optimizer, resolve_paths, trainable_parameters
 from probe_dist.runtime.snapshot import restore_snapshot, state_hash, take_snapshot
+from probe_dist.scoring.score import score_batch
 from tests.probe_harness import make_probe
 
 SMALL = ["sampling.B_E=2", "sampling.G_E=4", "sampling.B_U=2", "sampling.G_U=4", "estimators.etas=[0,1e-3]"]
@@ -112,7 +113,7 @@ def test_restore_brings_everything_back_bitwise(state):
 
     snap = take_snapshot(model, trainable, optimizer)
     assert snap.digest == digest_before
-    assert all(t.device.type == "cpu" for t in snap.params)  # snapshots live on CPU (Pitfall 21)
+    assert all(t.device.type == "cpu" for t in snap.params)  # snapshots live on CPU
     mutate_everything(model, trainable, optimizer)
     assert state_hash(trainable, optimizer) != snap.digest
     assert any(m.training for m in model.modules())
@@ -126,7 +127,7 @@ def test_restore_brings_everything_back_bitwise(state):
 
 
 def test_restore_survives_a_real_optimizer_step(state):
-    """A real AdamW step (the real_step route) overwrites state in place; restore must undo it (Pitfall 11)."""
+    """A real AdamW step (the real_step route) overwrites state in place; restore must undo it."""
     model, trainable, optimizer = state
     before = record(model, trainable, optimizer)
     snap = take_snapshot(model, trainable, optimizer)
@@ -192,7 +193,7 @@ def test_restore_reports_state_it_could_not_bring_back(state):
     assert restore_snapshot(snap, model, trainable, optimizer) is False
 
 
-# ----------------------------------------------------------------------------------------------- eval mode (Pitfall 3)
+# ----------------------------------------------------------------------------------------------- eval mode (LoRA dropout off)
 
 
 def lora_dropouts(model) -> list[torch.nn.Dropout]:
@@ -210,25 +211,25 @@ def test_scoring_is_deterministic_in_eval_mode(probe):
     batch = probe.sample("E", 2, 4)
     # Control: in train mode LoRA dropout is live and two scoring passes differ, so the check below has teeth.
     probe.model.train()
-    a, b = probe.score_batch(batch), probe.score_batch(batch)
-    assert any(not torch.equal(x.logp, y.logp) for x, y in zip(a, b))
+    a, b = score_batch(probe.rt, probe.runner, batch), score_batch(probe.rt, probe.runner, batch)
+    assert any(not torch.equal(x.S, y.S) for x, y in zip(a, b))
     # probe.run() puts the model in eval mode for every pass: the same S(θ) twice, bitwise.
-    first = probe.run()
-    second = probe.run()
+    first = probe.run().summary()
+    second = probe.run().summary()
     for key in ("entropy/base", "entropy/base_se", "entropy/base_naive", "delta_h1/per_eta"):
         assert first[key] == second[key], key
     for s1, s2 in zip(first["sweep"], second["sweep"]):
         assert s1["delta_h_true"] == s2["delta_h_true"] and s1["kl"] == s2["kl"]
     assert first["sweep"][0]["delta_h_true"] == 0.0
     probe.model.eval()
-    c, d = probe.score_batch(batch), probe.score_batch(batch)
-    assert all(torch.equal(x.logp, y.logp) and torch.equal(x.rb, y.rb) for x, y in zip(c, d))
+    c, d = score_batch(probe.rt, probe.runner, batch), score_batch(probe.rt, probe.runner, batch)
+    assert all(torch.equal(x.S, y.S) and torch.equal(x.h_rb, y.h_rb) for x, y in zip(c, d))
 
 
 def test_run_leaves_eval_flags_unchanged(probe):
     flags = {n: m.training for n, m in probe.model.named_modules()}
     assert not any(flags.values())  # load_model returns the model in eval mode
-    summary = probe.run()
+    summary = probe.run().summary()
     assert summary["restore/verified"] is True
     assert {n: m.training for n, m in probe.model.named_modules()} == flags
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import probe_dist.toy_base
 from probe_dist import toy
+from probe_dist.scoring.score import score_batch
 from tests.probe_harness import make_probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,9 +105,9 @@ def test_policy_is_non_trivial(toy_checkpoint):
     assert 0.1 < float(rewards.mean()) < 0.9, float(rewards.mean())
     # Groups with mixed rewards exist, so GRPO advantages are non-zero.
     assert any(float(g.advantages.abs().sum()) > 0 for g in batch.groups)
-    scores = probe.score_batch(batch)
-    tokens = sum(int(s.lengths.sum()) for s in scores)
-    token_entropy = sum(float(s.rb.sum()) for s in scores) / tokens
+    scores = score_batch(probe.rt, probe.runner, batch)
+    tokens = sum(int(s.T.sum()) for s in scores)
+    token_entropy = sum(float(s.h_rb.sum()) for s in scores) / tokens
     assert token_entropy > 0.05, token_entropy
     recorded = json.loads((toy_checkpoint / "trainer_state.json").read_text())
     assert 0.1 < recorded["final_sampled_accuracy"] < 0.9 and recorded["final_token_entropy"] > 0.05

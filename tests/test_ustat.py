@@ -1,11 +1,11 @@
-"""Tests for the single-batch U-statistic of SPEC §5.3."""
+"""Tests for the single-batch U-statistic of docs/method.md §5.3."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from probe_dist.estimators.ustat import UStatAccumulator, block_assignments, u_statistic_dot
+from probe_dist.estimators.ustat import block_assignments, u_statistic_dot
 
 
 def _brute_force(X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float]:
@@ -18,6 +18,20 @@ def _brute_force(X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float]:
                 total += float(torch.dot(X[p], Y[q]))
                 scale += float(X[p].norm() * Y[q].norm())
     return total / (b * (b - 1)), scale / (b * (b - 1))
+
+
+def _sums(X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float]:
+    """The ingredients u_statistic_dot takes, built as the probe builds them: unit by unit, each unit flattened
+    and cast to float64 — (Σ_p X_p)·(Σ_p Y_p) and Σ_p X_p·Y_p."""
+    sum_x = torch.zeros(X[0].numel(), dtype=torch.float64)
+    sum_y = torch.zeros(Y[0].numel(), dtype=torch.float64)
+    diag = 0.0
+    for x_p, y_p in zip(X, Y):
+        x, y = x_p.reshape(-1).double(), y_p.reshape(-1).double()
+        sum_x += x
+        sum_y += y
+        diag += float(torch.dot(x, y))
+    return float(torch.dot(sum_x, sum_y)), diag
 
 
 CASES = [(b, d) for b in (2, 3, 7, 16) for d in (1, 5, 50)]
@@ -38,59 +52,63 @@ def test_u_statistic_dot_matches_brute_force(b: int, d: int) -> None:
     alt = b / (b - 1) * float(torch.dot(X.mean(0), Y.mean(0))) - diag / (b * (b - 1))
     assert abs(u - alt) <= 1e-12 * max(abs(ref), scale)
 
-    acc = UStatAccumulator()
-    for p in range(b):
-        acc.add_unit(X[p], Y[p])
-    assert acc.num_units == b
-    assert abs(acc.result() - ref) <= 1e-12 * max(abs(ref), scale)
+    # The same from running sums accumulated one unit at a time.
+    streamed = u_statistic_dot(*_sums(X, Y), b)
+    assert abs(streamed - ref) <= 1e-12 * max(abs(ref), scale)
 
 
-def test_accumulator_preallocated_float32_input_and_merge() -> None:
+def test_multidimensional_float32_units_and_sharded_sums() -> None:
     g = torch.Generator().manual_seed(0)
     X = torch.randn(6, 3, 4, generator=g, dtype=torch.float64)
     Y = torch.randn(6, 3, 4, generator=g, dtype=torch.float64)
-    full = UStatAccumulator(numel=12)
-    for p in range(6):
-        full.add_unit(X[p], Y[p])  # any shape, flattened
-    assert full.sum_X is not None and full.sum_X.dtype == torch.float64 and full.sum_X.shape == (12,)
+    bars_dot, diag = _sums(X, Y)  # any shape, flattened
     ref, scale = _brute_force(X.reshape(6, -1), Y.reshape(6, -1))
-    assert abs(full.result() - ref) <= 1e-12 * scale
+    full = u_statistic_dot(bars_dot, diag, 6)
+    assert abs(full - ref) <= 1e-12 * scale
 
-    # Two shards merged == one accumulator (what an all-reduce SUM of the sums does).
-    a, b = UStatAccumulator(), UStatAccumulator()
-    for p in range(6):
-        (a if p < 2 else b).add_unit(X[p], Y[p])
-    a.merge(b)
-    assert a.num_units == 6
-    assert abs(a.result() - full.result()) <= 1e-12 * scale
+    # Two shards of the units combined by summing their sums (what an all-reduce SUM does) == one pass.
+    sx_a, sy_a = X[:2].reshape(2, -1).sum(0), Y[:2].reshape(2, -1).sum(0)
+    sx_b, sy_b = X[2:].reshape(4, -1).sum(0), Y[2:].reshape(4, -1).sum(0)
+    diag_a, diag_b = float((X[:2] * Y[:2]).sum()), float((X[2:] * Y[2:]).sum())
+    merged = u_statistic_dot(float(torch.dot(sx_a + sx_b, sy_a + sy_b)), diag_a + diag_b, 2 + 4)
+    assert abs(merged - full) <= 1e-12 * scale
 
-    # float32 inputs are accumulated in float64.
-    acc32 = UStatAccumulator()
-    for p in range(6):
-        acc32.add_unit(X[p].float(), Y[p].float())
-    assert acc32.sum_X is not None and acc32.sum_X.dtype == torch.float64
-    assert abs(acc32.result() - ref) <= 1e-5 * scale
+    # float32 inputs, accumulated in float64.
+    u32 = u_statistic_dot(*_sums(X.float(), Y.float()), 6)
+    assert abs(u32 - ref) <= 1e-5 * scale
 
 
 def test_too_few_units_raise() -> None:
     with pytest.raises(ValueError, match="at least 2 units"):
         u_statistic_dot(1.0, 1.0, 1)
     with pytest.raises(ValueError):
-        u_statistic_dot(0.0, 0.0, 0)
-    acc = UStatAccumulator()
+        u_statistic_dot(0.0, 0.0, 0)  # no units at all
+    one = torch.ones(1, 3)  # a single unit: its only pair is with itself
     with pytest.raises(ValueError):
-        acc.result()
-    acc.add_unit(torch.ones(3), torch.ones(3))
-    with pytest.raises(ValueError):
-        acc.result()
+        u_statistic_dot(*_sums(one, one), 1)
 
 
-def test_accumulator_shape_mismatch_raises() -> None:
-    acc = UStatAccumulator(numel=3)
-    with pytest.raises(ValueError):
-        acc.add_unit(torch.ones(4), torch.ones(4))
-    with pytest.raises(ValueError):
-        acc.add_unit(torch.ones(3), torch.ones(2))
+@pytest.mark.parametrize("b,m", [(2, 2), (7, 3), (8, 4), (10, 3), (10, 10), (5, 2)])
+def test_blocks_mode_matches_brute_force_over_distinct_blocks(b: int, m: int) -> None:
+    """Blocks mode: units are the sums over block_assignments' blocks; the U-statistic is then the mean over
+    ordered pairs of distinct blocks, i.e. Σ over sample pairs (p, q) in different blocks of X_p·Y_q / (M(M−1))."""
+    g = torch.Generator().manual_seed(100 * b + m)
+    X = torch.randn(b, 5, generator=g, dtype=torch.float64) + 0.4
+    Y = 0.5 * X + torch.randn(b, 5, generator=g, dtype=torch.float64)
+    blocks = block_assignments(b, m)
+    block_of = {i: k for k, blk in enumerate(blocks) for i in blk}
+    total = scale = 0.0
+    for p in range(b):
+        for q in range(b):
+            if block_of[p] != block_of[q]:
+                total += float(torch.dot(X[p], Y[q]))
+                scale += float(X[p].norm() * Y[q].norm())
+    ref, scale = total / (m * (m - 1)), scale / (m * (m - 1))
+    x_units = torch.stack([X[blk].sum(0) for blk in blocks])
+    y_units = torch.stack([Y[blk].sum(0) for blk in blocks])
+    u = u_statistic_dot(*_sums(x_units, y_units), m)
+    assert abs(u - ref) <= 1e-12 * max(abs(ref), scale)
+    assert abs(u - _brute_force(x_units, y_units)[0]) <= 1e-12 * max(abs(ref), scale)
 
 
 @pytest.mark.parametrize("b,m", [(1, 1), (7, 1), (7, 3), (8, 4), (10, 3), (10, 10), (64, 5), (5, 2)])

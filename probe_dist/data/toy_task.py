@@ -119,7 +119,7 @@ def load_tokenizer(directory: str | Path) -> transformers.PreTrainedTokenizerFas
     """Reload a tokenizer saved with ``save_pretrained``.
 
     Deliberately not ``AutoTokenizer``: saved next to a Qwen2 config, AutoTokenizer reloads it as a
-    Qwen2Tokenizer with different ids (see ENVIRONMENT_FACTS.md).
+    Qwen2Tokenizer with different ids (transformers 5 picks the tokenizer class from the model config).
     """
     return transformers.PreTrainedTokenizerFast.from_pretrained(str(directory))
 

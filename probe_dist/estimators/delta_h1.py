@@ -1,12 +1,12 @@
-"""Predicted change δH₁ (SPEC §5): surrogate coefficients and the delta-method standard error.
+"""Predicted change δH₁ (docs/method.md §5): surrogate coefficients and the delta-method standard error.
 
 With payload values φ_{i,t} (H_{i,t} for RB, −ℓ_{i,t} for naive) and λ_i (T_i or 1), per microbatch we form
   surrogate₁ = Σ_i [ Σ_t φ_{i,t}(θ) + Σ_t a_{i,t} ℓ_{i,t}(θ) ] / Σλ   with fixed coefficients a,
   surrogate₂ = Σ_i Σ_t b_{i,t} ℓ_{i,t}(θ)
 so that ∇surrogate₁·u summed over all groups is δH₁/η, and ∇surrogate₂·u is the Σ λ∇S·u piece of its SE.
 
-snis_derivative: a_{i,t} = h_i − H̄ λ_i,   b_{i,t} = λ_i            (exact η-derivative of the §6 estimator)
-causal_rb:       a_{i,t} = Σ_{t'≥t} φ_{i,t'} − H_{i,t} − H̄ λ_{i,t}^{>},  b_{i,t} = λ_{i,t}^{>}
+snis_derivative: a_{i,t} = h_i − Ĥ λ_i,   b_{i,t} = λ_i            (exact η-derivative of the §6 estimator)
+causal_rb:       a_{i,t} = Σ_{t'≥t} φ_{i,t'} − H_{i,t} − Ĥ λ_{i,t}^{>},  b_{i,t} = λ_{i,t}^{>}
                  (entropy-to-go with baseline b = H_{i,t}; tokens-to-go λ^{>} = T_i − t per token, 0 per sequence)
 """
 
@@ -16,17 +16,18 @@ import torch
 
 
 def surrogate_coefficients(method: str, normalize: str, phi: torch.Tensor, rb_entropy: torch.Tensor,
-                           token_row: torch.Tensor, num_rows: int, entropy_bar: float):
-    """Per-token coefficients (a, b) for one microbatch, float64, no grad.
+                           token_row: torch.Tensor, num_rows: int, entropy: float):
+    """Per-token coefficients (a, b) for one microbatch, float64, no grad (docs/method.md §5.1, §5.2).
 
-    phi, rb_entropy: [M] flat per-token payload and RB entropies (row-major over rows); token_row: [M] row index.
+    phi, rb_entropy: [M] flat per-token payload φ and RB entropies H (row-major over rows); token_row: [M] row
+    index; entropy: Ĥ(θ). Returns two [M] float64 tensors. Raises ValueError for an unknown method.
     """
     phi = phi.detach().to(torch.float64)
     h_row = torch.zeros(num_rows, dtype=torch.float64, device=phi.device).index_add_(0, token_row, phi)
     counts = torch.bincount(token_row, minlength=num_rows).to(torch.float64)
     lam_row = counts if normalize == "per_token" else torch.ones_like(counts)
     if method == "snis_derivative":
-        a = (h_row - entropy_bar * lam_row)[token_row]
+        a = (h_row - entropy * lam_row)[token_row]
         b = lam_row[token_row]
         return a, b
     if method != "causal_rb":
@@ -37,8 +38,20 @@ def surrogate_coefficients(method: str, normalize: str, phi: torch.Tensor, rb_en
         tokens_after = _reverse_cumsum_by_row(torch.ones_like(phi), token_row, num_rows) - 1.0
     else:
         tokens_after = torch.zeros_like(phi)
-    a = to_go - rb_entropy.detach().to(torch.float64) - entropy_bar * tokens_after
+    a = to_go - rb_entropy.detach().to(torch.float64) - entropy * tokens_after
     return a, tokens_after
+
+
+def surrogate_terms(phi: torch.Tensor, token_logp: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    sum_lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(surrogate₁, surrogate₂) of one microbatch: float64 scalars differentiable through φ and ℓ.
+
+    surrogate₁ = (Σ_t φ_{i,t} + Σ_t a_{i,t} ℓ_{i,t}) / Σλ and surrogate₂ = Σ_t b_{i,t} ℓ_{i,t}, with phi, token_logp
+    [M] per-token (with grad) and a, b [M] float64 coefficients from `surrogate_coefficients` (no grad).
+    """
+    surrogate1 = (phi.double().sum() + (a * token_logp.double()).sum()) / sum_lam
+    surrogate2 = (b * token_logp.double()).sum()
+    return surrogate1, surrogate2
 
 
 def _reverse_cumsum_by_row(values: torch.Tensor, token_row: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -51,7 +64,7 @@ def _reverse_cumsum_by_row(values: torch.Tensor, token_row: torch.Tensor, num_ro
 
 
 def delta_h1_influence(q_group: torch.Tensor, lam_group: torch.Tensor, h_group: torch.Tensor, value: float,
-                       sum_lam: float, entropy_bar: float, sum_b: float) -> torch.Tensor:
-    """Per-group linearisation of δH₁/η = (Σa − H̄ Σb)/Σλ in the group totals:
-    c_p = q_p − f λ_p/Σλ − (Σb/Σλ²)(h_p − H̄ λ_p), with q_p = group p's ∇surrogate₁·u (sums to 0 over groups)."""
-    return q_group - value * lam_group / sum_lam - (sum_b / sum_lam ** 2) * (h_group - entropy_bar * lam_group)
+                       sum_lam: float, entropy: float, sum_b: float) -> torch.Tensor:
+    """Per-group linearisation of δH₁/η = (Σa − Ĥ Σb)/Σλ in the group totals:
+    c_p = q_p − (δH₁/η) λ_p/Σλ − (Σb/Σλ²)(h_p − Ĥ λ_p), with q_p = group p's ∇surrogate₁·u (sums to 0 over groups)."""
+    return q_group - value * lam_group / sum_lam - (sum_b / sum_lam ** 2) * (h_group - entropy * lam_group)

@@ -1,4 +1,4 @@
-"""Entropy estimators at θ and their standard errors (SPEC §3, §9). Pure functions on float64 tensors.
+"""Entropy estimators at θ and their standard errors (docs/method.md §3, §9). Pure functions on float64 tensors.
 
 λ_i is the per-sequence normaliser: T_i for the per-token estimator, 1 for the per-sequence one, so both
 estimators are the ratio Ĥ = Σ h_i / Σ λ_i and share one delta-method standard error.
@@ -20,9 +20,9 @@ def normaliser_lengths(lengths: torch.Tensor, normalize: str) -> torch.Tensor:
     raise ValueError(f"normalize must be 'per_token' or 'per_sequence', got {normalize!r}")
 
 
-def ratio_influence(h_group: torch.Tensor, lam_group: torch.Tensor, estimate: float, sum_lam: float) -> torch.Tensor:
+def ratio_influence(h_group: torch.Tensor, lam_group: torch.Tensor, entropy: float, sum_lam: float) -> torch.Tensor:
     """Per-group linearisation c_p = (h_p − Ĥ λ_p)/Σλ of the ratio Ĥ = Σh/Σλ (sums to 0 over all groups)."""
-    return (h_group - estimate * lam_group) / sum_lam
+    return (h_group - entropy * lam_group) / sum_lam
 
 
 def se_from_influence(sum_sq: float, num_groups: int) -> float:

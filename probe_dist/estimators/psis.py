@@ -1,4 +1,4 @@
-"""Pareto k̂ diagnostic of SNIS log-weights (SPEC §6, "Diagnostics").
+"""Pareto k̂ diagnostic of SNIS log-weights (docs/method.md §6, "Diagnostics").
 
 Implements the tail-shape diagnostic of Pareto-smoothed importance sampling (PSIS; Vehtari, Simpson,
 Gelman, Yao, Gabry 2015/2024): fit a generalised Pareto distribution (GPD) to the largest importance
@@ -83,7 +83,7 @@ def gpd_fit(exceedances: torch.Tensor) -> tuple[float, float]:
 
 
 def pareto_khat(log_weights: torch.Tensor) -> float:
-    """Pareto k̂ of importance log-weights log w_i = S_i(θ') − S_i(θ) (SPEC §6).
+    """Pareto k̂ of importance log-weights log w_i = S_i(θ') − S_i(θ) (docs/method.md §6).
 
     N = number of weights, tail length M = ceil(min(0.2 N, 3 sqrt(N))). The log-weights are stabilised by
     their max (k̂ is scale invariant), the M largest weights exp(log w − max) are taken as the tail and the
@@ -123,7 +123,7 @@ def pareto_khat(log_weights: torch.Tensor) -> float:
 
 
 def khat_threshold(n: int) -> float:
-    """Sample-size dependent "good" threshold for k̂: min(1 − 1/log10 n, 0.7) (SPEC §6).
+    """Sample-size dependent "good" threshold for k̂: min(1 − 1/log10 n, 0.7) (docs/method.md §6).
 
     For n ≤ 10 the formula is ≤ 0 (and undefined at n = 1); it is clamped at 0.0 there, the value it takes
     at n = 10, meaning no positive k̂ counts as good with so few samples (pareto_khat is NaN for n < ~25

@@ -1,4 +1,4 @@
-"""ΔH_true(η) by self-normalised importance sampling on the E samples (SPEC §6). Pure float64 functions.
+"""ΔH_true(η) by self-normalised importance sampling on the E samples (docs/method.md §6). Pure float64 functions.
 
 Two-phase so the runtime can all-reduce between them: local sums → (global sums) → finalize.
 """
@@ -47,21 +47,21 @@ class SnisResult:
     clip_frac: float
 
 
-def snis_finalize(sums: torch.Tensor, entropy_old: float) -> SnisResult:
+def snis_finalize(sums: torch.Tensor, entropy: float) -> SnisResult:
     """Ĥ(θ') = Σw h'/Σw λ, ΔH_true = Ĥ(θ') − Ĥ(θ), Kish ESS, max normalised weight, KL estimates."""
     s = dict(zip(SNIS_SUM_FIELDS, sums.tolist()))
     h_new = s["sum_w_h"] / s["sum_w_lam"]
     ess = s["sum_w"] ** 2 / s["sum_w2"]
     n = s["count"]
-    return SnisResult(entropy_new=h_new, delta=h_new - entropy_old, ess=ess, ess_frac=ess / n,
+    return SnisResult(entropy_new=h_new, delta=h_new - entropy, ess=ess, ess_frac=ess / n,
                       # the largest stabilised weight is exactly 1 (global max subtracted)
                       max_weight=1.0 / s["sum_w"], kl_k1=s["sum_neg_logw"] / n, kl_k3=s["sum_k3"] / n,
                       clip_frac=s["clipped"] / n)
 
 
 def snis_delta_influence(w: torch.Tensor, h_new: torch.Tensor, h_old: torch.Tensor, lam: torch.Tensor,
-                         group_ids: torch.Tensor, num_groups: int, entropy_new: float, entropy_old: float,
+                         group_ids: torch.Tensor, num_groups: int, entropy_new: float, entropy: float,
                          sum_w_lam: float, sum_lam: float) -> torch.Tensor:
-    """Per-group c_p = Σ_{i∈p} [ w_i (h'_i − Ĥ(θ') λ_i)/Σwλ − (h_i − Ĥ(θ) λ_i)/Σλ ] (SPEC §6), local groups."""
-    per_seq = w * (h_new - entropy_new * lam) / sum_w_lam - (h_old - entropy_old * lam) / sum_lam
+    """Per-group c_p = Σ_{i∈p} [ w_i (h'_i − Ĥ(θ') λ_i)/Σwλ − (h_i − Ĥ(θ) λ_i)/Σλ ] (docs/method.md §6), local groups."""
+    per_seq = w * (h_new - entropy_new * lam) / sum_w_lam - (h_old - entropy * lam) / sum_lam
     return torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, per_seq)

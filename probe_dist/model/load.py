@@ -140,7 +140,7 @@ def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]]) 
     groups = sd.get("param_groups", [])
     if cls.split(".")[-1] != "AdamW" or any("betas" not in g or "eps" not in g for g in groups):
         raise CheckpointError(f"optimizer in {str(path)!r} is {cls!r}, not torch AdamW: the probe reproduces the "
-                              "exact AdamW step (SPEC §4) and refuses other optimizers.")
+                              "exact AdamW step (docs/method.md §4) and refuses other optimizers.")
     if any(g.get("maximize") for g in groups):
         raise CheckpointError("AdamW with maximize=True is not supported.")
     if any(g.get("decoupled_weight_decay") is False for g in groups):

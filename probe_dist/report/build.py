@@ -10,29 +10,27 @@ import torch
 
 from probe_dist import __version__
 from probe_dist.config import config_hash, dump_config
+from probe_dist.results import ProbeResult
 
 log = logging.getLogger("probe_dist")
 
 
-def sequence_rows(probe) -> list[dict]:
-    """This rank's per-sequence records (E with log w per η, U with reward/advantage)."""
+def sequence_rows(result: ProbeResult) -> list[dict]:
+    """This rank's per-sequence records: E with S, h, T and log w per η; U with reward and advantage."""
     rows = []
-    batches = probe.batches
-    etas = list(probe.log_weights_by_eta)
-    if batches.get("E") is not None and probe.scores_e is not None:
-        real = [(g, s) for g, s in zip(batches["E"].groups, probe.scores_e) if g.weight > 0]
+    etas = list(result.log_weights)
+    if result.batch_e is not None and result.scores_e is not None:
+        real = [(g, s) for g, s in zip(result.batch_e.groups, result.scores_e) if g.weight > 0]
         for k, (g, sc) in enumerate(real):
             for i in range(g.size):
                 t = int(g.lengths[i])
                 rows.append({"batch": "E", "prompt_index": g.prompt_index, "response": i,
-                             "token_ids": g.responses[i, :t].tolist(), "T": t, "S": float(sc.logp[i]),
-                             "h_rb": float(sc.rb[i]), "h_naive": float(-sc.logp[i]), "reward": float(g.rewards[i]),
+                             "token_ids": g.responses[i, :t].tolist(), "T": t, "S": float(sc.S[i]),
+                             "h_rb": float(sc.h_rb[i]), "h_naive": float(-sc.S[i]), "reward": float(g.rewards[i]),
                              "advantage": float(g.advantages[i]),
-                             "log_w": {str(eta): float(probe.log_weights_by_eta[eta][k][i]) for eta in etas}})
-    if batches.get("U") is not None and batches["U"] is not batches.get("E"):
-        for g in batches["U"].groups:
-            if g.weight == 0:
-                continue
+                             "log_w": {str(eta): float(result.log_weights[eta][k][i]) for eta in etas}})
+    if result.batch_u is not None and result.batch_u is not result.batch_e:
+        for g in result.batch_u.real_groups:
             for i in range(g.size):
                 t = int(g.lengths[i])
                 rows.append({"batch": "U", "prompt_index": g.prompt_index, "response": i,
@@ -41,7 +39,7 @@ def sequence_rows(probe) -> list[dict]:
     return rows
 
 
-def provenance(cfg, rt) -> dict:
+def provenance(cfg, rt, result: ProbeResult) -> dict:
     import peft
     import transformers
 
@@ -49,8 +47,7 @@ def provenance(cfg, rt) -> dict:
             "provenance/world_size": rt.world_size, "provenance/strategy": cfg.distributed.strategy,
             "provenance/device": str(rt.device), "provenance/dtype": cfg.precision.dtype,
             "provenance/matmul_precision": cfg.precision.matmul,
-            "provenance/microbatch": {"generate": cfg.memory.microbatch_generate, "score": cfg.memory.microbatch_score,
-                                      "grad": cfg.memory.microbatch_grad, "logits_chunk": cfg.memory.logits_chunk},
+            "provenance/microbatch": dict(result.microbatch_used),  # as used: an OOM retry halves them
             "provenance/versions": {"probe_dist": __version__, "torch": torch.__version__,
                                     "transformers": transformers.__version__, "peft": peft.__version__,
                                     "python": platform.python_version()},
@@ -59,11 +56,12 @@ def provenance(cfg, rt) -> dict:
             "provenance/temperature": cfg.sampling.temperature, "provenance/max_new_tokens": cfg.sampling.max_new_tokens}
 
 
-def build_outputs(cfg, rt, probe, summary: dict) -> dict:
+def build_outputs(cfg, rt, result: ProbeResult, summary: dict, *, param_names: list[str]) -> dict:
+    """Add provenance, gather the per-sequence rows to rank 0, and write every output file there."""
     from probe_dist.report.write import write_plot, write_summary, write_table
 
-    summary.update(provenance(cfg, rt))
-    gathered = rt.gather_objects(sequence_rows(probe))
+    summary.update(provenance(cfg, rt, result))
+    gathered = rt.gather_objects(sequence_rows(result))
     if cfg.output.save_update_vector and rt.world_size > 1:
         log.warning("output.save_update_vector writes rank 0's (replicated) update vector")
     if not rt.is_main:
@@ -72,13 +70,13 @@ def build_outputs(cfg, rt, probe, summary: dict) -> dict:
     rows = sorted((r for part in gathered for r in part), key=lambda r: (r["batch"], r["prompt_index"], r["response"]))
     dump_config(cfg, out_dir / "config.yaml")
     write_table(out_dir, rows, cfg.output.table_format)
-    if cfg.output.save_update_vector and probe.update_vector is not None:
+    if cfg.output.save_update_vector and result.update is not None:
         from safetensors.torch import save_file
 
         from probe_dist.model.load import canonical_name
 
         save_file({canonical_name(n): u.to(torch.float64).contiguous()
-                   for (n, _), u in zip(probe.trainable, probe.update_vector)},
+                   for n, u in zip(param_names, result.update.u)},
                   str(out_dir / "update_vector.safetensors"))
     if cfg.output.plots:
         write_plot(out_dir, summary)

@@ -1,11 +1,48 @@
-"""Sampled batches kept on CPU, one record per prompt group (the statistical unit)."""
+"""Sampled batches kept on CPU, one record per prompt group (the statistical unit), and the microbatch layout
+every model pass uses (docs/method.md §2)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
+
+
+@dataclass(frozen=True)
+class Microbatch:
+    """Rows of one prompt group laid out for teacher forcing: ``[prompt | response (right-padded)]``.
+
+    input_ids, attention_mask: [n, P + W] long (CPU); response_mask: [n, W] bool, True at the T_i scored positions
+    of row i (its response tokens through EOS); response_start = P. Scoring returns per-token values flat over the
+    True entries of response_mask in row-major order; `token_rows` maps each to its row and `row_sums` adds them up
+    per row in float64.
+    """
+
+    rows: slice                      # which of the group's responses these are
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    response_start: int
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.response_mask.shape[0])
+
+    @cached_property
+    def token_rows(self) -> torch.Tensor:
+        """[M] long: the row of each scored token (CPU)."""
+        return self.response_mask.nonzero(as_tuple=True)[0]
+
+    def token_rows_on(self, device: torch.device) -> torch.Tensor:
+        return self.token_rows.to(device)
+
+    def row_sums(self, token_values: torch.Tensor) -> torch.Tensor:
+        """Σ_t of per-token values [M] for each row → [n] float64 on CPU (detached)."""
+        rows = self.token_rows_on(token_values.device)
+        return torch.zeros(self.num_rows, dtype=torch.float64, device=token_values.device).index_add_(
+            0, rows, token_values.detach().double()).cpu()
 
 
 @dataclass
@@ -25,17 +62,16 @@ class Group:
     def size(self) -> int:
         return int(self.responses.shape[0])
 
-    def microbatches(self, rows: int) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
-        """Row chunks of this group laid out for teacher forcing: [prompt | response (right-padded)].
+    def microbatches(self, rows: int) -> Iterator[Microbatch]:
+        """Row chunks of at most `rows` responses of this group.
 
         The layout depends on this group only, so every forward — and every rounding — is the same whatever
         the world size or which rank holds the group.
         """
         for start in range(0, self.size, rows):
-            sl = slice(start, min(start + rows, self.size))
-            yield sl, self.layout(sl)
+            yield self.layout(slice(start, min(start + rows, self.size)))
 
-    def layout(self, sl: slice) -> dict[str, torch.Tensor]:
+    def layout(self, sl: slice) -> Microbatch:
         lengths = self.lengths[sl]
         width = max(int(self.lengths.max()), 1)  # group-wide width: same shapes for every chunk of the group
         resp = self.responses[sl, :width]
@@ -43,8 +79,8 @@ class Group:
         response_mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
         input_ids = torch.cat([self.prompt_ids.unsqueeze(0).expand(n, p), resp], dim=1)
         attention_mask = torch.cat([torch.ones(n, p, dtype=torch.long), response_mask.long()], dim=1)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "response_mask": response_mask, "response_start": p}
+        return Microbatch(rows=sl, input_ids=input_ids, attention_mask=attention_mask,
+                          response_mask=response_mask, response_start=p)
 
 
 @dataclass
@@ -52,9 +88,17 @@ class RolloutBatch:
     name: str                          # "E" or "U"
     groups: list[Group]                # this rank's groups (plus zero-weight padding)
 
+    @property
+    def real_groups(self) -> list[Group]:
+        """The groups that count (weight > 0), without the lockstep padding."""
+        return [g for g in self.groups if g.weight > 0]
+
 
 def group_advantages(rewards: torch.Tensor, family: str, eps: float) -> torch.Tensor:
-    """Advantages within one group (SPEC §4): grpo/dapo (r − mean)/(std + ε); dr_grpo r − mean."""
+    """Advantages A_i within one group (docs/method.md §4): grpo/dapo (r − mean)/(std + ε); dr_grpo r − mean.
+
+    rewards [G] → [G] float64; std is Bessel-corrected (as TRL), 0 for G = 1.
+    """
     r = rewards.to(torch.float64)
     centred = r - r.mean()
     if family == "dr_grpo":

@@ -45,6 +45,17 @@ class Runtime:
             dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.cpu_group)
         return out
 
+    def sum_f64_vectors(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """All-reduce SUM of a list of float64 CPU tensors in one collective (param-sized vectors)."""
+        if self.world_size == 1:
+            return vectors
+        flat = self.sum_f64(torch.cat([v.reshape(-1) for v in vectors]))
+        out, start = [], 0
+        for v in vectors:
+            out.append(flat[start:start + v.numel()].view_as(v))
+            start += v.numel()
+        return out
+
     def sum_scalars(self, *scalars: float) -> list[float]:
         return self.sum_f64(torch.tensor(scalars, dtype=torch.float64)).tolist()
 
@@ -77,6 +88,15 @@ class Runtime:
     def any_flag(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any rank (used for stop requests and failures)."""
         return bool(self.max_f64(torch.tensor([1.0 if flag else 0.0]))[0] > 0)
+
+    def abandon(self) -> None:
+        """Failure path: destroy the process group without a barrier (peers may be stuck elsewhere)."""
+        if self.world_size > 1 and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        self.initialized_pg = False
 
     def shutdown(self) -> None:
         # barrier + destroy on every exit path: without it ~20% of 2-rank gloo runs abort at exit.

@@ -1,4 +1,4 @@
-"""Snapshot / restore of the training state (SPEC §7), bit for bit.
+"""Snapshot / restore of the training state (docs/method.md §7), bit for bit.
 
 Copies to CPU by clone — never through state_dict round trips that cast dtypes — and restores in place with
 copy_ so tensor objects held elsewhere (the optimizer's state, FSDP shards) stay the same objects.

@@ -1,4 +1,4 @@
-"""The exact torch AdamW step as a vector: θ(η) = θ + η·u is the state after one real step with lr = η (SPEC §4).
+"""The exact torch AdamW step as a vector: θ(η) = θ + η·u is the state after one real step with lr = η (docs/method.md §4).
 
 t = s+1, m' = β1 m + (1−β1) g, v' = β2 v + (1−β2) g², denom = √v'/√(1−β2^t) + ε (amsgrad: √max(v_max, v')),
 Δθ = −lr·wd·θ − (lr/(1−β1^t))·m'/denom, and Δθ is exactly linear in lr, so u = Δθ/lr.

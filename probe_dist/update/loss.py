@@ -1,4 +1,4 @@
-"""The training loss L_U (SPEC §4) — the one function every path (toy training, real step, update vector) uses.
+"""The training loss L_U (docs/method.md §4) — the one function every path (toy training, real step, update vector) uses.
 
 L_U = Σ_i n_i Σ_t ( −A_i ℓ_{i,t} + β·k3_{i,t} ), with per-sequence normalisers n_i fixed by the loss family from
 *global* counts (all-reduced before any backward), so per-microbatch losses simply add up to the batch loss.

@@ -1,7 +1,8 @@
-"""Memory instrumentation: bytes saved for backward, process RSS, CUDA allocator peaks — per phase.
+"""Memory measurement: bytes saved for backward, process RSS, CUDA allocator peaks — per phase.
 
-Why bytes *saved for backward*: on CPU there is no allocator to ask, and RSS is dominated by the interpreter,
-the libraries and the model. What grows with the microbatch — and what PITFALLS #19/#20 were about — is the
+What a run measures, next to what the planner (probe_dist.plan.bytes) predicts. Why bytes *saved for backward*:
+on CPU there is no allocator to ask, and RSS is dominated by the interpreter, the libraries and the model. What
+grows with the microbatch — and what grows with the whole batch when a graph is kept across microbatches — is the
 autograd graph: the tensors each op keeps for its backward. `SavedTensorsMeter` counts them exactly through
 `torch.autograd.graph.saved_tensors_hooks`:
 

@@ -1,0 +1,90 @@
+"""Measure: ΔH_true(η) = Ĥ(θ + ηu) − Ĥ(θ) on the same E samples by self-normalised importance sampling
+(docs/method.md §6), with ESS, max weight, KL(θ‖θ') and PSIS k̂, for every η of the sweep.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from probe_dist.config_schema import EstimatorsConfig
+from probe_dist.estimators.entropy import normaliser_lengths, se_from_influence
+from probe_dist.estimators.psis import khat_threshold, pareto_khat
+from probe_dist.estimators.snis import (
+    SNIS_SUM_FIELDS,
+    log_weights,
+    snis_delta_influence,
+    snis_finalize,
+    snis_local_sums,
+)
+from probe_dist.model.runner import PolicyRunner
+from probe_dist.results import BaseEntropy, DeltaH1, SequenceScores, SweepPoint
+from probe_dist.rollout.batch import RolloutBatch
+from probe_dist.scoring.score import score_batch
+
+
+def scores_at_eta(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores], *,
+                  move_to_eta: Callable[[], None], restore: Callable[[], bool],
+                  ) -> tuple[list[SequenceScores], list[SequenceScores], list[bool]]:
+    """S(θ') on E after `move_to_eta()`, then `restore()` (returns whether the state hash matched).
+
+    S(θ) is reused, never recomputed (η = 0 must give exactly 0), unless an OOM retry changed the scoring layout
+    in between: then S(θ) is rescored with the new layout so both come from the same kernels.
+    Returns (S(θ) scores, S(θ') scores, restore verifications).
+    """
+    verified = []
+    while True:
+        rows_before = runner.sizes.score
+        move_to_eta()
+        scores_new = score_batch(rt, runner, batch_e)
+        verified.append(restore())
+        if runner.sizes.score == rows_before:
+            return scores_e, scores_new, verified
+        scores_e = score_batch(rt, runner, batch_e)
+
+
+def snis_point(rt, batch: RolloutBatch, scores0: list[SequenceScores], scores1: list[SequenceScores],
+               base: BaseEntropy, est: EstimatorsConfig) -> tuple[dict, list[torch.Tensor]]:
+    """SNIS at one θ': global max of log w, float64 sums all-reduced, the SE over prompt groups, k̂ on rank 0.
+
+    Returns (the SweepPoint fields but eta/δH₁, this rank's log w per real group [G] float64).
+    """
+    real = [(s0, s1) for g, s0, s1 in zip(batch.groups, scores0, scores1) if g.weight > 0]
+    lw_local = [log_weights(s1.S, s0.S, est.log_weight_clip) for s0, s1 in real]
+    lw_cat = torch.cat(lw_local) if lw_local else torch.zeros(0, dtype=torch.float64)
+    local_max = float(lw_cat.max()) if lw_cat.numel() else -math.inf
+    gmax = float(rt.max_f64(torch.tensor([local_max]))[0])
+    sums = torch.zeros(len(SNIS_SUM_FIELDS), dtype=torch.float64)
+    for (s0, s1), lw in zip(real, lw_local):
+        lam = normaliser_lengths(s1.T, est.normalize)
+        clipped = (s1.S - s0.S) > est.log_weight_clip if est.log_weight_clip is not None else None
+        sums += snis_local_sums(lw, gmax, s1.h(est.payload), lam, clipped)
+    global_sums = rt.sum_f64(sums)
+    res = snis_finalize(global_sums, base.entropy)
+    sum_w_lam = float(global_sums[SNIS_SUM_FIELDS.index("sum_w_lam")])
+    c2 = 0.0
+    for (s0, s1), lw in zip(real, lw_local):
+        lam = normaliser_lengths(s1.T, est.normalize)
+        c = snis_delta_influence(torch.exp(lw - gmax), s1.h(est.payload), s0.h(est.payload), lam,
+                                 torch.zeros(lw.numel(), dtype=torch.long), 1, res.entropy_new, base.entropy,
+                                 sum_w_lam, base.sum_lam)
+        c2 += float((c * c).sum())
+    (c2,) = rt.sum_scalars(c2)
+    gathered = rt.gather_objects(lw_cat)
+    khat = float("nan")
+    if gathered is not None:
+        all_lw = torch.cat(gathered)
+        khat = pareto_khat(all_lw) if all_lw.numel() else float("nan")
+    fields = {"delta_h_true": res.delta, "delta_h_true_se": se_from_influence(c2, base.num_groups),
+              "entropy_new": res.entropy_new, "ess": res.ess, "ess_frac": res.ess_frac, "khat": khat,
+              "khat_threshold": khat_threshold(round(res.ess / res.ess_frac)) if res.ess_frac > 0 else float("nan"),
+              "kl": res.kl_k3, "kl_k1": res.kl_k1, "max_weight": res.max_weight, "clip_frac": res.clip_frac}
+    return fields, lw_local
+
+
+def sweep_point(eta: float, snis_fields: dict, d1: DeltaH1) -> SweepPoint:
+    """One row of the sweep: ΔH_true(η) beside δH₁(η) = η·(δH₁/η) and its SE."""
+    return SweepPoint(eta=eta, **snis_fields, delta_h1=eta * d1.reported_per_eta + 0.0,  # + 0.0: no −0.0 at η = 0
+                      delta_h1_se=abs(eta) * d1.per_eta_se)

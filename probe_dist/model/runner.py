@@ -1,0 +1,90 @@
+"""The policy as every step uses it: one microbatch forward (through the DDP/FSDP2 root), gradient hygiene, and
+the reference policy (adapter disabled).
+
+Each step (scoring, update, prediction, measurement) receives a `PolicyRunner` and the config section it needs,
+never the whole probe.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from probe_dist.rollout.batch import Microbatch
+from probe_dist.runtime.oom import MicrobatchSizes, run_with_oom_retry
+from probe_dist.runtime.strategy import Strategy
+
+
+@dataclass
+class PolicyRunner:
+    model: torch.nn.Module                               # PeftModel (or a plain causal LM)
+    strategy: Strategy                                   # how the policy is wrapped across ranks
+    trainable: list[tuple[str, torch.nn.Parameter]]      # in optimizer order
+    device: torch.device
+    temperature: float                                   # τ of sampling and scoring
+    sizes: MicrobatchSizes                               # rows per pass, as actually used
+    accumulator_device: str = "cpu"                      # where param-sized float64 accumulators live
+    auto_microbatch: bool = False                        # halve sizes and rerun on OOM (all ranks together)
+
+    @classmethod
+    def single_process(cls, model: torch.nn.Module, *, temperature: float, rows: int,
+                       device: torch.device | None = None, logits_chunk: int = 1024) -> PolicyRunner:
+        """An unwrapped runner (world size 1) over `model`'s trainable parameters, `rows` rows per pass: what the
+        toy builder and the tests use to run the probe's own forwards outside a probe run."""
+        from probe_dist.model.load import trainable_parameters
+        from probe_dist.model.policy import PolicyModel
+
+        policy = PolicyModel(model, logits_chunk)
+        return cls(model=model, strategy=Strategy("none", policy, policy, policy), trainable=trainable_parameters(model),
+                   device=device or torch.device("cpu"), temperature=temperature, sizes=MicrobatchSizes(score=rows, grad=rows))
+
+    def forward(self, mb: Microbatch, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced (ℓ, H) of the scored tokens: two [M] float32 tensors on the device (docs/method.md §3)."""
+        dev = self.device
+        with torch.set_grad_enabled(grad):
+            return self.strategy.root(input_ids=mb.input_ids.to(dev, non_blocking=True),
+                                      attention_mask=mb.attention_mask.to(dev, non_blocking=True),
+                                      response_start=mb.response_start,
+                                      response_mask=mb.response_mask.to(dev, non_blocking=True),
+                                      temperature=self.temperature)
+
+    def with_oom_retry(self, rt, kind: str, local_fn):
+        """`local_fn()` with the lockstep OOM retry of `runtime.oom` on `sizes.<kind>` ("score" or "grad")."""
+        return run_with_oom_retry(rt, self.sizes, kind, local_fn, auto=self.auto_microbatch, on_oom=self.zero_grads)
+
+    @property
+    def decoder(self):
+        """What generation calls (`.decode`); FSDP2 registers it as a forward method."""
+        return self.strategy.decoder
+
+    def no_sync(self):
+        return self.strategy.no_sync()
+
+    def reference(self):
+        """Context in which forwards are the reference policy π_ref (LoRA adapter disabled)."""
+        return self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
+
+    def zero_grads(self) -> None:
+        for _, p in self.trainable:
+            p.grad = None
+
+    def take_grads(self) -> list[torch.Tensor]:
+        """This microbatch's gradient as float64 CPU tensors (zeros where none); .grad is cleared."""
+        out = [torch.zeros(p.shape, dtype=torch.float64) if p.grad is None
+               else p.grad.detach().to("cpu", torch.float64) for _, p in self.trainable]
+        self.zero_grads()
+        return out
+
+    def new_accumulator(self) -> list[torch.Tensor]:
+        """Param-shaped float64 zeros on `accumulator_device` (CPU by default)."""
+        dev = "cpu" if self.accumulator_device == "cpu" else self.device
+        return [torch.zeros(p.shape, dtype=torch.float64, device=dev) for _, p in self.trainable]
+
+    def drain_grads_into(self, accumulator: list[torch.Tensor]) -> None:
+        """accumulator += .grad in float64 (exact for float32 terms, so independent of the world size); clears .grad."""
+        for acc, (_, p) in zip(accumulator, self.trainable):
+            if p.grad is not None:
+                acc += p.grad.detach().to(acc.device, torch.float64)
+                p.grad = None

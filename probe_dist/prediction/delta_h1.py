@@ -1,0 +1,73 @@
+"""Predict: δH₁(η) = η ∇Ĥ·u by one streamed backward pass over E (docs/method.md §5, §5.4).
+
+Per microbatch the surrogates of `estimators.delta_h1` are backpropagated; each gradient is dotted with u at
+once, so nothing param-sized is held per group. Group totals give the value and its delta-method SE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from probe_dist.config_schema import EstimatorsConfig
+from probe_dist.estimators.delta_h1 import delta_h1_influence, surrogate_coefficients, surrogate_terms
+from probe_dist.estimators.entropy import normaliser_lengths, se_from_influence
+from probe_dist.model.runner import PolicyRunner
+from probe_dist.prediction.ustat import SingleBatchUStatistic, vector_dot
+from probe_dist.results import BaseEntropy, DeltaH1, SequenceScores
+from probe_dist.rollout.batch import RolloutBatch
+
+
+def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores],
+                     base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig, *,
+                     ustat: SingleBatchUStatistic | None = None) -> DeltaH1:
+    """δH₁/η, its SE over E's prompt groups (conditional on u) and ∇Ĥ (float64, CPU, all-reduced).
+
+    u: the update vector (float64 tensors in optimizer order). With `ustat` (single_batch mode) each E group's
+    ∇ surrogate also feeds the U-statistic of §5.3, whose value the result carries as `ustat_per_eta`.
+    """
+    def local_pass():
+        grad_entropy = [torch.zeros_like(x) for x in u]
+        q_groups, b_groups, lam_groups, h_groups = [], [], [], []
+        if ustat is not None:
+            ustat.reset()
+        runner.zero_grads()
+        with runner.no_sync():
+            for gi, group in enumerate(batch_e.groups):
+                q_p = b_p = 0.0
+                x_p = None
+                for mb in group.microbatches(runner.sizes.grad):
+                    token_logp, token_h = runner.forward(mb, grad=True)
+                    rows = mb.token_rows_on(token_logp.device)
+                    phi = token_h if est.payload == "rb" else -token_logp
+                    a, b = surrogate_coefficients(est.delta_h1, est.normalize, phi, token_h, rows, mb.num_rows,
+                                                  base.entropy)
+                    surrogate1, surrogate2 = surrogate_terms(phi, token_logp, a, b, base.sum_lam)
+                    (surrogate1 * group.weight).backward(retain_graph=True)
+                    g1 = runner.take_grads()
+                    (surrogate2 * group.weight).backward()
+                    g2 = runner.take_grads()
+                    q_p += vector_dot(g1, u)
+                    b_p += vector_dot(g2, u)
+                    for acc, x in zip(grad_entropy, g1):
+                        acc += x
+                    if ustat is not None:
+                        x_p = g1 if x_p is None else [a + b for a, b in zip(x_p, g1)]
+                if ustat is not None:
+                    ustat.add_group(gi, x_p)
+                if group.weight > 0:
+                    sc = scores_e[gi]
+                    q_groups.append(q_p)
+                    b_groups.append(b_p)
+                    lam_groups.append(float(normaliser_lengths(sc.T, est.normalize).sum()))
+                    h_groups.append(float(sc.h(est.payload).sum()))
+        return grad_entropy, q_groups, b_groups, lam_groups, h_groups
+
+    grad_entropy, q_groups, b_groups, lam_groups, h_groups = runner.with_oom_retry(rt, "grad", local_pass)
+    per_eta, sum_b = rt.sum_scalars(sum(q_groups), sum(b_groups))
+    c = delta_h1_influence(torch.tensor(q_groups, dtype=torch.float64), torch.tensor(lam_groups, dtype=torch.float64),
+                           torch.tensor(h_groups, dtype=torch.float64), per_eta, base.sum_lam, base.entropy, sum_b)
+    (c2,) = rt.sum_scalars(float((c * c).sum()))
+    grad_entropy = rt.sum_f64_vectors(grad_entropy)
+    ustat_value, units = ustat.finish(rt, grad_entropy) if ustat is not None else (None, None)
+    return DeltaH1(per_eta=per_eta, per_eta_se=se_from_influence(c2, base.num_groups), grad_entropy=grad_entropy,
+                   ustat_per_eta=ustat_value, ustat_units=units)

@@ -1,0 +1,149 @@
+"""Typed results of each step of a probe run, and the one `ProbeResult` the report consumes.
+
+Symbols follow docs/method.md: Ĥ (entropy), λ (normaliser), u (update vector), η (step size), w (importance
+weights). Every float is a float64 global value (all-reduced over ranks) unless a field says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from probe_dist.rollout.batch import RolloutBatch
+from probe_dist.update.adamw import UpdateParts
+from probe_dist.update.loss import LossNormalisers
+
+
+@dataclass(frozen=True)
+class SequenceScores:
+    """Per-sequence scores of one prompt group at one θ: [G] float64 CPU tensors.
+
+    S = Σ_t ℓ_{i,t} (log-prob at τ), h_rb = Σ_t H_{i,t} (Rao–Blackwellised entropy), T = scored tokens (EOS included).
+    """
+
+    S: torch.Tensor
+    h_rb: torch.Tensor
+    T: torch.Tensor
+
+    def h(self, payload: str) -> torch.Tensor:
+        """The entropy payload h_i: Σ_t H_{i,t} ("rb") or −S_i ("naive")."""
+        return self.h_rb if payload == "rb" else -self.S
+
+
+@dataclass(frozen=True)
+class BaseEntropy:
+    """Ĥ(θ) = Σh/Σλ on E with its delta-method SE over prompt groups (docs/method.md §3, §9)."""
+
+    entropy: float          # Ĥ, nats per token (per_token) or per sequence (per_sequence)
+    entropy_se: float
+    entropy_naive: float    # Σ(−S)/Σλ, the naive payload's estimate on the same samples
+    sum_h: float            # Σ_i h_i over E
+    sum_lam: float          # Σ_i λ_i over E
+    num_groups: int         # prompt groups in E (the SE's units)
+
+
+@dataclass(frozen=True)
+class UpdateGradient:
+    """g = ∇L_U (clipped as in training) and the AdamW update vector u = u_base + coef ⊙ g (docs/method.md §4).
+
+    Tensors are float64 on CPU in the optimizer's parameter order, identical on every rank.
+    """
+
+    grad: list[torch.Tensor]
+    grad_norm: float        # ‖g‖ before clipping
+    clip_coef: float        # min(1, max_norm/(‖g‖ + 1e-6)), 1.0 without clipping
+    normalisers: LossNormalisers
+    parts: list[UpdateParts]
+
+    @property
+    def u(self) -> list[torch.Tensor]:
+        return [pt.u for pt in self.parts]
+
+    @property
+    def u_norm(self) -> float:
+        return math.sqrt(sum(float((x * x).sum()) for x in self.u))
+
+
+@dataclass(frozen=True)
+class DeltaH1:
+    """δH₁/η = ∇Ĥ·u with its SE (docs/method.md §5); δH₁(η) = η × these."""
+
+    per_eta: float
+    per_eta_se: float                     # delta-method SE over E's groups, conditional on u
+    grad_entropy: list[torch.Tensor]      # ∇Ĥ (float64, CPU, all-reduced)
+    ustat_per_eta: float | None = None    # single_batch mode: the U-statistic (§5.3) that the sweep reports
+    ustat_units: int | None = None
+
+    @property
+    def reported_per_eta(self) -> float:
+        """What the sweep reports: the U-statistic in single_batch mode, ∇Ĥ·u otherwise."""
+        return self.ustat_per_eta if self.ustat_per_eta is not None else self.per_eta
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """ΔH_true(η) by SNIS on the E samples and δH₁(η), for one η (docs/method.md §6)."""
+
+    eta: float
+    delta_h_true: float
+    delta_h_true_se: float
+    entropy_new: float      # Ĥ(θ + ηu)
+    ess: float              # Kish effective sample size of w
+    ess_frac: float         # ESS / N
+    khat: float             # PSIS Pareto k̂ of log w (NaN when undefined)
+    khat_threshold: float
+    kl: float               # KL(θ‖θ') by k3
+    kl_k1: float
+    max_weight: float       # largest self-normalised weight
+    clip_frac: float        # share of log-weights clipped (estimators.log_weight_clip)
+    delta_h1: float
+    delta_h1_se: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ProbeResult:
+    """Everything a run leaves for the report. Fields are None for steps an interrupted run did not reach."""
+
+    status: str = "running"                          # completed | interrupted
+    base: BaseEntropy | None = None
+    update: UpdateGradient | None = None
+    delta_h1: DeltaH1 | None = None
+    sweep: list[SweepPoint] = field(default_factory=list)
+    log_weights: dict[float, list[torch.Tensor]] = field(default_factory=dict)  # η → per real E group [G]
+    batch_e: RolloutBatch | None = None
+    batch_u: RolloutBatch | None = None
+    scores_e: list[SequenceScores] | None = None     # S(θ) of this rank's E groups (padding included)
+    restore_verified_ranks: list[bool] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    memory_phases: list[dict] | None = None          # per rank, with memory.profile
+    microbatch_used: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def restore_verified(self) -> bool:
+        return bool(self.restore_verified_ranks) and all(self.restore_verified_ranks)
+
+    def summary(self) -> dict:
+        """The run's part of summary.json (keys in docs/outputs.md)."""
+        out: dict = {"status": self.status, "sweep": [p.to_dict() for p in self.sweep]}
+        if self.base is not None:
+            out.update({"entropy/base": self.base.entropy, "entropy/base_se": self.base.entropy_se,
+                        "entropy/base_naive": self.base.entropy_naive, "se/num_groups": self.base.num_groups})
+        if self.update is not None:
+            out.update({"update/grad_norm": self.update.grad_norm, "update/clip_coef": self.update.clip_coef,
+                        "update/u_norm": self.update.u_norm})
+        if self.delta_h1 is not None and self.status == "completed":
+            out["delta_h1/per_eta"] = self.delta_h1.per_eta
+            out["delta_h1/per_eta_se"] = self.delta_h1.per_eta_se
+            if self.delta_h1.ustat_per_eta is not None:
+                out["delta_h1/ustat_per_eta"] = self.delta_h1.ustat_per_eta
+        out["restore/verified"] = self.restore_verified
+        out["restore/verified_ranks"] = list(self.restore_verified_ranks)
+        out["provenance/phase_seconds"] = dict(self.phase_seconds)
+        if self.memory_phases is not None:
+            out["memory/phases"] = self.memory_phases
+        return out

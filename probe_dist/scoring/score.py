@@ -1,0 +1,43 @@
+"""Score sampled sequences: per-sequence S, h, T on every group, and Ĥ(θ) with its SE (docs/method.md §3, §9)."""
+
+from __future__ import annotations
+
+import torch
+
+from probe_dist.estimators.entropy import normaliser_lengths, ratio_influence, se_from_influence
+from probe_dist.model.runner import PolicyRunner
+from probe_dist.results import BaseEntropy, SequenceScores
+from probe_dist.rollout.batch import Group, RolloutBatch
+
+
+def score_group(runner: PolicyRunner, group: Group) -> SequenceScores:
+    """S_i and Σ_t H_{i,t} per sequence (no grad): float64 sums of float32 per-token values, CPU.
+
+    Microbatches of `runner.sizes.score` rows; the layout depends on the group alone.
+    """
+    logp_parts, rb_parts = [], []
+    for mb in group.microbatches(runner.sizes.score):
+        token_logp, token_h = runner.forward(mb, grad=False)
+        logp_parts.append(mb.row_sums(token_logp))
+        rb_parts.append(mb.row_sums(token_h))
+    return SequenceScores(S=torch.cat(logp_parts), h_rb=torch.cat(rb_parts), T=group.lengths.clone())
+
+
+def score_batch(rt, runner: PolicyRunner, batch: RolloutBatch) -> list[SequenceScores]:
+    """Scores of every group of this rank (padding included), with the lockstep OOM retry."""
+    return runner.with_oom_retry(rt, "score", lambda: [score_group(runner, g) for g in batch.groups])
+
+
+def base_entropy(rt, batch: RolloutBatch, scores: list[SequenceScores], *, payload: str,
+                 normalize: str) -> BaseEntropy:
+    """Ĥ(θ) = Σh/Σλ over E's real groups (global float64 sums) and its delta-method SE over prompt groups."""
+    real = [sc for g, sc in zip(batch.groups, scores) if g.weight > 0]
+    h_groups = torch.tensor([float(sc.h(payload).sum()) for sc in real], dtype=torch.float64)
+    lam_groups = torch.tensor([float(normaliser_lengths(sc.T, normalize).sum()) for sc in real], dtype=torch.float64)
+    naive = sum(float((-sc.S).sum()) for sc in real)
+    sum_h, sum_lam, sum_naive, n_groups = rt.sum_scalars(float(h_groups.sum()), float(lam_groups.sum()), naive,
+                                                         float(len(real)))
+    entropy = sum_h / sum_lam
+    (c2,) = rt.sum_scalars(float(ratio_influence(h_groups, lam_groups, entropy, sum_lam).pow(2).sum()))
+    return BaseEntropy(entropy=entropy, entropy_se=se_from_influence(c2, int(n_groups)),
+                       entropy_naive=sum_naive / sum_lam, sum_h=sum_h, sum_lam=sum_lam, num_groups=int(n_groups))
