@@ -135,7 +135,7 @@ def build_probe(cfg: ProbeConfig, rt):
                           temperature=cfg.sampling.temperature,
                           sizes=MicrobatchSizes(score=cfg.memory.microbatch_score, grad=cfg.memory.microbatch_grad),
                           accumulator_device=cfg.memory.accumulator_device, auto_microbatch=cfg.memory.auto_microbatch)
-    probe = Probe(cfg, rt, runner, tokenizer, optimizer)
+    probe = Probe(cfg, rt, runner, tokenizer=tokenizer, optimizer=optimizer)
     probe.load_info = {"provenance/optimizer_coverage": coverage, "provenance/trainable_params": n_trainable,
                        "provenance/memory_plan": {k: memory_plan[k] for k in ("peak_bytes", "peak_phase", "fits",
                                                                               "proposal")} if memory_plan else None}

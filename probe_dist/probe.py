@@ -75,7 +75,8 @@ def warn_if_few_groups(num_groups: int) -> None:
 
 
 class Probe:
-    def __init__(self, cfg: ProbeConfig, rt, runner: PolicyRunner, tokenizer, optimizer: torch.optim.Optimizer):
+    def __init__(self, cfg: ProbeConfig, rt, runner: PolicyRunner, *, tokenizer,
+                 optimizer: torch.optim.Optimizer):
         self.cfg, self.rt, self.runner = cfg, rt, runner
         self.model, self.trainable, self.policy = runner.model, runner.trainable, runner.strategy.policy
         self.tokenizer, self.optimizer = tokenizer, optimizer
@@ -86,7 +87,7 @@ class Probe:
             raise StopRequested()
 
     def sample(self, name: str, num_prompts: int, group_size: int):
-        return sample_batch(self.rt, self.runner.decoder, self.tokenizer, name, self.cfg.sampling,
+        return sample_batch(self.rt, self.runner.decoder, self.tokenizer, name, sampling=self.cfg.sampling,
                             num_prompts=num_prompts, group_size=group_size, loss_family=self.cfg.update.loss,
                             adv_eps=self.cfg.update.adv_eps, rows_per_chunk=self.cfg.memory.microbatch_generate,
                             lockstep=self.runner.strategy.name == "fsdp2")
@@ -115,10 +116,10 @@ class Probe:
                                             parts=update_parts(self.optimizer, self.trainable, grad))
             self.check_stop()
             with self.clock.phase(phases.DELTA_H1):
-                ustat = (SingleBatchUStatistic(runner, res.batch_u, res.update, est, cfg.update)
+                ustat = (SingleBatchUStatistic(runner, res.batch_u, res.update, est=est, update=cfg.update)
                          if est.mode == "single_batch" else None)
-                res.delta_h1 = predict_delta_h1(rt, runner, res.batch_e, res.scores_e, res.base, res.update.u, est,
-                                                ustat=ustat)
+                res.delta_h1 = predict_delta_h1(rt, runner, res.batch_e, res.scores_e, base=res.base, u=res.update.u,
+                                                est=est, ustat=ustat)
             theta0 = [t.clone() for t in snapshot.params]
             for eta in est.etas:
                 self.check_stop()
@@ -133,7 +134,8 @@ class Probe:
                         rt, runner, res.batch_e, res.scores_e, move_to_eta=move,
                         restore=lambda: restore_snapshot(snapshot, self.model, self.trainable, self.optimizer))
                     verified += ok
-                    fields, res.log_weights[eta] = snis_point(rt, res.batch_e, res.scores_e, scores_new, res.base, est)
+                    fields, res.log_weights[eta] = snis_point(rt, res.batch_e, res.scores_e, scores_new,
+                                                                base=res.base, est=est)
                 point = sweep_point(eta, fields, res.delta_h1)
                 res.sweep.append(point)
                 if rt.is_main:

@@ -43,9 +43,13 @@ TRAINING_ARGS = {
 }
 
 
-def grpo_steps(model, tokenizer, optimizer, trainable, seed: int, args: dict) -> list[dict]:
+def grpo_steps(model, tokenizer, optimizer, trainable, *, seed: int, args: dict) -> list[dict]:
     """A few real GRPO steps: sample G responses per prompt (eval mode) with the probe's own `sample_group`, then
-    the probe's training loss (`update_loss`) in train mode, fp32 .grad accumulation, clipping and AdamW."""
+    the probe's training loss (`update_loss`) in train mode, fp32 .grad accumulation, clipping and AdamW.
+
+    trainable: (name, parameter) pairs the optimizer steps; args: the TRAINING_ARGS recipe. Returns one dict per
+    step (step, mean_reward, grad_norm as floats). Raises KeyError for a missing recipe key, ValueError for an
+    unknown loss family."""
     runner = PolicyRunner.single_process(model, temperature=args["temperature"], rows=args["group_size"])
     prompts = load_prompts("toy", "train")
     reward_fn = get_reward_fn("exact_match")
@@ -117,7 +121,7 @@ def _build(out: Path, seed: int, start: float) -> dict:
     trainable = trainable_parameters(model)
     optimizer = torch.optim.AdamW([p for _, p in trainable], lr=args["lr"], betas=tuple(args["betas"]),
                                   eps=args["eps"], weight_decay=args["weight_decay"])
-    history = grpo_steps(model, tokenizer, optimizer, trainable, seed, args)
+    history = grpo_steps(model, tokenizer, optimizer, trainable, seed=seed, args=args)
     model.save_pretrained(str(out))
     _sort_target_modules(out / "adapter_config.json")
     save_optimizer(optimizer, trainable, out / "optimizer.pt")

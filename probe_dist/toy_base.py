@@ -90,11 +90,13 @@ def _eval_prompts(prompts: list[dict], n: int, generator: torch.Generator) -> li
 
 @torch.no_grad()
 def sample_stats(
-    model, tokenizer, prompts: list[dict], temperature: float, max_new_tokens: int, seed: int, n: int
+    model, tokenizer, prompts: list[dict], *, temperature: float, max_new_tokens: int, seed: int, n: int
 ) -> dict[str, float]:
     """Accuracy (exact match) and mean per-token RB entropy of ``n`` sampled responses.
 
     Uses the probe's own sampler, reward text and scoring, so the numbers mean what the probe's do.
+    Returns floats: accuracy in [0, 1], token_entropy in nats per token, mean_response_tokens.
+    Raises ValueError if ``prompts`` is empty and ZeroDivisionError if ``n`` is 0.
     """
     from probe_dist.model.runner import PolicyRunner
     from probe_dist.rollout.sample import sample_group
@@ -119,14 +121,19 @@ def sample_stats(
 
 
 def sample_accuracy(
-    model, tokenizer, prompts: list[dict], temperature: float, max_new_tokens: int, seed: int, n: int
+    model, tokenizer, prompts: list[dict], *, temperature: float, max_new_tokens: int, seed: int, n: int
 ) -> float:
-    """Fraction of ``n`` sampled responses (seeded, temperature ``temperature``) that are exactly right."""
-    return sample_stats(model, tokenizer, prompts, temperature, max_new_tokens, seed, n)["accuracy"]
+    """Fraction of ``n`` sampled responses (seeded, temperature ``temperature``) that are exactly right.
+
+    Returns a float in [0, 1]. Raises as ``sample_stats`` (ValueError for no prompts, ZeroDivisionError for n = 0).
+    """
+    return sample_stats(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
+                        seed=seed, n=n)["accuracy"]
 
 
 def train_base(
     seed: int,
+    *,
     device: str | torch.device = "cpu",
     steps: int = DEFAULT_STEPS,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -143,18 +150,22 @@ def train_base(
 
     ``num_threads``: if given, torch's intra-op thread count for the duration of the call (restored
     afterwards). On an oversubscribed CPU, 1 thread is several times faster for this tiny model.
+    ``lr`` is the peak AdamW learning rate (linear warm-up, cosine decay to 10 %). Raises ZeroDivisionError (from
+    ``sample_stats``) if ``eval_samples`` is 0; torch errors (e.g. an unavailable ``device``) propagate.
     """
     if num_threads is None:
-        return _train_base(seed, device, steps, batch_size, lr, eval_samples)
+        return _train_base(seed, device=device, steps=steps, batch_size=batch_size, lr=lr, eval_samples=eval_samples)
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        return _train_base(seed, device, steps, batch_size, lr, eval_samples)
+        return _train_base(seed, device=device, steps=steps, batch_size=batch_size, lr=lr,
+                           eval_samples=eval_samples)
     finally:
         torch.set_num_threads(previous)
 
 
-def _train_base(seed, device, steps, batch_size, lr, eval_samples):
+def _train_base(seed, *, device, steps, batch_size, lr, eval_samples):
+    """``train_base`` without the thread setting: same arguments, same ``(model, tokenizer, stats)``, same raises."""
     start = time.perf_counter()
     tokenizer = build_tokenizer()
     train = load_prompts("toy", "train")

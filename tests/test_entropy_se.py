@@ -180,7 +180,8 @@ def test_snis_delta_influence_and_se_match_hand_formula() -> None:
     h0 = float(h_old.sum()) / sum_lam
     h1 = float((w * h_new).sum()) / sum_w_lam
     assert h1 - h0 == pytest.approx(delta_ref, rel=REL)
-    c = snis_delta_influence(w, h_new, h_old, lam, group_ids, len(LW), h1, h0, sum_w_lam, sum_lam)
+    c = snis_delta_influence(w, h_new, h_old, lam, group_ids=group_ids, num_groups=len(LW), entropy_new=h1,
+                             entropy=h0, sum_w_lam=sum_w_lam, sum_lam=sum_lam)
     assert c.shape == (len(LW),)
     assert c.tolist() == pytest.approx(c_ref, rel=1e-11, abs=1e-15)
     assert abs(float(c.sum())) < 1e-14  # both linearisations sum to zero
@@ -190,8 +191,9 @@ def test_snis_delta_influence_and_se_match_hand_formula() -> None:
     sum_sq, start = 0.0, 0
     for g in LW:
         sl = slice(start, start + len(g))
-        cg = snis_delta_influence(w[sl], h_new[sl], h_old[sl], lam[sl], torch.zeros(len(g), dtype=torch.long), 1,
-                                  h1, h0, sum_w_lam, sum_lam)
+        cg = snis_delta_influence(w[sl], h_new[sl], h_old[sl], lam[sl],
+                                  group_ids=torch.zeros(len(g), dtype=torch.long), num_groups=1,
+                                  entropy_new=h1, entropy=h0, sum_w_lam=sum_w_lam, sum_lam=sum_lam)
         sum_sq += float((cg * cg).sum())
         start += len(g)
     assert se_from_influence(sum_sq, len(LW)) == pytest.approx(se_ref, rel=1e-11)
@@ -202,7 +204,7 @@ def test_snis_influence_vanishes_at_eta_zero() -> None:
     h, lam = _flat(H_OLD), _flat(T_SNIS)
     group_ids = torch.tensor([p for p, g in enumerate(H_OLD) for _ in g])
     est = float(h.sum() / lam.sum())
-    c = snis_delta_influence(torch.ones_like(h), h, h, lam, group_ids, len(H_OLD), est, est,
-                             float(lam.sum()), float(lam.sum()))
+    c = snis_delta_influence(torch.ones_like(h), h, h, lam, group_ids=group_ids, num_groups=len(H_OLD),
+                             entropy_new=est, entropy=est, sum_w_lam=float(lam.sum()), sum_lam=float(lam.sum()))
     assert torch.all(c.abs() < 1e-15)
     assert se_from_influence(float((c * c).sum()), len(H_OLD)) < 1e-14

@@ -70,7 +70,7 @@ def exact_setup(toy_checkpoint, tmp_path_factory):
     prompt_ids = [prompt_token_ids(tok, f"{a}+{b}=") for a, b in PAIRS]
     # One fixed u: the probe's own update gradient on one U batch, through AdamW.
     cfg, rt, runner = probe.cfg, probe.rt, probe.runner
-    batch_u = sample_batch(rt, runner.decoder, tok, "U", cfg.sampling, num_prompts=B_U, group_size=G_U,
+    batch_u = sample_batch(rt, runner.decoder, tok, "U", sampling=cfg.sampling, num_prompts=B_U, group_size=G_U,
                            loss_family=cfg.update.loss, adv_eps=cfg.update.adv_eps,
                            rows_per_chunk=cfg.memory.microbatch_generate, lockstep=False)
     grad, *_ = update_gradient(rt, runner, batch_u, cfg.update)
@@ -98,19 +98,21 @@ def _run_seed(setup, seed: int) -> dict:
     """The probe's steps on one E batch (seed) with the fixed u: (error vs exact, reported SE) per quantity."""
     probe, u, theta0 = setup["probe"], setup["u"], setup["theta0"]
     cfg, rt, runner, est = probe.cfg, probe.rt, probe.runner, probe.cfg.estimators
-    batch = sample_batch(rt, runner.decoder, probe.tokenizer, "E", dataclasses.replace(cfg.sampling, seed=seed),
-                         num_prompts=B_E, group_size=G_E, loss_family=cfg.update.loss, adv_eps=cfg.update.adv_eps,
+    batch = sample_batch(rt, runner.decoder, probe.tokenizer, "E",
+                         sampling=dataclasses.replace(cfg.sampling, seed=seed), num_prompts=B_E, group_size=G_E,
+                         loss_family=cfg.update.loss, adv_eps=cfg.update.adv_eps,
                          rows_per_chunk=cfg.memory.microbatch_generate, lockstep=False)
     scores = score_batch(rt, runner, batch)
     base = base_entropy(rt, batch, scores, payload=est.payload, normalize=est.normalize)
-    d1 = {method: predict_delta_h1(rt, runner, batch, scores, base, u, dataclasses.replace(est, delta_h1=method))
+    d1 = {method: predict_delta_h1(rt, runner, batch, scores, base=base, u=u,
+                                      est=dataclasses.replace(est, delta_h1=method))
           for method in ("snis_derivative", "causal_rb")}
     sweep = {}
     for eta in (0.0, ETA):
         set_theta(probe.trainable, theta0, u, eta)
         scores_new = score_batch(rt, runner, batch)
         set_theta(probe.trainable, theta0, u, 0.0)
-        sweep[eta], _ = snis_point(rt, batch, scores, scores_new, base, est)
+        sweep[eta], _ = snis_point(rt, batch, scores, scores_new, base=base, est=est)
     exact_d1, exact_dt = setup["d1"], setup["h_new"] - setup["h"]
     return {
         "entropy": (base.entropy - setup["h"], base.entropy_se),

@@ -58,8 +58,8 @@ class ScriptedPolicy:
 def sample(scripts: list[list[int]], max_new_tokens: int, pad_id: int = PAD, lockstep: bool = False,
            policy: ScriptedPolicy | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     policy = policy or ScriptedPolicy(scripts)
-    return sample_responses(policy, PROMPT, len(scripts), max_new_tokens, temperature=1.0, eos_id=EOS,
-                            pad_id=pad_id, seed_key=SEED_KEY, device=CPU, lockstep=lockstep)
+    return sample_responses(policy, PROMPT, len(scripts), max_new_tokens=max_new_tokens, temperature=1.0,
+                            eos_id=EOS, pad_id=pad_id, seed_key=SEED_KEY, device=CPU, lockstep=lockstep)
 
 
 def make_group(responses: torch.Tensor, lengths: torch.Tensor) -> Group:

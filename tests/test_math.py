@@ -26,7 +26,8 @@ def test_update_vector_is_one_real_adamw_step(amsgrad, weight_decay, step):
     v = torch.rand(5, 3, generator=gen, dtype=torch.float64) * 0.01
     v_max = v + torch.rand(5, 3, generator=gen, dtype=torch.float64) * 0.01
     hp = AdamWHyper(betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay, amsgrad=amsgrad)
-    parts = adamw_update_vector(theta, grad, m, v, float(step), hp, v_max if amsgrad else None)
+    parts = adamw_update_vector(theta, grad, m, v, step=float(step), hp=hp,
+                                max_exp_avg_sq=v_max if amsgrad else None)
     for eta in (1e-6, 1e-3, 0.5):
         p = torch.nn.Parameter(theta.clone())
         opt = torch.optim.AdamW([p], lr=eta, betas=hp.betas, eps=hp.eps, weight_decay=weight_decay, amsgrad=amsgrad)
@@ -86,7 +87,7 @@ def test_causal_coefficients_match_brute_force():
     lengths = [3, 1, 4]
     row = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
     h = torch.rand(int(sum(lengths)), generator=gen, dtype=torch.float64)
-    a, b = surrogate_coefficients("causal_rb", "per_token", h, h, row, 3, entropy=0.7)
+    a, b = surrogate_coefficients(h, h, row, num_rows=3, entropy=0.7, method="causal_rb", normalize="per_token")
     k = 0
     for t_len in lengths:
         seg = h[k:k + t_len]
@@ -95,7 +96,8 @@ def test_causal_coefficients_match_brute_force():
             assert torch.isclose(a[k + t], torch.tensor(after - 0.7 * (t_len - 1 - t), dtype=torch.float64))
             assert b[k + t] == t_len - 1 - t
         k += t_len
-    a_s, b_s = surrogate_coefficients("snis_derivative", "per_token", h, h, row, 3, entropy=0.7)
+    a_s, b_s = surrogate_coefficients(h, h, row, num_rows=3, entropy=0.7, method="snis_derivative",
+                                      normalize="per_token")
     h_row = torch.zeros(3, dtype=torch.float64).index_add(0, row, h)
     assert torch.allclose(a_s, (h_row - 0.7 * torch.tensor(lengths, dtype=torch.float64))[row])
     assert torch.equal(b_s, torch.tensor(lengths, dtype=torch.float64)[row])
@@ -133,7 +135,7 @@ def test_delta_h1_influence_is_the_derivative_of_the_ratio_formula():
     ones = torch.ones(5, dtype=torch.float64)
     value, sum_lam, hbar, sum_b = f(ones), float(lam.sum()), float(h.sum() / lam.sum()), float(b.sum())
     q = (a - hbar * b) / sum_lam  # what ∇surrogate₁·u gives per group
-    c = delta_h1_influence(q, lam, h, value, sum_lam, hbar, sum_b)
+    c = delta_h1_influence(q, lam, h, value=value, sum_lam=sum_lam, entropy=hbar, sum_b=sum_b)
     for p in range(5):
         w = ones.clone()
         w[p] += 1e-7

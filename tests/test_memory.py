@@ -145,7 +145,7 @@ def _measure(probe, batch: RolloutBatch, libc) -> dict:
     base = base_entropy(rt, batch, scores, payload=cfg.estimators.payload, normalize=cfg.estimators.normalize)
     clean()
     with PhaseMemoryRecorder("cpu") as d1:
-        predict_delta_h1(rt, runner, batch, scores, base, u, cfg.estimators)
+        predict_delta_h1(rt, runner, batch, scores, base=base, u=u, est=cfg.estimators)
     out = {}
     for name, rec in (("update", update.result), ("delta_h1", d1.result)):
         out[name] = {"saved": rec["saved_peak_bytes"], "rss_growth": rec["rss_growth_bytes"],

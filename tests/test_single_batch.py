@@ -64,8 +64,8 @@ def test_single_batch_u_statistic_matches_brute_force(toy_checkpoint, ustat, kl_
     for (_, p), g in zip(probe.trainable, raw):
         grp = probe.optimizer.param_groups[0]
         st = probe.optimizer.state[p]
-        parts = adamw_update_vector(p, g * clip_coef, st["exp_avg"], st["exp_avg_sq"], float(st["step"]),
-                                    AdamWHyper(tuple(grp["betas"]), grp["eps"], grp["weight_decay"]))
+        parts = adamw_update_vector(p, g * clip_coef, st["exp_avg"], st["exp_avg_sq"], step=float(st["step"]),
+                                    hp=AdamWHyper(tuple(grp["betas"]), grp["eps"], grp["weight_decay"]))
         coefs.append(parts.grad_coef)
         bases.append(parts.u_base)
 

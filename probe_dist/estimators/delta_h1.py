@@ -15,12 +15,14 @@ from __future__ import annotations
 import torch
 
 
-def surrogate_coefficients(method: str, normalize: str, phi: torch.Tensor, rb_entropy: torch.Tensor,
-                           token_row: torch.Tensor, num_rows: int, entropy: float):
+def surrogate_coefficients(phi: torch.Tensor, rb_entropy: torch.Tensor, token_row: torch.Tensor, *,
+                           num_rows: int, entropy: float, method: str, normalize: str):
     """Per-token coefficients (a, b) for one microbatch, float64, no grad (docs/method.md §5.1, §5.2).
 
-    phi, rb_entropy: [M] flat per-token payload φ and RB entropies H (row-major over rows); token_row: [M] row
-    index; entropy: Ĥ(θ). Returns two [M] float64 tensors. Raises ValueError for an unknown method.
+    phi, rb_entropy: [M] flat per-token payload φ and RB entropies H (row-major over rows, any float dtype, nats);
+    token_row: [M] long row index in [0, num_rows); entropy: Ĥ(θ) in nats; method: "snis_derivative" or
+    "causal_rb"; normalize: "per_token" (λ_i = T_i) or otherwise per sequence (λ_i = 1). Returns two [M] float64
+    tensors on phi's device. Raises ValueError for an unknown method.
     """
     phi = phi.detach().to(torch.float64)
     h_row = torch.zeros(num_rows, dtype=torch.float64, device=phi.device).index_add_(0, token_row, phi)
@@ -42,12 +44,13 @@ def surrogate_coefficients(method: str, normalize: str, phi: torch.Tensor, rb_en
     return a, tokens_after
 
 
-def surrogate_terms(phi: torch.Tensor, token_logp: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+def surrogate_terms(phi: torch.Tensor, token_logp: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
                     sum_lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(surrogate₁, surrogate₂) of one microbatch: float64 scalars differentiable through φ and ℓ.
 
     surrogate₁ = (Σ_t φ_{i,t} + Σ_t a_{i,t} ℓ_{i,t}) / Σλ and surrogate₂ = Σ_t b_{i,t} ℓ_{i,t}, with phi, token_logp
-    [M] per-token (with grad) and a, b [M] float64 coefficients from `surrogate_coefficients` (no grad).
+    [M] per-token (with grad; nats) and a, b [M] float64 coefficients from `surrogate_coefficients` (no grad);
+    sum_lam: the global Σλ (tokens or sequences, > 0). Raises nothing itself (torch raises on shape mismatch).
     """
     surrogate1 = (phi.double().sum() + (a * token_logp.double()).sum()) / sum_lam
     surrogate2 = (b * token_logp.double()).sum()
@@ -63,8 +66,11 @@ def _reverse_cumsum_by_row(values: torch.Tensor, token_row: torch.Tensor, num_ro
     return row_end[token_row] - before
 
 
-def delta_h1_influence(q_group: torch.Tensor, lam_group: torch.Tensor, h_group: torch.Tensor, value: float,
+def delta_h1_influence(q_group: torch.Tensor, lam_group: torch.Tensor, h_group: torch.Tensor, *, value: float,
                        sum_lam: float, entropy: float, sum_b: float) -> torch.Tensor:
     """Per-group linearisation of δH₁/η = (Σa − Ĥ Σb)/Σλ in the group totals:
-    c_p = q_p − (δH₁/η) λ_p/Σλ − (Σb/Σλ²)(h_p − Ĥ λ_p), with q_p = group p's ∇surrogate₁·u (sums to 0 over groups)."""
+    c_p = q_p − (δH₁/η) λ_p/Σλ − (Σb/Σλ²)(h_p − Ĥ λ_p), with q_p = group p's ∇surrogate₁·u (sums to 0 over groups).
+
+    q_group, lam_group, h_group: [P] float64 per-group totals; value = δH₁/η (nats per unit η), entropy = Ĥ (nats),
+    sum_lam, sum_b: global scalars. Returns [P] float64. Raises nothing itself (torch raises on shape mismatch)."""
     return q_group - value * lam_group / sum_lam - (sum_b / sum_lam ** 2) * (h_group - entropy * lam_group)

@@ -20,9 +20,13 @@ def log_weights(logp_new: torch.Tensor, logp_old: torch.Tensor, clip: float | No
 SNIS_SUM_FIELDS = ("sum_w", "sum_w2", "sum_w_h", "sum_w_lam", "sum_neg_logw", "sum_k3", "count", "clipped")
 
 
-def snis_local_sums(log_w: torch.Tensor, global_max: float, h_new: torch.Tensor, lam: torch.Tensor,
+def snis_local_sums(log_w: torch.Tensor, global_max: float, h_new: torch.Tensor, lam: torch.Tensor, *,
                     clipped: torch.Tensor | None = None) -> torch.Tensor:
     """[Σw, Σw², Σw·h', Σw·λ, Σ(−log w), Σ(w̃ − 1 − log w̃), N, #clipped], w = exp(log w − global max).
+
+    log_w, h_new, lam: [N] float64 per sequence (log w in nats, h' the payload total, λ = T_i or 1); global_max: the
+    all-reduced max of log w; clipped: optional [N] bool mask of clipped weights. Returns [8] float64 laid out as
+    SNIS_SUM_FIELDS. Raises nothing itself (torch raises on shape mismatch).
 
     The KL(θ‖θ') estimates use the unstabilised weights w̃ = e^{log w} on samples from θ: k1 = mean(−log w),
     k3 = mean(w̃ − 1 − log w̃) (non-negative, lower variance).
@@ -59,9 +63,13 @@ def snis_finalize(sums: torch.Tensor, entropy: float) -> SnisResult:
                       clip_frac=s["clipped"] / n)
 
 
-def snis_delta_influence(w: torch.Tensor, h_new: torch.Tensor, h_old: torch.Tensor, lam: torch.Tensor,
+def snis_delta_influence(w: torch.Tensor, h_new: torch.Tensor, h_old: torch.Tensor, lam: torch.Tensor, *,
                          group_ids: torch.Tensor, num_groups: int, entropy_new: float, entropy: float,
                          sum_w_lam: float, sum_lam: float) -> torch.Tensor:
-    """Per-group c_p = Σ_{i∈p} [ w_i (h'_i − Ĥ(θ') λ_i)/Σwλ − (h_i − Ĥ(θ) λ_i)/Σλ ] (docs/method.md §6), local groups."""
+    """Per-group c_p = Σ_{i∈p} [ w_i (h'_i − Ĥ(θ') λ_i)/Σwλ − (h_i − Ĥ(θ) λ_i)/Σλ ] (docs/method.md §6), local groups.
+
+    w, h_new, h_old, lam: [N] float64 per sequence (w the stabilised weights, h in nats); group_ids: [N] long in
+    [0, num_groups); entropy_new, entropy: Ĥ(θ'), Ĥ(θ) in nats; sum_w_lam, sum_lam: the global Σwλ, Σλ.
+    Returns [num_groups] float64 on the CPU. Raises nothing itself (torch raises on shape/device mismatch)."""
     per_seq = w * (h_new - entropy_new * lam) / sum_w_lam - (h_old - entropy * lam) / sum_lam
     return torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, per_seq)

@@ -45,11 +45,13 @@ def scores_at_eta(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: lis
         scores_e = score_batch(rt, runner, batch_e)
 
 
-def snis_point(rt, batch: RolloutBatch, scores0: list[SequenceScores], scores1: list[SequenceScores],
+def snis_point(rt, batch: RolloutBatch, scores0: list[SequenceScores], scores1: list[SequenceScores], *,
                base: BaseEntropy, est: EstimatorsConfig) -> tuple[dict, list[torch.Tensor]]:
     """SNIS at one θ': global max of log w, float64 sums all-reduced, the SE over prompt groups, k̂ on rank 0.
 
-    Returns (the SweepPoint fields but eta/δH₁, this rank's log w per real group [G] float64).
+    scores0, scores1: per-group scores of `batch` at θ and θ' (float64 CPU tensors; entropies in nats).
+    Returns (the SweepPoint fields but eta/δH₁, this rank's log w per real group [G] float64). Raises nothing
+    itself; collective errors from `rt` propagate.
     """
     real = [(s0, s1) for g, s0, s1 in zip(batch.groups, scores0, scores1) if g.weight > 0]
     lw_local = [log_weights(s1.S, s0.S, est.log_weight_clip) for s0, s1 in real]
@@ -60,7 +62,7 @@ def snis_point(rt, batch: RolloutBatch, scores0: list[SequenceScores], scores1: 
     for (s0, s1), lw in zip(real, lw_local):
         lam = normaliser_lengths(s1.T, est.normalize)
         clipped = (s1.S - s0.S) > est.log_weight_clip if est.log_weight_clip is not None else None
-        sums += snis_local_sums(lw, gmax, s1.h(est.payload), lam, clipped)
+        sums += snis_local_sums(lw, gmax, s1.h(est.payload), lam, clipped=clipped)
     global_sums = rt.sum_f64(sums)
     res = snis_finalize(global_sums, base.entropy)
     sum_w_lam = float(global_sums[SNIS_SUM_FIELDS.index("sum_w_lam")])
@@ -68,8 +70,9 @@ def snis_point(rt, batch: RolloutBatch, scores0: list[SequenceScores], scores1: 
     for (s0, s1), lw in zip(real, lw_local):
         lam = normaliser_lengths(s1.T, est.normalize)
         c = snis_delta_influence(torch.exp(lw - gmax), s1.h(est.payload), s0.h(est.payload), lam,
-                                 torch.zeros(lw.numel(), dtype=torch.long), 1, res.entropy_new, base.entropy,
-                                 sum_w_lam, base.sum_lam)
+                                 group_ids=torch.zeros(lw.numel(), dtype=torch.long), num_groups=1,
+                                 entropy_new=res.entropy_new, entropy=base.entropy, sum_w_lam=sum_w_lam,
+                                 sum_lam=base.sum_lam)
         c2 += float((c * c).sum())
     (c2,) = rt.sum_scalars(c2)
     gathered = rt.gather_objects(lw_cat)

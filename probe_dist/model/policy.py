@@ -40,7 +40,8 @@ class PolicyModel(nn.Module):
         # Position t−1 predicts token t: hidden states of the positions just before each response token.
         pred_hidden = hidden[:, response_start - 1:response_start - 1 + width][response_mask]
         targets = input_ids[:, response_start:response_start + width][response_mask]
-        return chunked_logp_entropy(self.head, pred_hidden, targets, temperature, self.logits_chunk)
+        return chunked_logp_entropy(self.head, pred_hidden, targets, temperature=temperature,
+                                    chunk=self.logits_chunk)
 
     def decode(self, input_ids: torch.Tensor, past_key_values=None, position_ids=None):
         """One generation step: float32 logits of the last position and the updated KV cache."""

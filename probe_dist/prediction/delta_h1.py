@@ -17,13 +17,15 @@ from probe_dist.results import BaseEntropy, DeltaH1, SequenceScores
 from probe_dist.rollout.batch import RolloutBatch
 
 
-def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores],
-                     base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig, *,
+def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores], *,
+                     base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig,
                      ustat: SingleBatchUStatistic | None = None) -> DeltaH1:
     """δH₁/η, its SE over E's prompt groups (conditional on u) and ∇Ĥ (float64, CPU, all-reduced).
 
-    u: the update vector (float64 tensors in optimizer order). With `ustat` (single_batch mode) each E group's
-    ∇ surrogate also feeds the U-statistic of §5.3, whose value the result carries as `ustat_per_eta`.
+    u: the update vector (float64 tensors in optimizer order, param-shaped). With `ustat` (single_batch mode) each
+    E group's ∇ surrogate also feeds the U-statistic of §5.3, whose value the result carries as `ustat_per_eta`.
+    δH₁/η is in nats per unit η. Raises ValueError for an unknown est.delta_h1 method; OOM that survives the
+    runner's retries propagates.
     """
     def local_pass():
         grad_entropy = [torch.zeros_like(x) for x in u]
@@ -39,9 +41,9 @@ def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: 
                     token_logp, token_h = runner.forward(mb, grad=True)
                     rows = mb.token_rows_on(token_logp.device)
                     phi = token_h if est.payload == "rb" else -token_logp
-                    a, b = surrogate_coefficients(est.delta_h1, est.normalize, phi, token_h, rows, mb.num_rows,
-                                                  base.entropy)
-                    surrogate1, surrogate2 = surrogate_terms(phi, token_logp, a, b, base.sum_lam)
+                    a, b = surrogate_coefficients(phi, token_h, rows, num_rows=mb.num_rows, entropy=base.entropy,
+                                                  method=est.delta_h1, normalize=est.normalize)
+                    surrogate1, surrogate2 = surrogate_terms(phi, token_logp, a, b, sum_lam=base.sum_lam)
                     (surrogate1 * group.weight).backward(retain_graph=True)
                     g1 = runner.take_grads()
                     (surrogate2 * group.weight).backward()
@@ -65,7 +67,8 @@ def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: 
     grad_entropy, q_groups, b_groups, lam_groups, h_groups = runner.with_oom_retry(rt, "grad", local_pass)
     per_eta, sum_b = rt.sum_scalars(sum(q_groups), sum(b_groups))
     c = delta_h1_influence(torch.tensor(q_groups, dtype=torch.float64), torch.tensor(lam_groups, dtype=torch.float64),
-                           torch.tensor(h_groups, dtype=torch.float64), per_eta, base.sum_lam, base.entropy, sum_b)
+                           torch.tensor(h_groups, dtype=torch.float64), value=per_eta, sum_lam=base.sum_lam,
+                           entropy=base.entropy, sum_b=sum_b)
     (c2,) = rt.sum_scalars(float((c * c).sum()))
     grad_entropy = rt.sum_f64_vectors(grad_entropy)
     ustat_value, units = ustat.finish(rt, grad_entropy) if ustat is not None else (None, None)

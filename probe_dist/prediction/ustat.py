@@ -34,8 +34,13 @@ def ustat_units(batch_u: RolloutBatch, est: EstimatorsConfig) -> list[list[int]]
 
 
 class SingleBatchUStatistic:
-    def __init__(self, runner: PolicyRunner, batch_u: RolloutBatch, update_grad: UpdateGradient,
+    def __init__(self, runner: PolicyRunner, batch_u: RolloutBatch, update_grad: UpdateGradient, *,
                  est: EstimatorsConfig, update: UpdateConfig):
+        """Accumulator for the U-statistic over batch_u's real groups (units per est.ustat / est.ustat_blocks).
+
+        update_grad: U's clipped gradient with its per-tensor AdamW coefficients (param-shaped float64 tensors);
+        update: the config of the training loss. Raises nothing itself.
+        """
         self.runner, self.batch_u, self.update_grad, self.update = runner, batch_u, update_grad, update
         self.coef = [pt.grad_coef for pt in update_grad.parts]
         units = ustat_units(batch_u, est)
@@ -55,7 +60,8 @@ class SingleBatchUStatistic:
         runner.zero_grads()
         g_p = runner.new_accumulator()
         with runner.no_sync():
-            group_loss_backward(runner, self.batch_u.groups[gi], self.update_grad.normalisers, self.update, g_p)
+            group_loss_backward(runner, self.batch_u.groups[gi], norm=self.update_grad.normalisers,
+                                update=self.update, accumulator=g_p)
         g_p = [g.cpu() for g in g_p]
         if self.x_unit is None:
             self.x_unit, self.y_unit = [x.clone() for x in x_p], g_p

@@ -19,7 +19,7 @@ def response_seed(seed: int, batch_name: str, prompt_index: int, response_index:
 
 
 @torch.no_grad()
-def sample_responses(policy, prompt_ids: torch.Tensor, num_responses: int, max_new_tokens: int,
+def sample_responses(policy, prompt_ids: torch.Tensor, num_responses: int, *, max_new_tokens: int,
                      temperature: float, eos_id: int, pad_id: int, seed_key: tuple[int, str, int],
                      device: torch.device, rows_per_chunk: int | None = None,
                      lockstep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +29,8 @@ def sample_responses(policy, prompt_ids: torch.Tensor, num_responses: int, max_n
     whatever the world size and however the rows are chunked (`rows_per_chunk` bounds the KV cache).
     `policy.decode(input_ids, past_key_values, position_ids)` gives last-position float32 logits and the cache.
     With `lockstep` every call runs exactly max_new_tokens steps (FSDP2 ranks must run the same forwards).
+    prompt_ids: [P] long (any device); unfinished rows have length max_new_tokens, padding after EOS is pad_id.
+    Raises RuntimeError (from torch.multinomial) if the logits give an invalid distribution (NaN/inf, temperature 0).
     """
     chunk = rows_per_chunk or num_responses
     outs, lens = [], []
@@ -39,13 +41,19 @@ def sample_responses(policy, prompt_ids: torch.Tensor, num_responses: int, max_n
             gen = torch.Generator(device=device)
             gen.manual_seed(response_seed(*seed_key, r))
             gens.append(gen)
-        o, n = _decode_rows(policy, prompt_ids, gens, max_new_tokens, temperature, eos_id, pad_id, device, lockstep)
+        o, n = _decode_rows(policy, prompt_ids, gens, max_new_tokens=max_new_tokens, temperature=temperature,
+                            eos_id=eos_id, pad_id=pad_id, device=device, lockstep=lockstep)
         outs.append(o)
         lens.append(n)
     return torch.cat(outs), torch.cat(lens)
 
 
-def _decode_rows(policy, prompt_ids, gens, max_new_tokens, temperature, eos_id, pad_id, device, lockstep):
+def _decode_rows(policy, prompt_ids, gens, *, max_new_tokens, temperature, eos_id, pad_id, device, lockstep):
+    """Decode len(gens) rows of prompt_ids [P] long, row i drawing from gens[i] on `device`.
+
+    Returns (out [rows, max_new_tokens] CPU long, lengths [rows] CPU long). Raises RuntimeError (torch.multinomial)
+    on an invalid distribution.
+    """
     n_rows = len(gens)
     ids = prompt_ids.to(device).unsqueeze(0).expand(n_rows, -1).contiguous()
     p = ids.shape[1]

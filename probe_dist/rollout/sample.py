@@ -35,8 +35,9 @@ def sample_group(decoder, tokenizer, prompt: dict, *, prompt_index: int, seed_ke
     last-position logits (see rollout.generate). weight 0 marks lockstep padding.
     """
     prompt_ids = prompt_token_ids(tokenizer, prompt["prompt"])
-    responses, lengths = sample_responses(decoder, prompt_ids, group_size, max_new_tokens, temperature,
-                                          tokenizer.eos_token_id, _pad_id(tokenizer), seed_key, device,
+    responses, lengths = sample_responses(decoder, prompt_ids, group_size, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, eos_id=tokenizer.eos_token_id,
+                                          pad_id=_pad_id(tokenizer), seed_key=seed_key, device=device,
                                           rows_per_chunk=rows_per_chunk, lockstep=lockstep)
     texts = [decode_response(tokenizer, r[: int(n)]) for r, n in zip(responses, lengths)]
     rewards = torch.tensor([reward_fn(t, prompt["answer"]) for t in texts], dtype=torch.float64)
@@ -45,10 +46,14 @@ def sample_group(decoder, tokenizer, prompt: dict, *, prompt_index: int, seed_ke
                  answer=prompt["answer"], weight=weight)
 
 
-def sample_batch(rt, decoder, tokenizer, name: str, sampling: SamplingConfig, *, num_prompts: int, group_size: int,
+def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig, num_prompts: int, group_size: int,
                  loss_family: str, adv_eps: float, rows_per_chunk: int, lockstep: bool) -> RolloutBatch:
     """This rank's shard of batch `name` ("E" or "U"): contiguous prompt groups of the seeded prompt order,
-    padded with zero-weight copies so every rank generates and scores the same number of groups."""
+    padded with zero-weight copies so every rank generates and scores the same number of groups.
+
+    Each group holds responses [G, max_new_tokens] CPU long, lengths [G] and float64 rewards/advantages.
+    Raises ValueError (or FileNotFoundError) for a bad prompt source/split, an unknown reward or num_prompts < 0.
+    """
     chosen = select_prompts(load_prompts(sampling.prompts, sampling.split), num_prompts, sampling.seed, name)
     reward_fn = get_reward_fn(sampling.reward)
     mine = shard_groups(num_prompts, rt.world_size, rt.rank)

@@ -24,9 +24,13 @@ def _head_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return logp_entropy_from_logits(head(hidden), targets, temperature)
 
 
-def chunked_logp_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+def chunked_logp_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *,
                          temperature: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [M, d] at scored positions, targets [M] → (ℓ [M], H [M]) float32."""
+    """hidden [M, d] at scored positions, targets [M] → (ℓ [M], H [M]) float32.
+
+    ℓ and H are in nats at temperature τ > 0; chunk (> 0) rows of logits [chunk, V] exist at a time.
+    Raises ValueError if chunk is 0 and RuntimeError (torch.cat) if M is 0.
+    """
     logps, ents = [], []
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     for start in range(0, hidden.shape[0], chunk):

@@ -28,9 +28,14 @@ class UpdateParts:
     grad_coef: torch.Tensor  # −(1−β1)/((1−β1^t)·denom), elementwise
 
 
-def adamw_update_vector(theta: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+def adamw_update_vector(theta: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                         step: float, hp: AdamWHyper, max_exp_avg_sq: torch.Tensor | None = None) -> UpdateParts:
-    """All inputs are upcast to float64; returns float64 tensors shaped like theta."""
+    """All inputs are upcast to float64; returns float64 tensors shaped like theta.
+
+    theta, grad, exp_avg, exp_avg_sq (and max_exp_avg_sq, used only with hp.amsgrad): same shape, any device/dtype
+    (results on the CPU); step: optimizer steps taken so far (u is for step + 1), u per unit learning rate.
+    Raises nothing itself (torch raises on shape mismatch).
+    """
     beta1, beta2 = hp.betas
     theta, grad, m, v = (x.detach().to("cpu", torch.float64) for x in (theta, grad, exp_avg, exp_avg_sq))
     t = float(step) + 1.0

@@ -24,13 +24,15 @@ def loss_normalisers(rt, batch: RolloutBatch, *, max_len: int) -> LossNormaliser
                            total_tokens=total_tokens, max_len=max_len)
 
 
-def group_loss_backward(runner: PolicyRunner, group: Group, norm: LossNormalisers, update: UpdateConfig,
+def group_loss_backward(runner: PolicyRunner, group: Group, *, norm: LossNormalisers, update: UpdateConfig,
                         accumulator: list[torch.Tensor]) -> None:
     """Forward + backward of L_U on one group, microbatch by microbatch (`runner.sizes.grad` rows), each
     microbatch's gradient added at once to the float64 `accumulator` (param-shaped, see PolicyRunner).
 
     With a KL term the reference log-probs come from a no-grad forward of the same microbatch with the adapter
     disabled. Zero-weight padding groups still join the graph so every rank runs the same backward passes.
+    accumulator: float64 tensors shaped like the trainable parameters (on runner's accumulator device).
+    Raises ValueError for an unknown update.loss family.
     """
     normalisers = sequence_normalisers(update.loss, group.lengths, norm)
     for mb in group.microbatches(runner.sizes.grad):
@@ -40,7 +42,7 @@ def group_loss_backward(runner: PolicyRunner, group: Group, norm: LossNormaliser
                 ref_logp = runner.forward(mb, grad=False)[0].detach()
         token_logp, _ = runner.forward(mb, grad=True)
         loss = update_loss(token_logp, mb.token_rows_on(token_logp.device), group.advantages[mb.rows],
-                           normalisers[mb.rows], update.kl_coef, ref_logp)
+                           normalisers[mb.rows], kl_coef=update.kl_coef, token_ref_logp=ref_logp)
         (loss * group.weight).backward()
         runner.drain_grads_into(accumulator)
 
@@ -59,7 +61,7 @@ def update_gradient(rt, runner: PolicyRunner, batch: RolloutBatch,
         accumulator = runner.new_accumulator()
         with runner.no_sync():
             for g in batch.groups:
-                group_loss_backward(runner, g, norm, update, accumulator)
+                group_loss_backward(runner, g, norm=norm, update=update, accumulator=accumulator)
         return [a.cpu() for a in accumulator]
 
     grad = rt.sum_f64_vectors(runner.with_oom_retry(rt, "grad", local_gradient))

@@ -47,12 +47,14 @@ def kl_k3(token_logp: torch.Tensor, token_ref_logp: torch.Tensor) -> torch.Tenso
 
 
 def update_loss(token_logp: torch.Tensor, token_row: torch.Tensor, advantages: torch.Tensor,
-                normalisers: torch.Tensor, kl_coef: float = 0.0,
+                normalisers: torch.Tensor, *, kl_coef: float = 0.0,
                 token_ref_logp: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_i n_i Σ_t (−A_i ℓ_{i,t} + β k3_{i,t}) for one microbatch.
 
     token_logp [M] (flat over scored tokens, with grad), token_row [M] row index of each token,
     advantages [n], normalisers [n] (float64, no grad). Returns a float64 scalar.
+    kl_coef = β; token_ref_logp [M]: the reference log-probs (nats). Raises ValueError if kl_coef is non-zero
+    and token_ref_logp is None.
     """
     per_token = -advantages.to(token_logp.device)[token_row] * token_logp.double()
     if kl_coef:

@@ -23,8 +23,8 @@ def update_parts(optimizer: torch.optim.Optimizer, trainable: list[tuple[str, to
         st = optimizer.state[p]
         hp = AdamWHyper(betas=tuple(group["betas"]), eps=group["eps"], weight_decay=group["weight_decay"],
                         amsgrad=bool(group.get("amsgrad", False)))
-        parts.append(adamw_update_vector(p, g, st["exp_avg"], st["exp_avg_sq"], float(st["step"]), hp,
-                                         st.get("max_exp_avg_sq")))
+        parts.append(adamw_update_vector(p, g, st["exp_avg"], st["exp_avg_sq"], step=float(st["step"]), hp=hp,
+                                         max_exp_avg_sq=st.get("max_exp_avg_sq")))
     return parts
 
 
