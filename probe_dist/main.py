@@ -93,8 +93,10 @@ def build_probe(cfg: ProbeConfig, rt):
         resolve_paths,
         trainable_parameters,
     )
+    from probe_dist.model.policy import unwrap_causal_lm
     from probe_dist.model.runner import PolicyRunner
     from probe_dist.probe import Probe
+    from probe_dist.rollout.sample import response_eos_ids
     from probe_dist.runtime.oom import MicrobatchSizes
     from probe_dist.runtime.strategy import build_strategy
 
@@ -135,8 +137,9 @@ def build_probe(cfg: ProbeConfig, rt):
                           temperature=cfg.sampling.temperature,
                           sizes=MicrobatchSizes(score=cfg.memory.microbatch_score, grad=cfg.memory.microbatch_grad),
                           accumulator_device=cfg.memory.accumulator_device, auto_microbatch=cfg.memory.auto_microbatch)
-    probe = Probe(cfg, rt, runner, tokenizer=tokenizer, optimizer=optimizer)
-    probe.load_info = {"provenance/optimizer_coverage": coverage, "provenance/trainable_params": n_trainable,
+    eos_ids = response_eos_ids(tokenizer, getattr(unwrap_causal_lm(model), "generation_config", None))
+    probe = Probe(cfg, rt, runner, tokenizer=tokenizer, optimizer=optimizer, eos_ids=eos_ids)
+    probe.load_info = {"sampling/eos_ids": eos_ids,"provenance/optimizer_coverage": coverage, "provenance/trainable_params": n_trainable,
                        "provenance/memory_plan": {k: memory_plan[k] for k in ("peak_bytes", "peak_phase", "fits",
                                                                               "proposal")} if memory_plan else None}
     return probe

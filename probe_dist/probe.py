@@ -18,6 +18,7 @@ import torch
 from probe_dist import phases
 from probe_dist.config_schema import ProbeConfig
 from probe_dist.measurement.sweep import scores_at_eta, snis_point, sweep_point
+from probe_dist.model.load import CheckpointError
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.plan.meter import PhaseMemoryRecorder, merge_phase_records
 from probe_dist.prediction.delta_h1 import predict_delta_h1
@@ -26,6 +27,7 @@ from probe_dist.results import ProbeResult, UpdateGradient
 from probe_dist.rollout.sample import sample_batch
 from probe_dist.runtime import signals
 from probe_dist.runtime.snapshot import restore_snapshot, take_snapshot
+from probe_dist.scoring.consistency import TOLERANCE, sampler_scorer_gap
 from probe_dist.scoring.score import base_entropy, score_batch
 from probe_dist.update.gradient import update_gradient
 from probe_dist.update.step import real_step, set_theta, update_parts
@@ -76,10 +78,10 @@ def warn_if_few_groups(num_groups: int) -> None:
 
 class Probe:
     def __init__(self, cfg: ProbeConfig, rt, runner: PolicyRunner, *, tokenizer,
-                 optimizer: torch.optim.Optimizer):
+                 optimizer: torch.optim.Optimizer, eos_ids: list[int]):
         self.cfg, self.rt, self.runner = cfg, rt, runner
         self.model, self.trainable, self.policy = runner.model, runner.trainable, runner.strategy.policy
-        self.tokenizer, self.optimizer = tokenizer, optimizer
+        self.tokenizer, self.optimizer, self.eos_ids = tokenizer, optimizer, eos_ids
         self.clock = PhaseClock(rank=rt.rank, fault=cfg.debug.fault, profile=cfg.memory.profile, device=rt.device)
 
     def check_stop(self) -> None:
@@ -90,7 +92,26 @@ class Probe:
         return sample_batch(self.rt, self.runner.decoder, self.tokenizer, name, sampling=self.cfg.sampling,
                             num_prompts=num_prompts, group_size=group_size, loss_family=self.cfg.update.loss,
                             adv_eps=self.cfg.update.adv_eps, rows_per_chunk=self.cfg.memory.microbatch_generate,
-                            lockstep=self.runner.strategy.name == "fsdp2")
+                            lockstep=self.runner.strategy.name == "fsdp2", eos_ids=self.eos_ids)
+
+    def check_sampler_scorer(self, batch) -> float:
+        """Refuse the run unless the scorer reproduces the sampler's log-probs (scoring/consistency.py)."""
+        steps = self.cfg.sampling.max_new_tokens if self.runner.strategy.name == "fsdp2" else 0
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        local = sampler_scorer_gap(self.runner, batch.groups[0], steps=steps, pad_id=pad)
+        gap = float(self.rt.max_f64(torch.tensor([local]))[0])
+        tolerance = TOLERANCE[self.policy.head.weight.dtype]
+        if not gap <= tolerance:  # also NaN
+            lm = type(self.policy.lm.get_base_model() if hasattr(self.policy.lm, "get_base_model") else self.policy.lm)
+            raise CheckpointError(
+                f"the model's own decoding step and the probe's teacher-forced scorer disagree by up to {gap:.3g} "
+                f"nats in log-prob on the same tokens (tolerance {tolerance:g} for {self.cfg.precision.dtype}), "
+                f"model class {lm.__name__}. The probe's importance weights and entropies would describe another "
+                "distribution than the samples. Known causes: logit post-processing the probe does not know "
+                "(a custom head or remote code), or position encodings that depend on the length seen so far "
+                "(e.g. dynamic-NTK RoPE scaling: use a fixed rope_scaling in the model config). This model is not "
+                "supported as it is.")
+        return gap
 
     def run(self) -> ProbeResult:
         cfg, est, rt, runner = self.cfg, self.cfg.estimators, self.rt, self.runner
@@ -104,6 +125,7 @@ class Probe:
                 res.batch_e = self.sample("E", cfg.sampling.B_E, cfg.sampling.G_E)
                 res.batch_u = (res.batch_e if est.mode == "single_batch"
                                else self.sample("U", cfg.sampling.B_U, cfg.sampling.G_U))
+                res.sampler_scorer_gap = self.check_sampler_scorer(res.batch_e)
             self.check_stop()
             with self.clock.phase(phases.SCORE_BASE):
                 res.scores_e = score_batch(rt, runner, res.batch_e)

@@ -122,6 +122,7 @@ class ProbeResult:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     memory_phases: list[dict] | None = None          # per rank, with memory.profile
     microbatch_used: dict[str, int] = field(default_factory=dict)
+    sampler_scorer_gap: float | None = None          # max |ℓ_decode − ℓ_score| of the start-up check (nats)
 
     @property
     def restore_verified(self) -> bool:
@@ -141,6 +142,8 @@ class ProbeResult:
             out["delta_h1/per_eta_se"] = self.delta_h1.per_eta_se
             if self.delta_h1.ustat_per_eta is not None:
                 out["delta_h1/ustat_per_eta"] = self.delta_h1.ustat_per_eta
+        if self.sampler_scorer_gap is not None:
+            out["check/sampler_scorer_gap"] = self.sampler_scorer_gap
         out["restore/verified"] = self.restore_verified
         out["restore/verified_ranks"] = list(self.restore_verified_ranks)
         out["provenance/phase_seconds"] = dict(self.phase_seconds)

@@ -59,7 +59,7 @@ def sample(scripts: list[list[int]], max_new_tokens: int, pad_id: int = PAD, loc
            policy: ScriptedPolicy | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     policy = policy or ScriptedPolicy(scripts)
     return sample_responses(policy, PROMPT, len(scripts), max_new_tokens=max_new_tokens, temperature=1.0,
-                            eos_id=EOS, pad_id=pad_id, seed_key=SEED_KEY, device=CPU, lockstep=lockstep)
+                            eos_ids=[EOS], pad_id=pad_id, seed_key=SEED_KEY, device=CPU, lockstep=lockstep)
 
 
 def make_group(responses: torch.Tensor, lengths: torch.Tensor) -> Group:
@@ -206,3 +206,43 @@ def test_scoring_forward_scores_t_tokens_including_eos() -> None:
         if EOS in SCRIPTS[row][:t_len]:
             z = table[row, P + t_len - 2].tolist()
             assert float(logp[k - 1]) == pytest.approx(z[EOS] - math.log(sum(math.exp(v) for v in z)), abs=1e-5)
+
+
+def test_every_eos_id_ends_a_response():
+    """Several EOS ids (generation_config.eos_token_id as a list): each one ends its row, is counted and scored."""
+    other_eos = 6
+    scripts = [[TOK, other_eos], [TOK, TOK, EOS], [other_eos], [TOK, TOK, TOK, TOK]]
+    policy = ScriptedPolicy(scripts)
+    responses, lengths = sample_responses(policy, PROMPT, len(scripts), max_new_tokens=4, temperature=1.0,
+                                          eos_ids=[EOS, other_eos], pad_id=PAD, seed_key=SEED_KEY, device=CPU)
+    assert lengths.tolist() == [2, 3, 1, 4]
+    for row, t in enumerate(lengths.tolist()):
+        if row < 3:  # the row ended at one of the EOS ids, which is its last scored token
+            assert int(responses[row, t - 1]) in (EOS, other_eos)
+        assert (responses[row, t:] == PAD).all()  # nothing after an EOS is kept, so nothing after it is scored
+    mb = Group(0, PROMPT, responses, lengths, torch.zeros(4, dtype=torch.float64)).layout(slice(0, 4))
+    assert mb.response_mask.sum(1).tolist() == lengths.tolist()
+
+
+def test_response_eos_ids_union_of_tokenizer_and_generation_config():
+    from probe_dist.rollout.sample import response_eos_ids
+
+    tok = SimpleNamespace(eos_token_id=7)
+    assert response_eos_ids(tok, SimpleNamespace(eos_token_id=[1, 16])) == [1, 7, 16]
+    assert response_eos_ids(tok, SimpleNamespace(eos_token_id=7)) == [7]
+    assert response_eos_ids(tok, None) == [7]
+    with pytest.raises(ValueError, match="EOS"):
+        response_eos_ids(SimpleNamespace(eos_token_id=None), SimpleNamespace(eos_token_id=None))
+
+
+def test_decode_response_stops_at_any_eos():
+    from probe_dist.data.rewards import decode_response
+
+    class Tok:
+        eos_token_id = 7
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(str(i) for i in ids)
+
+    assert decode_response(Tok(), [1, 2, 6, 3], eos_ids=[7, 6]) == "12"
+    assert decode_response(Tok(), [1, 2, 7, 3]) == "12"

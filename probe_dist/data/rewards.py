@@ -45,13 +45,15 @@ def get_reward_fn(name: str) -> RewardFn:
     return _REGISTRY[name]
 
 
-def decode_response(tokenizer, token_ids: Sequence[int]) -> str:
-    """Response text as reward functions see it: ids up to the first EOS, stripped. Other special tokens stay in
-    (a <pad> inside an answer must not decode to a correct-looking "19")."""
+def decode_response(tokenizer, token_ids: Sequence[int], eos_ids: Sequence[int] | None = None) -> str:
+    """Response text as reward functions see it: ids up to the first EOS (any of `eos_ids`, default the
+    tokenizer's), stripped. Other special tokens stay in (a <pad> inside an answer must not decode to a
+    correct-looking "19")."""
     ids = [int(t) for t in token_ids]
-    eos_id = tokenizer.eos_token_id
-    if eos_id is not None and eos_id in ids:
-        ids = ids[: ids.index(eos_id)]
+    stops = set(eos_ids) if eos_ids is not None else {tokenizer.eos_token_id} - {None}
+    cut = next((k for k, t in enumerate(ids) if t in stops), None)
+    if cut is not None:
+        ids = ids[:cut]
     return tokenizer.decode(ids, skip_special_tokens=False).strip()
 
 

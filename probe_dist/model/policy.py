@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from probe_dist.model.logits import logit_transform
 from probe_dist.scoring.chunked import chunked_logp_entropy
 
 
@@ -26,6 +27,7 @@ class PolicyModel(nn.Module):
         causal = unwrap_causal_lm(lm)
         self.decoder = causal.get_decoder()
         self.head = causal.get_output_embeddings()
+        self.logit_transform = logit_transform(getattr(causal, "config", None))  # what the model's forward does after its head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
                 response_mask: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +43,7 @@ class PolicyModel(nn.Module):
         pred_hidden = hidden[:, response_start - 1:response_start - 1 + width][response_mask]
         targets = input_ids[:, response_start:response_start + width][response_mask]
         return chunked_logp_entropy(self.head, pred_hidden, targets, temperature=temperature,
-                                    chunk=self.logits_chunk)
+                                    chunk=self.logits_chunk, transform=self.logit_transform)
 
     def decode(self, input_ids: torch.Tensor, past_key_values=None, position_ids=None):
         """One generation step: float32 logits of the last position and the updated KV cache."""

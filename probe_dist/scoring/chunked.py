@@ -9,24 +9,40 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from probe_dist.model.logits import LogitTransform
+
+IDENTITY = LogitTransform()
+
 
 def logp_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """ℓ_t = log softmax(z/τ)[y_t] and H_t = −Σ_v p_v log p_v, in float32, without materialising log_softmax."""
+    """ℓ_t = log softmax(z/τ)[y_t] and H_t = −Σ_v p_v log p_v, in float32, without materialising log_softmax.
+
+    logits [M, V] (any float dtype), targets [M] long → (ℓ [M], H [M]) float32, nats. A −inf logit (a masked
+    token) has p_v = 0 and adds 0 to H (not 0·(−inf) = NaN); ℓ of a −inf target is −inf. The logits are shifted
+    by their (detached) row maximum first: ℓ and H are shift-invariant, and at large logits (soft-capped heads
+    reach ±30/τ) the shift keeps fp32 cancellation out of ℓ = z_y − logsumexp z and H = logsumexp z − Σ p z.
+    """
     z = logits.float() / temperature
+    z = z - z.max(dim=-1, keepdim=True).values.detach()
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     probs = torch.softmax(z, dim=-1)
-    entropy = lse - (probs * z).sum(-1)
+    entropy = lse - (probs * z.masked_fill(torch.isneginf(z), 0.0)).sum(-1)
     return logp, entropy
 
 
-def _head_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):
-    return logp_entropy_from_logits(head(hidden), targets, temperature)
+def _head_chunk(head: torch.nn.Module, transform: LogitTransform, hidden: torch.Tensor, targets: torch.Tensor,
+                temperature: float):
+    return logp_entropy_from_logits(transform(head(hidden)), targets, temperature)
 
 
 def chunked_logp_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *,
-                         temperature: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         temperature: float, chunk: int,
+                         transform: LogitTransform = IDENTITY) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [M, d] at scored positions, targets [M] → (ℓ [M], H [M]) float32.
+
+    The logits are `transform(head(hidden))`: the model's own post-processing (soft-capping, scaling), so ℓ and H
+    are of the distribution the model's forward — and the sampler — uses.
 
     ℓ and H are in nats at temperature τ > 0; chunk (> 0) rows of logits [chunk, V] exist at a time.
     Raises ValueError if chunk is 0 and RuntimeError (torch.cat) if M is 0.
@@ -36,9 +52,9 @@ def chunked_logp_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: t
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start:start + chunk], targets[start:start + chunk]
         if recompute:
-            lp, en = checkpoint(_head_chunk, head, h, y, temperature, use_reentrant=False)
+            lp, en = checkpoint(_head_chunk, head, transform, h, y, temperature, use_reentrant=False)
         else:
-            lp, en = _head_chunk(head, h, y, temperature)
+            lp, en = _head_chunk(head, transform, h, y, temperature)
         logps.append(lp)
         ents.append(en)
     return torch.cat(logps), torch.cat(ents)

@@ -1,0 +1,57 @@
+"""Start-up check that the scorer scores the sampler's distribution (docs/method.md §1).
+
+Sampling calls the model's own forward one token at a time with a KV cache; scoring runs a teacher-forced
+forward and computes the head chunk by chunk. They must give the same next-token log-probs at every scored
+position, or ℓ, H and the importance weights describe another distribution than the samples. Known ways they
+part: logit post-processing the scorer does not apply (soft-capping, scaling in custom heads), position encodings
+whose values depend on the sequence length seen so far (dynamic-NTK RoPE), remote code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from probe_dist.model.runner import PolicyRunner
+from probe_dist.rollout.batch import Group
+
+# Largest |ℓ_decode − ℓ_score| accepted, by the dtype of the probe's forwards: rounding differences between a
+# cached one-token forward and a full teacher-forced forward (fp32: ~1e-6 measured on default RoPE; float64
+# models keep fp32 layers such as Qwen2's RMSNorm, so the same bound). A skipped soft-cap is off by ~1 nat.
+TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 5e-2}
+
+
+@torch.no_grad()
+def decode_logps(runner: PolicyRunner, group: Group, rows: int, steps: int, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Teacher-forced log-probs of the first `rows` responses of `group`, through the sampler's decoding path.
+
+    One `decode` call for the prompt, then one per response token with the KV cache, exactly as
+    `rollout.generate` samples; `steps` (≥ the group's width) decode calls in all, so FSDP2 ranks stay in lockstep.
+    Returns (decode log-probs [M], scorer log-probs [M]) over the scored positions, float64 CPU.
+    """
+    mb = group.layout(slice(0, min(rows, group.size)))
+    scored, _ = runner.forward(mb, grad=False)
+    device, n, start = runner.device, mb.num_rows, mb.response_start
+    width = mb.response_mask.shape[1]
+    responses = mb.input_ids[:, start:].to(device)
+    step_input = mb.input_ids[:, :start].to(device)
+    positions = torch.arange(start, device=device).unsqueeze(0).expand(n, -1)
+    cache, columns = None, []
+    for t in range(max(steps, width)):
+        logits, cache = runner.decoder.decode(step_input, past_key_values=cache, position_ids=positions)
+        if t < width:
+            logp = torch.log_softmax(logits.float() / runner.temperature, dim=-1)
+            columns.append(logp.gather(-1, responses[:, t:t + 1]).squeeze(-1))
+            step_input = responses[:, t:t + 1]
+        else:
+            step_input = torch.full((n, 1), pad_id, dtype=torch.long, device=device)
+        positions = torch.full((n, 1), start + t, dtype=torch.long, device=device)
+    decoded = torch.stack(columns, dim=1)[mb.response_mask.to(device)]
+    return decoded.double().cpu(), scored.double().cpu()
+
+
+def sampler_scorer_gap(runner: PolicyRunner, group: Group, *, steps: int, pad_id: int, rows: int = 2) -> float:
+    """max |ℓ_decode − ℓ_score| (nats) over the scored tokens of the first `rows` responses of `group`."""
+    decoded, scored = decode_logps(runner, group, rows, steps, pad_id)
+    if decoded.numel() == 0:
+        return 0.0
+    return float((decoded - scored).abs().max())
