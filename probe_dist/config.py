@@ -25,11 +25,12 @@ from typing import Any
 import yaml
 
 from probe_dist.config_schema import ProbeConfig
+from probe_dist.errors import UserInputError
 
 OVERRIDE_FORM = "expected the form section.key=value, e.g. sampling.B_E=16, estimators.etas=[0,1e-5] or device=cpu"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError, ValueError):
     """A configuration problem, worded for people: the key, the problem, and the fix."""
 
 

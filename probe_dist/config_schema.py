@@ -110,6 +110,8 @@ class OutputConfig:
 class DebugConfig:
     fault: str | None = _f(None, help="fault injection for failure tests: '<rank>:<phase>' raises in that phase "
                                       "on that rank (phases: sample, score_base, update_gradient, delta_h1, sweep)")
+    signal: str | None = _f(None, help="stop-path tests: '<rank>:<phase>:<SIGTERM|SIGINT|SIGUSR1>' sends that "
+                                       "signal to this process as the phase starts (phases: load and the above)")
     detect_anomaly: bool = _f(False, help="torch.autograd anomaly detection (slow; for debugging NaN gradients)")
 
 

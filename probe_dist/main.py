@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import traceback
 from dataclasses import replace
@@ -19,7 +20,7 @@ import torch
 from probe_dist import __version__
 from probe_dist.config import ConfigError, config_hash, format_config_help, load_config
 from probe_dist.config_schema import ProbeConfig
-from probe_dist.model.load import CheckpointError
+from probe_dist.errors import UserInputError
 
 log = logging.getLogger("probe_dist")
 
@@ -38,19 +39,40 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def setup_logging(rank: int, level: str, out_dir: Path | None = None) -> None:
+def setup_logging(rank: int, level: str, log_dir: Path | None = None) -> None:
+    """Log to stderr and, with `log_dir`, to a fresh file there (`probe.log`, or `probe.rankN.log` for rank N > 0)."""
+    from probe_dist.report.publish import log_name
+
     fmt = logging.Formatter(f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     root = logging.getLogger("probe_dist")
+    close_log_files()
     root.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(fmt)
     root.addHandler(handler)
-    if out_dir is not None:
-        fh = logging.FileHandler(out_dir / ("probe.log" if rank == 0 else f"probe.rank{rank}.log"))
+    if log_dir is not None:
+        fh = logging.FileHandler(log_dir / log_name(rank), mode="w", encoding="utf-8")
         fh.setFormatter(fmt)
         root.addHandler(fh)
     root.setLevel({"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}[level])
     root.propagate = False
+
+
+def close_log_files() -> None:
+    """Flush and close the log files (before the staging directory is published or pruned); stderr stays."""
+    root = logging.getLogger("probe_dist")
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(h)
+        h.close()
+
+
+def _log_to_files(level: int, msg: str) -> None:
+    """A record for the log files only (the console gets its own, differently ordered, message)."""
+    root = logging.getLogger("probe_dist")
+    record = root.makeRecord(root.name, level, __file__, 0, msg, None, None)
+    for h in root.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
 
 
 def resolve_from_checkpoint(cfg: ProbeConfig, training_args: dict) -> ProbeConfig:
@@ -85,11 +107,16 @@ def build_probe(cfg: ProbeConfig, rt):
     Resolution (the toy checkpoint's path, checkpoint-recorded defaults, the memory plan's microbatch sizes)
     happens here and only here; the Probe and its steps get the final, frozen config.
     """
+    from probe_dist import validate
+    from probe_dist.data.prompts import load_prompts_with_lines, prompt_source_name
+    from probe_dist.data.rewards import get_reward_fn
     from probe_dist.model.load import (
+        CheckpointError,
         check_trainable_count,
         load_model,
         load_optimizer,
         load_tokenizer,
+        read_optimizer_file,
         resolve_paths,
         trainable_parameters,
     )
@@ -100,13 +127,19 @@ def build_probe(cfg: ProbeConfig, rt):
     from probe_dist.runtime.oom import MicrobatchSizes
     from probe_dist.runtime.strategy import build_strategy
 
+    # Every input is checked before the first model pass, cheapest first (probe_dist/validate.py): prompt file and
+    # reward, checkpoint paths and JSON files, training settings, tokenizer, prompt lengths, optimizer file, weights.
+    prompts = load_prompts_with_lines(cfg.sampling.prompts, cfg.sampling.split)
+    prompt_source = prompt_source_name(cfg.sampling.prompts, cfg.sampling.split)
+    get_reward_fn(cfg.sampling.reward)
     if not (cfg.checkpoint.path or cfg.checkpoint.base):
         from probe_dist.toy import ensure_toy_checkpoint
 
         toy = ensure_toy_checkpoint(cfg.checkpoint.toy_seed, cfg.checkpoint.toy_cache, rt)
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, path=str(toy)))
     paths = resolve_paths(cfg.checkpoint)
-    cfg = resolve_from_checkpoint(cfg, paths.training_args)
+    cfg = resolve_from_checkpoint(cfg, validate.training_args(paths.training_args, cfg, paths.training_args_path))
+    validate.note_prompt_repeats(len(prompts), cfg.sampling, cfg.estimators.mode, prompt_source, rt.is_main)
     torch.set_float32_matmul_precision(cfg.precision.matmul)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[cfg.precision.dtype]
     if dtype == torch.bfloat16:
@@ -114,11 +147,15 @@ def build_probe(cfg: ProbeConfig, rt):
                     "is quantised and can disagree with δH₁; use float32 for numbers you will report.")
     if cfg.debug.detect_anomaly:
         torch.autograd.set_detect_anomaly(True)
-    tokenizer = load_tokenizer(paths.tokenizer)
-    model = load_model(paths, dtype, rt.device)
+    tokenizer = load_tokenizer(paths.tokenizer, paths.tokenizer_source)
+    validate.check_prompts_fit(prompts, tokenizer, max_new_tokens=cfg.sampling.max_new_tokens,
+                               max_positions=validate.model_max_positions(paths.base), source=prompt_source,
+                               config_file=paths.base / "config.json", is_main=rt.is_main)
+    optimizer_blob = read_optimizer_file(paths.optimizer)  # weights_only; finite state, before the model loads
+    model = load_model(paths, dtype, rt.device)  # complete weight files, finite weights
     trainable = trainable_parameters(model)
     n_trainable = check_trainable_count(trainable, cfg.memory.max_trainable_params, cfg.memory.allow_full_finetune)
-    optimizer, coverage = load_optimizer(paths.optimizer, trainable)
+    optimizer, coverage = load_optimizer(paths.optimizer, trainable, blob=optimizer_blob)
     by_id = {id(p): (n, p) for n, p in trainable}
     ordered = [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
     log.info("loaded %s: %d trainable tensors (%s parameters), optimizer state coverage %d/%d",
@@ -137,7 +174,11 @@ def build_probe(cfg: ProbeConfig, rt):
                           temperature=cfg.sampling.temperature,
                           sizes=MicrobatchSizes(score=cfg.memory.microbatch_score, grad=cfg.memory.microbatch_grad),
                           accumulator_device=cfg.memory.accumulator_device, auto_microbatch=cfg.memory.auto_microbatch)
-    eos_ids = response_eos_ids(tokenizer, getattr(unwrap_causal_lm(model), "generation_config", None))
+    try:
+        eos_ids = response_eos_ids(tokenizer, getattr(unwrap_causal_lm(model), "generation_config", None))
+    except ValueError as exc:
+        raise CheckpointError(f"{exc}: responses could never end. Set eos_token in the tokenizer "
+                              f"({str(paths.tokenizer)!r}) or eos_token_id in the base's generation_config.json.") from None
     probe = Probe(cfg, rt, runner, tokenizer=tokenizer, optimizer=optimizer, eos_ids=eos_ids)
     probe.load_info = {"sampling/eos_ids": eos_ids,"provenance/optimizer_coverage": coverage, "provenance/trainable_params": n_trainable,
                        "provenance/memory_plan": {k: memory_plan[k] for k in ("peak_bytes", "peak_phase", "fits",
@@ -145,17 +186,29 @@ def build_probe(cfg: ProbeConfig, rt):
     return probe
 
 
-def run(cfg, rt) -> dict:
+def run(cfg, rt, out_dir: Path) -> dict:
+    """Build and run the probe; write every output file into `out_dir` (the staging directory) on rank 0."""
+    from probe_dist.probe import send_test_signal
     from probe_dist.report.build import build_outputs
 
+    send_test_signal(cfg.debug.signal, rt.rank, "load")
     probe = build_probe(cfg, rt)
     result = probe.run()
     summary = result.summary()
     summary.update(probe.load_info)
-    return build_outputs(probe.cfg, rt, result, summary, param_names=[n for n, _ in probe.trainable])
+    return build_outputs(probe.cfg, rt, result, summary, out_dir=out_dir,
+                         param_names=[n for n, _ in probe.trainable])
 
 
 def main(argv=None) -> int:
+    """The CLI. Exit 0: published, status completed or interrupted; 2: a user-input error (one paragraph on stderr,
+    no traceback, nothing left behind); 1: an internal error (traceback; only the logs kept, in the staging
+    directory), or a published run whose status says its numbers failed a check (failed_check).
+
+    Every file of the run goes to a staging directory next to output.dir (`report/publish.py`); rank 0 publishes
+    it as a whole on success, so output.dir always holds exactly one finished run, and a failed run leaves it
+    byte-identical to before.
+    """
     import warnings
 
     from probe_dist.runtime import signals
@@ -168,50 +221,125 @@ def main(argv=None) -> int:
         print(format_config_help())
         return 0
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    setup_logging(rank, "warning" if args.quiet else "debug" if args.verbose else "info")
+
+    def level(configured: str) -> str:
+        return "warning" if args.quiet else "debug" if args.verbose else configured
+
+    setup_logging(rank, level("info"))
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if not args.quiet and not args.verbose:
-        setup_logging(rank, cfg.log_level)
+    except UserInputError as exc:
+        return _user_error(exc)
+    setup_logging(rank, level(cfg.log_level))
+    from probe_dist.report.publish import PublishError, discard, publish
     from probe_dist.runtime.dist import init_runtime
 
-    rt = None
+    rt = staging = None
     try:
         rt = init_runtime(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_s)
-        out_dir = Path(cfg.output.dir)
-        if not cfg.output.overwrite and (out_dir / "summary.json").exists():
-            raise ConfigError(f"output.dir {str(out_dir)!r} already holds a summary.json and output.overwrite=false; "
-                              "choose a new output.dir or set output.overwrite=true.")
-        if rt.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        rt.barrier()
-        setup_logging(rt.rank, "warning" if args.quiet else "debug" if args.verbose else cfg.log_level, out_dir)
+        staging = _stage(cfg, rt)
+        setup_logging(rt.rank, level(cfg.log_level), staging.path)
+        rt.barrier()  # every rank's log exists before any rank can fail (and rank 0 remove the staging directory)
         log.info("probe_dist %s: world size %d, device %s, config hash %s", __version__, rt.world_size, rt.device,
                  config_hash(cfg))
-        summary = run(cfg, rt)
+        log.info("staging this run in %s; it replaces output.dir %s when it finishes", staging.path, staging.out_dir)
+        summary = run(cfg, rt, staging.path)
+        status = summary.get("status")
+        if not rt.is_main:
+            close_log_files()
+        rt.barrier()  # every rank has finished writing into the staging directory
         if rt.is_main:
+            publish(staging)  # a finished run is published whatever its status; failed_check still exits 1
+            close_log_files()
             from probe_dist.report.write import console_table
 
             print(console_table(summary), flush=True)
+            log.info("results in %s (status: %s)", cfg.output.dir, status)
+            if status not in ("completed", "interrupted"):
+                print(f"error: the run ended with status {status!r}: its results are in output.dir "
+                      f"{str(staging.out_dir)!r} but not to be trusted; see \"warnings\" in its summary.json.",
+                      file=sys.stderr, flush=True)
         rt.shutdown()
-        return 0 if summary.get("status") in ("completed", "interrupted") else EXIT_FAILURE
-    except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = EXIT_USAGE
-    except Exception as exc:  # noqa: BLE001 - report which rank failed and why, then end this rank
-        r = rt.rank if rt else rank
-        print(f"error: rank {r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 0 if status in ("completed", "interrupted") else EXIT_FAILURE
+        if rt.world_size > 1:
+            _exit_now(code)
+        return code
+    except UserInputError as exc:
         log.debug("%s", traceback.format_exc())
+        close_log_files()
+        code = _user_error(exc)
+        if staging is not None and rt.is_main:
+            discard(staging, keep_logs=False)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - report which rank failed and why, then end
+        r = rt.rank if rt else rank
+        text = f"rank {r} failed: {type(exc).__name__}: {exc}"
+        _log_to_files(logging.ERROR, f"{text}\n{traceback.format_exc()}")
+        close_log_files()
         traceback.print_exc(file=sys.stderr)
+        if staging is not None and rt.is_main and not isinstance(exc, PublishError):
+            discard(staging, keep_logs=True)  # a failed publish keeps the staged results: they are complete
+        print(f"error: {text}" + _where_logs_are(staging, results=isinstance(exc, PublishError)), file=sys.stderr)
         code = EXIT_FAILURE
     # Failure path: no barrier (peers may be stuck elsewhere); torchrun tears down the other ranks, and a bare
     # launch ends them at the collective timeout.
     if rt is not None:
         rt.abandon()
     return code
+
+
+def _exit_now(code: int) -> None:
+    """End a finished multi-rank worker without the interpreter's teardown.
+
+    After barrier + destroy_process_group every rank is done, yet gloo's background threads occasionally abort the
+    process in C++ static destructors at interpreter exit ("terminate called without an active exception"; about 1
+    in 25 torchrun launches here), which turns a published, correct run into a failed torchrun job. Everything is
+    flushed and closed first.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _stage(cfg: ProbeConfig, rt):
+    """Rank 0 checks output.dir and creates the staging directory; every rank gets it (or rank 0's error)."""
+    from probe_dist.errors import OutputDirError
+    from probe_dist.report.publish import prepare
+
+    outcome, error = None, None
+    if rt.is_main:
+        try:
+            if not cfg.output.overwrite and (Path(cfg.output.dir) / "summary.json").exists():
+                raise ConfigError(f"output.dir {cfg.output.dir!r} already holds a summary.json and "
+                                  "output.overwrite=false; choose a new output.dir or set output.overwrite=true.")
+            outcome = ("ok", prepare(cfg.output.dir))
+        except UserInputError as exc:
+            outcome, error = ("user", str(exc)), exc
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, not wait at the broadcast
+            outcome, error = ("internal", f"{type(exc).__name__}: {exc}"), exc
+    kind, value = rt.broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if kind == "user":
+        raise OutputDirError(value)
+    if kind == "internal":
+        raise RuntimeError(f"rank 0 could not create the staging directory: {value}")
+    return value
+
+
+def _user_error(exc: BaseException) -> int:
+    """One paragraph on stderr, no traceback."""
+    text = re.sub(r"\n\s*\n", "\n", str(exc).strip())
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def _where_logs_are(staging, *, results: bool) -> str:
+    if staging is None or not staging.path.is_dir():
+        return ""
+    kept = "the complete results and logs of this run are" if results else "the logs of this run are"
+    state = "is unchanged" if os.path.lexists(staging.out_dir) else "was not created"
+    return f"\n{kept} in {staging.path}; output.dir {staging.out_dir} {state}."
 
 
 if __name__ == "__main__":

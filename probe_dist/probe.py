@@ -9,6 +9,8 @@ results do not depend on the world size or the partition.
 from __future__ import annotations
 
 import logging
+import os
+import signal as signal_module
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from probe_dist.prediction.ustat import SingleBatchUStatistic
 from probe_dist.results import ProbeResult, UpdateGradient
 from probe_dist.rollout.sample import sample_batch
 from probe_dist.runtime import signals
+from probe_dist.runtime.signals import StopRequested
 from probe_dist.runtime.snapshot import restore_snapshot, take_snapshot
 from probe_dist.scoring.consistency import TOLERANCE, sampler_scorer_gap
 from probe_dist.scoring.score import base_entropy, score_batch
@@ -35,16 +38,14 @@ from probe_dist.update.step import real_step, set_theta, update_parts
 log = logging.getLogger("probe_dist")
 
 
-class StopRequested(Exception):
-    """SIGTERM/SIGUSR1 reached this job (pre-emption or time limit)."""
-
-
 @dataclass
 class PhaseClock:
-    """Wall time (and with memory.profile, memory) per phase; `fault` ("<rank>:<phase>", debug.fault) raises there."""
+    """Wall time (and with memory.profile, memory) per phase. Test hooks: `fault` ("<rank>:<phase>", debug.fault)
+    raises as the phase starts; `signal` ("<rank>:<phase>:<SIGNAME>", debug.signal) sends the signal then."""
 
     rank: int = 0
     fault: str | None = None
+    signal: str | None = None
     profile: bool = False
     device: torch.device = torch.device("cpu")
     seconds: dict = field(default_factory=dict)
@@ -54,6 +55,7 @@ class PhaseClock:
     def phase(self, name: str):
         if self.fault and self.fault == f"{self.rank}:{name}":
             raise RuntimeError(f"injected fault (debug.fault={self.fault})")
+        send_test_signal(self.signal, self.rank, name)
         recorder = PhaseMemoryRecorder(self.device) if self.profile else nullcontext()
         start = time.perf_counter()
         with recorder:  # resets the CUDA peaks and peak RSS, meters bytes saved for backward
@@ -61,6 +63,14 @@ class PhaseClock:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         if self.profile:
             self.memory[name] = merge_phase_records(self.memory.get(name), recorder.result)
+
+
+def send_test_signal(spec: str | None, rank: int, phase: str) -> None:
+    """debug.signal "<rank>:<phase>:<SIGNAME>": this process signals itself as `phase` starts on `rank`."""
+    if spec:
+        where, _, name = spec.rpartition(":")
+        if where == f"{rank}:{phase}":
+            os.kill(os.getpid(), getattr(signal_module, name))
 
 
 MIN_GROUPS_FOR_SE = 30
@@ -82,7 +92,8 @@ class Probe:
         self.cfg, self.rt, self.runner = cfg, rt, runner
         self.model, self.trainable, self.policy = runner.model, runner.trainable, runner.strategy.policy
         self.tokenizer, self.optimizer, self.eos_ids = tokenizer, optimizer, eos_ids
-        self.clock = PhaseClock(rank=rt.rank, fault=cfg.debug.fault, profile=cfg.memory.profile, device=rt.device)
+        self.clock = PhaseClock(rank=rt.rank, fault=cfg.debug.fault, signal=cfg.debug.signal,
+                                profile=cfg.memory.profile, device=rt.device)
 
     def check_stop(self) -> None:
         if self.rt.any_flag(signals.requested()):
@@ -92,7 +103,8 @@ class Probe:
         return sample_batch(self.rt, self.runner.decoder, self.tokenizer, name, sampling=self.cfg.sampling,
                             num_prompts=num_prompts, group_size=group_size, loss_family=self.cfg.update.loss,
                             adv_eps=self.cfg.update.adv_eps, rows_per_chunk=self.cfg.memory.microbatch_generate,
-                            lockstep=self.runner.strategy.name == "fsdp2", eos_ids=self.eos_ids)
+                            lockstep=self.runner.strategy.name == "fsdp2", eos_ids=self.eos_ids,
+                            after_group=self.check_stop)
 
     def check_sampler_scorer(self, batch) -> float:
         """Refuse the run unless the scorer reproduces the sampler's log-probs (scoring/consistency.py)."""
@@ -121,6 +133,7 @@ class Probe:
         self.model.eval()  # every probe pass in eval mode (LoRA dropout off)
         verified = []
         try:
+            self.check_stop()  # a signal during loading
             with self.clock.phase(phases.SAMPLE):
                 res.batch_e = self.sample("E", cfg.sampling.B_E, cfg.sampling.G_E)
                 res.batch_u = (res.batch_e if est.mode == "single_batch"
@@ -173,6 +186,9 @@ class Probe:
         res.phase_seconds = dict(self.clock.seconds)
         res.microbatch_used = {"generate": cfg.memory.microbatch_generate, **runner.sizes.as_dict(),
                                "logits_chunk": cfg.memory.logits_chunk}
+        if rt.is_main:
+            for warning in res.warnings():
+                log.warning("%s", warning)
         if cfg.memory.profile:
             res.memory_phases = rt.gather_objects(dict(self.clock.memory))
         if not res.restore_verified:

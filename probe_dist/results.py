@@ -100,9 +100,12 @@ class SweepPoint:
     clip_frac: float        # share of log-weights clipped (estimators.log_weight_clip)
     delta_h1: float
     delta_h1_se: float
+    flags: tuple[str, ...] = ()  # why a number of this row is not finite (empty when all are)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["flags"] = list(self.flags)
+        return out
 
 
 @dataclass
@@ -128,9 +131,28 @@ class ProbeResult:
     def restore_verified(self) -> bool:
         return bool(self.restore_verified_ranks) and all(self.restore_verified_ranks)
 
+    def warnings(self) -> list[str]:
+        """What a reader must know before using the numbers: flagged sweep rows, the η = 0 check, few groups."""
+        out = [f"η = {p.eta:g}: {flag}" for p in self.sweep for flag in p.flags]
+        zero = [p for p in self.sweep if p.eta == 0.0]
+        if zero and zero[0].delta_h_true != 0.0:
+            out.append(f"η = 0 gave ΔH_true = {zero[0].delta_h_true!r}, not exactly 0: S(θ) was not reproduced "
+                       "bit for bit at θ' = θ, so small ΔH_true values cannot be trusted on this setup")
+        if self.status == "completed" and self.sweep and not zero:
+            out.append("η = 0 is not in estimators.etas, so the exactness check ΔH_true(0) = 0 did not run")
+        return out
+
+    def final_status(self) -> str:
+        """completed only when the η = 0 check (if run) gave exactly 0 and restore verified; else failed_check."""
+        if self.status != "completed":
+            return self.status
+        zero_ok = all(p.delta_h_true == 0.0 for p in self.sweep if p.eta == 0.0)
+        return "completed" if zero_ok and self.restore_verified else "failed_check"
+
     def summary(self) -> dict:
         """The run's part of summary.json (keys in docs/outputs.md)."""
-        out: dict = {"status": self.status, "sweep": [p.to_dict() for p in self.sweep]}
+        out: dict = {"status": self.final_status(), "sweep": [p.to_dict() for p in self.sweep],
+                     "warnings": self.warnings()}
         if self.base is not None:
             out.update({"entropy/base": self.base.entropy, "entropy/base_se": self.base.entropy_se,
                         "entropy/base_naive": self.base.entropy_naive, "se/num_groups": self.base.num_groups})

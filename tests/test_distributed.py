@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from probe_dist.report.publish import live_log
 from probe_dist.runtime.sharding import max_groups_per_rank, shard_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +119,7 @@ def test_killed_rank_ends_every_rank(toy_checkpoint, tmp_path):
         time.sleep(0.5)
         ps = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "probe_dist.main"], capture_output=True, text=True)
         pids = [int(p) for p in ps.stdout.split()]
-        if len(pids) >= 2 and (out / "probe.log").exists():
+        if len(pids) >= 2 and live_log(out) is not None:
             victim = pids[-1]
     assert victim is not None, "workers did not start"
     time.sleep(3)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from probe_dist.report.publish import live_log
+
 REPO = Path(__file__).resolve().parents[1]
 ETAS = [round(1e-4 * (k + 1), 6) for k in range(60)]
 
@@ -29,9 +31,12 @@ def _start(out: Path, ckpt: Path) -> subprocess.Popen:
 def _wait_for_sweep(out: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        log = out / "probe.log"
-        if log.exists() and log.read_text().count("eta=") >= 2:
-            return
+        log = live_log(out)  # a running job's log is in its staging directory until it is published
+        try:
+            if log is not None and log.read_text().count("eta=") >= 2:
+                return
+        except FileNotFoundError:
+            pass
         if proc.poll() is not None:
             pytest.fail(f"probe ended before the sweep: {proc.stderr.read()[-2000:]}")
         time.sleep(0.3)

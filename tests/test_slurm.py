@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from probe_dist.report.publish import live_log
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm_cluster import LocalSlurmCluster, free_ports, local_slurm_cluster  # noqa: E402
 
@@ -300,13 +302,19 @@ def test_sbatch_preemption_stops_probe_at_safe_point(
     ]
     env = _job_env(tmp_path, "probe_dist.main", [REPO])
     job_id = _submit_multinode(slurm_cluster, env, overrides)
-    rank0_log = tmp_path / job_id / "probe.log"
+
+    def rank0_log_text() -> str:
+        log = live_log(tmp_path / job_id)  # staged until the job publishes its outputs
+        try:
+            return log.read_text(errors="replace") if log is not None else ""
+        except FileNotFoundError:
+            return ""
 
     # The first sweep line (η = 0) is logged inside the run, after the stop handlers are installed.
     _wait_while_running(
         slurm_cluster,
         job_id,
-        lambda: rank0_log.is_file() and "eta=0 " in rank0_log.read_text(errors="replace"),
+        lambda: "eta=0 " in rank0_log_text(),
         "the sweep started",
         300,
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from probe_dist.errors import MissingDependencyError, RewardError
+
 RewardFn = Callable[[str, str], float]
 
 _REGISTRY: dict[str, RewardFn] = {}
@@ -31,13 +33,14 @@ def reward_names() -> list[str]:
 
 
 def get_reward_fn(name: str) -> RewardFn:
-    """The reward function registered as ``name``; ValueError listing the registered names otherwise.
+    """The reward function registered as ``name``; `RewardError` (a ValueError) listing the registered names
+    otherwise.
 
-    ``"math_verify"`` needs the optional ``math-verify`` package and fails here, before any sampling,
-    if it is missing.
+    ``"math_verify"`` needs the optional ``math-verify`` package and fails here, before any sampling, with
+    `MissingDependencyError` (an ImportError) if it is missing.
     """
     if name not in _REGISTRY:
-        raise ValueError(
+        raise RewardError(
             f"unknown reward function {name!r}; registered reward functions: {', '.join(reward_names())}"
         )
     if name == "math_verify":
@@ -67,7 +70,7 @@ def _import_math_verify():
     try:
         import math_verify  # noqa: PLC0415
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             "reward 'math_verify' needs the optional package math-verify, which is not installed. "
             "Install it with `pip install math-verify` (or choose sampling.reward=exact_match)."
         ) from err

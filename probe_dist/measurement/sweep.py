@@ -87,7 +87,19 @@ def snis_point(rt, batch: RolloutBatch, scores0: list[SequenceScores], scores1: 
     return fields, lw_local
 
 
+MUST_BE_FINITE = ("delta_h_true", "entropy_new", "ess", "ess_frac", "kl", "max_weight", "delta_h1")
+
+
 def sweep_point(eta: float, snis_fields: dict, d1: DeltaH1) -> SweepPoint:
-    """One row of the sweep: ΔH_true(η) beside δH₁(η) = η·(δH₁/η) and its SE."""
-    return SweepPoint(eta=eta, **snis_fields, delta_h1=eta * d1.reported_per_eta + 0.0,  # + 0.0: no −0.0 at η = 0
-                      delta_h1_se=abs(eta) * d1.per_eta_se)
+    """One row of the sweep: ΔH_true(η) beside δH₁(η) = η·(δH₁/η) and its SE, flagged when a number is not finite.
+
+    (SEs with fewer than 2 groups and k̂ with too few weights are NaN by definition and not flagged.)
+    """
+    fields = {**snis_fields, "delta_h1": eta * d1.reported_per_eta + 0.0,  # + 0.0: no −0.0 at η = 0
+              "delta_h1_se": abs(eta) * d1.per_eta_se}
+    bad = [k for k in MUST_BE_FINITE if not math.isfinite(fields[k])]
+    flags = ()
+    if bad:
+        flags = (f"not finite: {', '.join(bad)} — at this η the step θ + ηu takes the model where its log-probs "
+                 "or the importance weights overflow; use smaller η",)
+    return SweepPoint(eta=eta, **fields, flags=flags)

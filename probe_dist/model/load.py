@@ -4,16 +4,22 @@ Checkpoint directory layout (what `python -m probe_dist.toy build` writes, and w
 almost are):  base/  tokenizer/  adapter_config.json  adapter_model.safetensors  optimizer.pt
               training_args.json  trainer_state.json
 optimizer.pt holds {"optimizer_class": "AdamW", "param_names": [...], "state_dict": optimizer.state_dict()}.
+
+No code runs from a checkpoint: optimizer.pt and any pickle weight file (*.bin) are read with
+torch.load(weights_only=True), and a file that would need arbitrary code is refused (`validate.UnsafeCheckpointError`);
+remote code (config auto_map) is never trusted. Every refusal is a `CheckpointError` (a `UserInputError`: exit 2)
+naming the file or tensor and the fix; the value checks themselves live in `probe_dist/validate.py`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from probe_dist.errors import UserInputError
 
 log = logging.getLogger("probe_dist")
 
@@ -21,7 +27,7 @@ ADAMW_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 _NAME_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserInputError, RuntimeError):
     """A checkpoint that the probe refuses, with what is wrong and how to fix it."""
 
 
@@ -32,6 +38,8 @@ class CheckpointPaths:
     optimizer: Path
     tokenizer: Path
     training_args: dict = field(default_factory=dict)
+    training_args_path: Path | None = None  # the training_args.json read (None: none found)
+    tokenizer_source: str = ""  # how the tokenizer folder was chosen, for messages
 
 
 def canonical_name(name: str) -> str:
@@ -62,45 +70,129 @@ def resolve_paths(checkpoint_cfg) -> CheckpointPaths:
     adapter = Path(checkpoint_cfg.adapter) if checkpoint_cfg.adapter else root
     if adapter is not None and not (adapter / "adapter_config.json").exists():
         if checkpoint_cfg.adapter:
-            raise CheckpointError(f"checkpoint.adapter {str(adapter)!r} has no adapter_config.json.")
+            raise CheckpointError(f"checkpoint.adapter {str(adapter)!r} has no adapter_config.json. Point it at the "
+                                  "folder a peft model was saved to (adapter_config.json + adapter_model.safetensors).")
         adapter = None  # full fine-tuning checkpoint: the base itself is trainable (guarded below)
-    tokenizer = Path(checkpoint_cfg.tokenizer) if checkpoint_cfg.tokenizer else (
-        root / "tokenizer" if root is not None and (root / "tokenizer").is_dir() else base)
+    if checkpoint_cfg.tokenizer:
+        tokenizer, tokenizer_source = Path(checkpoint_cfg.tokenizer), "checkpoint.tokenizer"
+    elif root is not None and (root / "tokenizer").is_dir():
+        tokenizer, tokenizer_source = root / "tokenizer", "the checkpoint's tokenizer/ folder"
+    else:
+        missing = f"{str(root / 'tokenizer')!r} does not exist, so " if root is not None else ""
+        tokenizer, tokenizer_source = base, f"{missing}the base model folder"
     for path, what in ((base, "base"), (optimizer, "optimizer")):
         if not path.exists():
-            raise CheckpointError(f"checkpoint {what} {str(path)!r} does not exist.")
-    args = {}
+            raise CheckpointError(f"checkpoint {what} {str(path)!r} does not exist. Check checkpoint.path (or "
+                                  f"set checkpoint.{what}=PATH explicitly).")
+    from probe_dist.validate import read_json
+
+    if adapter is not None:
+        adapter_config = adapter / "adapter_config.json"
+        fix = "Re-save the adapter with peft's save_pretrained (or restore the file from the training run)."
+        parsed = read_json(adapter_config, "adapter config", fix)
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("peft_type"), str):
+            raise CheckpointError(f"adapter config {str(adapter_config)!r} is not a peft adapter config (a JSON "
+                                  f"object with a 'peft_type' such as \"LORA\"). {fix}")
+    args, args_path = {}, None
     for cand in ([root / "training_args.json"] if root else []) + [optimizer.parent / "training_args.json"]:
         if cand.is_file():
-            args = json.loads(cand.read_text())
+            fix = ("Fix the file (one JSON object: loss, temperature, max_new_tokens, grad_clip, ...), or remove it "
+                   "and set sampling.temperature, sampling.max_new_tokens, update.loss and update.grad_clip explicitly.")
+            args, args_path = read_json(cand, "training settings file", fix), cand
+            if not isinstance(args, dict):
+                kind = {list: "a list", str: "a string", type(None): "null"}.get(type(args), type(args).__name__)
+                raise CheckpointError(f"training settings file {str(cand)!r} holds {kind}, not a JSON object. {fix}")
             break
-    return CheckpointPaths(base=base, adapter=adapter, optimizer=optimizer, tokenizer=tokenizer, training_args=args)
+    return CheckpointPaths(base=base, adapter=adapter, optimizer=optimizer, tokenizer=tokenizer, training_args=args,
+                           training_args_path=args_path, tokenizer_source=tokenizer_source)
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, source: str = ""):
+    """The tokenizer in `path`; CheckpointError when there is none, it cannot be loaded, or it is empty.
+
+    source: how `path` was chosen (`CheckpointPaths.tokenizer_source`), for the message."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    # A fast tokenizer saved next to a Qwen2 config reloads through AutoTokenizer with other ids: load it directly.
-    if (path / "tokenizer.json").exists():
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-    else:
-        tok = AutoTokenizer.from_pretrained(str(path))
+    from probe_dist.validate import TOKENIZER_FILES
+
+    path = Path(path)
+    chosen = f" (chosen as {source})" if source else ""
+    fix = ("Copy the tokenizer saved with the model (tokenizer.save_pretrained) into the checkpoint's tokenizer/ "
+           "folder, or set checkpoint.tokenizer=DIR.")
+    if not path.is_dir():
+        raise CheckpointError(f"tokenizer folder {str(path)!r}{chosen} does not exist. {fix}")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"no tokenizer in {str(path)!r}{chosen}: none of {', '.join(TOKENIZER_FILES)} is there. "
+                              f"{fix}")
+    try:
+        # A fast tokenizer saved next to a Qwen2 config reloads through AutoTokenizer with other ids: load it directly.
+        if (path / "tokenizer.json").exists():
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer file is the same problem whatever the parser says
+        raise CheckpointError(f"the tokenizer in {str(path)!r}{chosen} cannot be loaded: {type(exc).__name__}: "
+                              f"{str(exc)[:300]}. {fix}") from None
+    if len(tok) == 0:
+        raise CheckpointError(f"the tokenizer in {str(path)!r}{chosen} is empty (vocabulary size 0). {fix}")
     if tok.pad_token_id is None:
         log.info("tokenizer has no pad token: using EOS %r as pad (pad is never scored)", tok.eos_token)
         tok.pad_token = tok.eos_token
     return tok
 
 
+def _weight_pickles(directory: Path, names: tuple[str, ...]) -> str:
+    found = [str(directory / n) for n in names if (directory / n).is_file()]
+    found += [str(f) for f in sorted(Path(directory).glob("pytorch_model-*.bin"))]
+    return ", ".join(repr(f) for f in found) or f"a pickle weight file in {str(directory)!r}"
+
+
 def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device):
+    """Base + adapter (trainable), in eval mode on `device`.
+
+    Before loading: the safetensors files are complete and the adapter's tensors finite (`validate.
+    check_weight_files`); pickle weight files (*.bin) are read with weights_only=True, and one that would run code
+    is refused (UnsafeCheckpointError). After loading: every weight finite. Any load failure is a CheckpointError
+    naming the folder."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # rank-prefixed logs instead of one progress bar per rank
+    from probe_dist.validate import (
+        check_finite_parameters,
+        check_weight_files,
+        is_unsafe_pickle_error,
+        load_error_text,
+        unsafe_pickle_error,
+    )
 
-    base = AutoModelForCausalLM.from_pretrained(str(paths.base), dtype=dtype)
+    hf_logging.disable_progress_bar()  # rank-prefixed logs instead of one progress bar per rank
+    check_weight_files(paths.base, paths.adapter)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(str(paths.base), dtype=dtype, weights_only=True)
+    except (torch.OutOfMemoryError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unloadable base is the user's to fix, whatever the loader raised
+        if is_unsafe_pickle_error(exc):
+            raise unsafe_pickle_error(_weight_pickles(paths.base, ("pytorch_model.bin",)), exc) from None
+        raise CheckpointError(f"could not load the base model from {str(paths.base)!r}: {load_error_text(exc)}. "
+                              "Check that it is a complete Hugging Face model folder "
+                              "(config.json + *.safetensors, as written by save_pretrained).") from None
+    base.to(device)  # the finiteness pass below runs on the device (fast on a GPU), with the base file's names
+    check_finite_parameters([*base.named_parameters(), *base.named_buffers()], adapter=False, source=paths.base)
     if paths.adapter is not None:
-        model = PeftModel.from_pretrained(base, str(paths.adapter), is_trainable=True)
+        try:
+            model = PeftModel.from_pretrained(base, str(paths.adapter), is_trainable=True)
+        except (torch.OutOfMemoryError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - as above
+            if is_unsafe_pickle_error(exc):
+                raise unsafe_pickle_error(_weight_pickles(paths.adapter, ("adapter_model.bin",)), exc) from None
+            raise CheckpointError(
+                f"could not load the adapter from {str(paths.adapter)!r} onto the base {str(paths.base)!r}: "
+                f"{load_error_text(exc)}. Check that adapter_config.json and adapter_model.safetensors "
+                "are complete and were trained on this base model.") from None
+        check_finite_parameters(trainable_parameters(model), adapter=True, source=paths.adapter)
     else:
         model = base
     model.to(device)
@@ -124,17 +216,59 @@ def check_trainable_count(trainable, max_params: int, allow_full: bool) -> int:
     return count
 
 
-def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]]) -> tuple[torch.optim.AdamW, dict]:
-    """Build torch AdamW over exactly the trainable parameters and load the saved state remapped by name."""
+def read_optimizer_file(path: Path) -> dict:
+    """The saved optimizer file, checked before any model is loaded.
+
+    Loaded with torch.load(weights_only=True): a pickle that would run code is refused (UnsafeCheckpointError) and
+    never executed. Then its structure ({"param_names": [...], "state_dict": {"state", "param_groups"}}) and its
+    values (`validate.check_optimizer_values`: finite state, exp_avg_sq ≥ 0, usable hyperparameters), naming the
+    parameter. Raises CheckpointError otherwise."""
+    from probe_dist.validate import (
+        check_optimizer_values,
+        is_unsafe_pickle_error,
+        load_error_text,
+        unsafe_pickle_error,
+    )
+
     try:
-        blob = torch.load(str(path), map_location="cpu", weights_only=False)
+        blob = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
-        raise CheckpointError(f"could not read optimizer state {str(path)!r}: {exc}") from exc
+        if is_unsafe_pickle_error(exc):
+            raise unsafe_pickle_error(f"the optimizer state {str(path)!r}", exc) from None
+        raise CheckpointError(f"could not read optimizer state {str(path)!r}: {load_error_text(exc)}. "
+                              "It should be a torch.save file written by the training run; copy it again or re-save "
+                              "it.") from None
+    resave = ("Re-save it with torch.save({'optimizer_class': 'AdamW', 'param_names': names, "
+              "'state_dict': opt.state_dict()}, path).")
     if not isinstance(blob, dict) or "state_dict" not in blob or "param_names" not in blob:
         raise CheckpointError(
             f"{str(path)!r} is not a probe_dist optimizer file: expected a dict with 'state_dict' and 'param_names' "
-            "(the trainable parameter names in optimizer order). Re-save it with "
-            "torch.save({'optimizer_class': 'AdamW', 'param_names': names, 'state_dict': opt.state_dict()}, path).")
+            f"(the trainable parameter names in optimizer order). {resave}")
+    sd, names = blob["state_dict"], blob["param_names"]
+    groups = sd.get("param_groups") if isinstance(sd, dict) else None
+    state = sd.get("state") if isinstance(sd, dict) else None
+    if (not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names)
+            or not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                       for g in groups)
+            or not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values())):
+        raise CheckpointError(f"optimizer file {str(path)!r} is malformed: 'param_names' must be a list of names and "
+                              "'state_dict' an optimizer state dict ({'state': {id: {...}}, 'param_groups': "
+                              f"[{{..., 'params': [ids]}}]}}). {resave}")
+    ids = [i for g in groups for i in g["params"]]
+    check_optimizer_values(((names[k] if k < len(names) else f"parameter id {pid}", state[pid])
+                            for k, pid in enumerate(ids) if pid in state), groups, path)
+    return blob
+
+
+def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]],
+                   blob: dict | None = None) -> tuple[torch.optim.AdamW, dict]:
+    """Build torch AdamW over exactly the trainable parameters and load the saved state remapped by name.
+
+    blob: the file's contents from `read_optimizer_file` (read here when None)."""
+    from probe_dist.validate import check_optimizer_values
+
+    if blob is None:
+        blob = read_optimizer_file(path)
     cls = str(blob.get("optimizer_class", "AdamW"))
     sd = blob["state_dict"]
     groups = sd.get("param_groups", [])
@@ -142,9 +276,11 @@ def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]]) 
         raise CheckpointError(f"optimizer in {str(path)!r} is {cls!r}, not torch AdamW: the probe reproduces the "
                               "exact AdamW step (docs/method.md §4) and refuses other optimizers.")
     if any(g.get("maximize") for g in groups):
-        raise CheckpointError("AdamW with maximize=True is not supported.")
+        raise CheckpointError(f"optimizer in {str(path)!r} is AdamW with maximize=True, which the probe does not "
+                              "support: re-save the state of a minimising AdamW.")
     if any(g.get("decoupled_weight_decay") is False for g in groups):
-        raise CheckpointError("the optimizer is Adam with L2 weight decay (decoupled_weight_decay=False), not AdamW.")
+        raise CheckpointError(f"the optimizer in {str(path)!r} is Adam with L2 weight decay "
+                              "(decoupled_weight_decay=False), not AdamW: the probe reproduces only AdamW's step.")
     saved_names = [canonical_name(n) for n in blob["param_names"]]
     by_name = {canonical_name(n): p for n, p in trainable}
     missing = sorted(set(by_name) - set(saved_names))
@@ -157,7 +293,9 @@ def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]]) 
     # Saved param ids, group by group, in order: id k ↔ saved_names[k].
     ordered_ids = [i for g in groups for i in g["params"]]
     if len(ordered_ids) != len(saved_names):
-        raise CheckpointError(f"optimizer file lists {len(saved_names)} names but {len(ordered_ids)} parameter ids.")
+        raise CheckpointError(f"optimizer file {str(path)!r} lists {len(saved_names)} names but {len(ordered_ids)} "
+                              "parameter ids: 'param_names' must name every parameter of the param groups, in order. "
+                              "Re-save it from the training run.")
     name_of_id = dict(zip(ordered_ids, saved_names))
     new_groups = []
     for g in groups:
@@ -179,8 +317,9 @@ def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]]) 
             if tuple(state[key].shape) != tuple(param.shape):
                 problems.append(f"{name}: {key} shape {tuple(state[key].shape)} != parameter {tuple(param.shape)}")
     if problems:
-        raise CheckpointError("optimizer state is incomplete or mismatched (every trainable parameter needs "
-                              "exp_avg, exp_avg_sq and step of its shape): " + "; ".join(problems[:5]))
+        raise CheckpointError(f"optimizer state in {str(path)!r} is incomplete or mismatched (every trainable "
+                              "parameter needs exp_avg, exp_avg_sq and step of its shape): " + "; ".join(problems[:5])
+                              + ". Check that the adapter and optimizer come from the same checkpoint.")
     # Remapped state dict in the new optimizer's own id space (our groups follow the saved group order).
     remapped = {"state": {}, "param_groups": []}
     new_id = 0
@@ -192,6 +331,9 @@ def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]]) 
             new_id += 1
         remapped["param_groups"].append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
     optimizer.load_state_dict(remapped)
+    # load_state_dict casts the state to each parameter's dtype: check again (an fp64 value can overflow fp32).
+    check_optimizer_values(((name_of_id[pid], optimizer.state[by_name[name_of_id[pid]]]) for pid in ordered_ids),
+                           [], path)
     # load_state_dict casts exp_avg/exp_avg_sq to the parameter's dtype/device; `step` stays a CPU float tensor.
     coverage = {"params": len(ordered_ids), "with_state": len(ordered_ids) - len(problems),
                 "numel": sum(by_name[n].numel() for n in saved_names)}

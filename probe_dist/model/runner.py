@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from probe_dist.rollout.batch import Microbatch
-from probe_dist.runtime.oom import MicrobatchSizes, run_with_oom_retry
+from probe_dist.runtime.oom import MicrobatchSizes, run_groups
 from probe_dist.runtime.strategy import Strategy
 
 
@@ -50,9 +50,11 @@ class PolicyRunner:
                                       response_mask=mb.response_mask.to(dev, non_blocking=True),
                                       temperature=self.temperature)
 
-    def with_oom_retry(self, rt, kind: str, local_fn):
-        """`local_fn()` with the lockstep OOM retry of `runtime.oom` on `sizes.<kind>` ("score" or "grad")."""
-        return run_with_oom_retry(rt, self.sizes, kind, local_fn, auto=self.auto_microbatch, on_oom=self.zero_grads)
+    def run_groups(self, rt, kind: str, groups, *, start, step):
+        """`runtime.oom.run_groups` over `groups` with this runner's sizes (`kind` "score" or "grad"): a safe point
+        after every group (stop signals, lockstep OOM retry); returns the state `start()` made and `step` filled."""
+        return run_groups(rt, self.sizes, kind, groups, start=start, step=step, auto=self.auto_microbatch,
+                          on_oom=self.zero_grads)
 
     @property
     def decoder(self):

@@ -27,44 +27,44 @@ def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: 
     δH₁/η is in nats per unit η. Raises ValueError for an unknown est.delta_h1 method; OOM that survives the
     runner's retries propagates.
     """
-    def local_pass():
-        grad_entropy = [torch.zeros_like(x) for x in u]
-        q_groups, b_groups, lam_groups, h_groups = [], [], [], []
+    def start() -> dict:
         if ustat is not None:
             ustat.reset()
         runner.zero_grads()
-        with runner.no_sync():
-            for gi, group in enumerate(batch_e.groups):
-                q_p = b_p = 0.0
-                x_p = None
-                for mb in group.microbatches(runner.sizes.grad):
-                    token_logp, token_h = runner.forward(mb, grad=True)
-                    rows = mb.token_rows_on(token_logp.device)
-                    phi = token_h if est.payload == "rb" else -token_logp
-                    a, b = surrogate_coefficients(phi, token_h, rows, num_rows=mb.num_rows, entropy=base.entropy,
-                                                  method=est.delta_h1, normalize=est.normalize)
-                    surrogate1, surrogate2 = surrogate_terms(phi, token_logp, a, b, sum_lam=base.sum_lam)
-                    (surrogate1 * group.weight).backward(retain_graph=True)
-                    g1 = runner.take_grads()
-                    (surrogate2 * group.weight).backward()
-                    g2 = runner.take_grads()
-                    q_p += vector_dot(g1, u)
-                    b_p += vector_dot(g2, u)
-                    for acc, x in zip(grad_entropy, g1):
-                        acc += x
-                    if ustat is not None:
-                        x_p = g1 if x_p is None else [a + b for a, b in zip(x_p, g1)]
-                if ustat is not None:
-                    ustat.add_group(gi, x_p)
-                if group.weight > 0:
-                    sc = scores_e[gi]
-                    q_groups.append(q_p)
-                    b_groups.append(b_p)
-                    lam_groups.append(float(normaliser_lengths(sc.T, est.normalize).sum()))
-                    h_groups.append(float(sc.h(est.payload).sum()))
-        return grad_entropy, q_groups, b_groups, lam_groups, h_groups
+        return {"grad_entropy": [torch.zeros_like(x) for x in u], "q": [], "b": [], "lam": [], "h": []}
 
-    grad_entropy, q_groups, b_groups, lam_groups, h_groups = runner.with_oom_retry(rt, "grad", local_pass)
+    def step(gi: int, group, state: dict) -> None:
+        q_p = b_p = 0.0
+        x_p = None
+        for mb in group.microbatches(runner.sizes.grad):
+            token_logp, token_h = runner.forward(mb, grad=True)
+            rows = mb.token_rows_on(token_logp.device)
+            phi = token_h if est.payload == "rb" else -token_logp
+            a, b = surrogate_coefficients(phi, token_h, rows, num_rows=mb.num_rows, entropy=base.entropy,
+                                          method=est.delta_h1, normalize=est.normalize)
+            surrogate1, surrogate2 = surrogate_terms(phi, token_logp, a, b, sum_lam=base.sum_lam)
+            (surrogate1 * group.weight).backward(retain_graph=True)
+            g1 = runner.take_grads()
+            (surrogate2 * group.weight).backward()
+            g2 = runner.take_grads()
+            q_p += vector_dot(g1, u)
+            b_p += vector_dot(g2, u)
+            for acc, x in zip(state["grad_entropy"], g1):
+                acc += x
+            if ustat is not None:
+                x_p = g1 if x_p is None else [a + b for a, b in zip(x_p, g1)]
+        if ustat is not None:
+            ustat.add_group(gi, x_p)
+        if group.weight > 0:
+            sc = scores_e[gi]
+            state["q"].append(q_p)
+            state["b"].append(b_p)
+            state["lam"].append(float(normaliser_lengths(sc.T, est.normalize).sum()))
+            state["h"].append(float(sc.h(est.payload).sum()))
+
+    with runner.no_sync():
+        state = runner.run_groups(rt, "grad", batch_e.groups, start=start, step=step)
+    grad_entropy, q_groups, b_groups, lam_groups, h_groups = (state[k] for k in ("grad_entropy", "q", "b", "lam", "h"))
     per_eta, sum_b = rt.sum_scalars(sum(q_groups), sum(b_groups))
     c = delta_h1_influence(torch.tensor(q_groups, dtype=torch.float64), torch.tensor(lam_groups, dtype=torch.float64),
                            torch.tensor(h_groups, dtype=torch.float64), value=per_eta, sum_lam=base.sum_lam,

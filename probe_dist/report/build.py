@@ -56,8 +56,13 @@ def provenance(cfg, rt, result: ProbeResult) -> dict:
             "provenance/temperature": cfg.sampling.temperature, "provenance/max_new_tokens": cfg.sampling.max_new_tokens}
 
 
-def build_outputs(cfg, rt, result: ProbeResult, summary: dict, *, param_names: list[str]) -> dict:
-    """Add provenance, gather the per-sequence rows to rank 0, and write every output file there."""
+def build_outputs(cfg, rt, result: ProbeResult, summary: dict, *, out_dir: Path, param_names: list[str]) -> dict:
+    """Add provenance, gather the per-sequence rows to rank 0, and write every output file there into `out_dir`.
+
+    `out_dir` is the run's staging directory (`report/publish.py`), not output.dir: main() publishes it as a whole
+    once every rank has finished. The config written is the run's own, so its `output.dir` names the published
+    directory.
+    """
     from probe_dist.report.write import write_plot, write_summary, write_table
 
     summary.update(provenance(cfg, rt, result))
@@ -66,7 +71,7 @@ def build_outputs(cfg, rt, result: ProbeResult, summary: dict, *, param_names: l
         log.warning("output.save_update_vector writes rank 0's (replicated) update vector")
     if not rt.is_main:
         return summary
-    out_dir = Path(cfg.output.dir)
+    out_dir = Path(out_dir)
     rows = sorted((r for part in gathered for r in part), key=lambda r: (r["batch"], r["prompt_index"], r["response"]))
     dump_config(cfg, out_dir / "config.yaml")
     write_table(out_dir, rows, cfg.output.table_format)

@@ -1,6 +1,7 @@
 """Results on disk (rank 0 only): summary.json, the per-sequence table, plots, and the console table.
 
-Files are written to a temporary name and renamed, so a failed run never leaves a half-written summary.
+The writers write into the run's staging directory, which main() publishes as a whole (`report/publish.py`): a
+file is never written into output.dir itself, so no writer needs temporary names of its own.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -29,15 +29,9 @@ def _clean(obj):
     return obj
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_summary(out_dir: Path, summary: dict) -> Path:
     path = out_dir / "summary.json"
-    atomic_write_text(path, json.dumps(_clean(summary), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(_clean(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 
@@ -52,7 +46,9 @@ def write_table(out_dir: Path, rows: list[dict], fmt: str = "jsonl") -> Path:
         except ImportError:
             log.warning("parquet needs pandas + pyarrow; writing JSONL instead")
     path = out_dir / "sequences.jsonl"
-    atomic_write_text(path, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(_clean(r)) + "\n")
     return path
 
 
@@ -65,15 +61,21 @@ def write_plot(out_dir: Path, summary: dict) -> Path | None:
     except ImportError:
         log.info("no plot: matplotlib is not installed (pip install -e '.[plots]')")
         return None
-    sweep = [s for s in summary.get("sweep", []) if s["eta"] > 0]
+    sweep = [s for s in summary.get("sweep") or [] if isinstance(s, dict) and _finite(s.get("eta")) and s["eta"] > 0]
     if not sweep:
         return None
     etas = [s["eta"] for s in sweep]
+
+    def values(key):
+        return [float(s[key]) if _finite(s.get(key)) else math.nan for s in sweep]
+
+    def errors(key):
+        return [float(s[key]) if _finite(s.get(key)) else 0.0 for s in sweep]
+
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.errorbar(etas, [s["delta_h_true"] for s in sweep], yerr=[s["delta_h_true_se"] or 0 for s in sweep],
-                marker="o", label="ΔH_true (SNIS)")
-    ax.errorbar(etas, [s["delta_h1"] for s in sweep], yerr=[s["delta_h1_se"] or 0 for s in sweep],
-                marker="s", linestyle="--", label="δH₁ (first order)")
+    ax.errorbar(etas, values("delta_h_true"), yerr=errors("delta_h_true_se"), marker="o", label="ΔH_true (SNIS)")
+    ax.errorbar(etas, values("delta_h1"), yerr=errors("delta_h1_se"), marker="s", linestyle="--",
+                label="δH₁ (first order)")
     ax.set_xscale("log")
     ax.set_xlabel("η (learning rate)")
     ax.set_ylabel("entropy change (nats)")
@@ -86,17 +88,64 @@ def write_plot(out_dir: Path, summary: dict) -> Path | None:
     return path
 
 
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _num(x, spec: str) -> str:
+    """`x` formatted with `spec`, or "nan" (NaN, ±inf, None, missing) right-aligned to the spec's width."""
+    if _finite(x):
+        return format(float(x), spec)
+    width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
+    return format("nan", ">" + width)
+
+
+# Scalars shown under the entropy line when present, in this order: (key, label, SE key or None, format).
+_SCALARS = (
+    ("update/grad_norm", "update: |grad L|", None, ".4g"),
+    ("update/u_norm", "update: |u|", None, ".4g"),
+    ("delta_h1/per_eta", "dH1/eta", "delta_h1/per_eta_se", ".6g"),
+    ("delta_h1/ustat_per_eta", "dH1/eta (U-statistic)", None, ".6g"),
+)
+_SWEEP_COLUMNS = (("delta_h_true", "+13.5e"), ("delta_h_true_se", "9.2e"), ("delta_h1", "+13.5e"),
+                  ("delta_h1_se", "9.2e"), ("ess_frac", "7.3f"), ("khat", "6.2f"), ("kl", "9.2e"))
+
+
 def console_table(summary: dict) -> str:
-    lines = [f"entropy H(θ) = {summary['entropy/base']:.6g} ± {summary['entropy/base_se']:.2g}"
-             f"   (naive {summary['entropy/base_naive']:.6g})   status: {summary['status']}",
-             f"{'eta':>10} {'dH_true':>13} {'±se':>9} {'dH1':>13} {'±se':>9} {'ESS/N':>7} {'khat':>6} {'KL':>9}"]
-    for s in summary["sweep"]:
-        def f(x, spec):
-            if isinstance(x, float) and math.isfinite(x):
-                return format(x, spec)
-            return format("nan", ">" + "".join(ch for ch in spec if ch.isdigit() or ch == ".").split(".")[0])
-        lines.append(f"{s['eta']:>10.3g} {f(s['delta_h_true'], '+13.5e')} {f(s['delta_h_true_se'], '9.2e')} "
-                     f"{f(s['delta_h1'], '+13.5e')} {f(s['delta_h1_se'], '9.2e')} {f(s['ess_frac'], '7.3f')} "
-                     f"{f(s['khat'], '6.2f')} {f(s['kl'], '9.2e')}")
-    lines.append(f"restore verified on all ranks: {summary['restore/verified']}")
+    """The console summary: Ĥ ± SE, status, the update and prediction scalars, one line per η, the restore check,
+    and the summary's warnings (flagged η rows included).
+
+    Prints whatever the summary holds: an interrupted run may lack any key (Ĥ before base scoring, u before the
+    gradient, δH₁ unless completed), and any number may be None/NaN; missing values show as "nan" or are left out.
+    """
+    status = summary.get("status", "unknown")
+    if "entropy/base" in summary or "entropy/base_se" in summary:
+        head = f"entropy H(θ) = {_num(summary.get('entropy/base'), '.6g')} ± {_num(summary.get('entropy/base_se'), '.2g')}"
+        if "entropy/base_naive" in summary:
+            head += f"   (naive {_num(summary.get('entropy/base_naive'), '.6g')})"
+    else:
+        head = "entropy H(θ): not computed"
+    lines = [f"{head}   status: {status}"]
+    for key, label, se_key, spec in _SCALARS:
+        if key in summary:
+            se = f" ± {_num(summary.get(se_key), '.2g')}" if se_key and se_key in summary else ""
+            lines.append(f"{label} = {_num(summary[key], spec)}{se}")
+    sweep = [s for s in summary.get("sweep") or [] if isinstance(s, dict)]
+    if sweep:
+        lines.append(f"{'eta':>10} {'dH_true':>13} {'±se':>9} {'dH1':>13} {'±se':>9} {'ESS/N':>7} {'khat':>6} "
+                     f"{'KL':>9}")
+        for s in sweep:
+            lines.append(" ".join([_num(s.get("eta"), "10.3g")] + [_num(s.get(k), spec) for k, spec in _SWEEP_COLUMNS]))
+    else:
+        lines.append("sweep: no η completed")
+    if "restore/verified" in summary:
+        lines.append(f"restore verified on all ranks: {summary['restore/verified']}")
+    def listed(x) -> list:
+        return list(x) if isinstance(x, list | tuple) else []
+
+    if "warnings" in summary:  # they include the flagged η rows
+        warnings = listed(summary["warnings"])
+    else:
+        warnings = [f"η = {s.get('eta')}: {flag}" for s in sweep for flag in listed(s.get("flags"))]
+    lines.extend(f"warning: {w}" for w in warnings)
     return "\n".join(lines)

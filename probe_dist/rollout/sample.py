@@ -62,7 +62,8 @@ def sample_group(decoder, tokenizer, prompt: dict, *, prompt_index: int, seed_ke
 
 def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig, num_prompts: int, group_size: int,
                  loss_family: str, adv_eps: float, rows_per_chunk: int, lockstep: bool,
-                 eos_ids: Sequence[int] | None = None) -> RolloutBatch:
+                 eos_ids: Sequence[int] | None = None,
+                 after_group: Callable[[], None] | None = None) -> RolloutBatch:
     """This rank's shard of batch `name` ("E" or "U"): contiguous prompt groups of the seeded prompt order,
     padded with zero-weight copies so every rank generates and scores the same number of groups.
 
@@ -73,12 +74,16 @@ def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig,
     reward_fn = get_reward_fn(sampling.reward)
     mine = shard_groups(num_prompts, rt.world_size, rt.rank)
     padded = mine + [mine[-1] if mine else 0] * (max_groups_per_rank(num_prompts, rt.world_size) - len(mine))
-    groups = [sample_group(decoder, tokenizer, chosen[pos][1], prompt_index=pos, seed_key=(sampling.seed, name, pos),
-                           group_size=group_size, temperature=sampling.temperature,
-                           max_new_tokens=sampling.max_new_tokens, reward_fn=reward_fn, loss_family=loss_family,
-                           adv_eps=adv_eps, device=rt.device, rows_per_chunk=rows_per_chunk, lockstep=lockstep,
-                           weight=1.0 if slot < len(mine) else 0.0, eos_ids=eos_ids)
-              for slot, pos in enumerate(padded)]
+    groups = []
+    for slot, pos in enumerate(padded):
+        groups.append(sample_group(decoder, tokenizer, chosen[pos][1], prompt_index=pos,
+                                   seed_key=(sampling.seed, name, pos), group_size=group_size,
+                                   temperature=sampling.temperature, max_new_tokens=sampling.max_new_tokens,
+                                   reward_fn=reward_fn, loss_family=loss_family, adv_eps=adv_eps, device=rt.device,
+                                   rows_per_chunk=rows_per_chunk, lockstep=lockstep,
+                                   weight=1.0 if slot < len(mine) else 0.0, eos_ids=eos_ids))
+        if after_group is not None:
+            after_group()  # a safe point: every rank samples the same number of groups
     return RolloutBatch(name=name, groups=groups)
 
 

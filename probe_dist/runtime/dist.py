@@ -85,6 +85,11 @@ class Runtime:
         if self.world_size > 1:
             dist.barrier(group=self.cpu_group)
 
+    def any_flags(self, *flags: bool) -> list[bool]:
+        """For each flag: True on every rank if it is true on any rank (one all-reduce MAX for all of them)."""
+        values = self.max_f64(torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64))
+        return [bool(v > 0) for v in values]
+
     def any_flag(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any rank (used for stop requests and failures)."""
         return bool(self.max_f64(torch.tensor([1.0 if flag else 0.0]))[0] > 0)
@@ -112,7 +117,11 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but no CUDA device is visible; use device=cpu or auto.")
+        from probe_dist.errors import DeviceUnavailableError
+
+        raise DeviceUnavailableError("device=cuda was requested but no CUDA device is visible on this machine "
+                                     f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                                     "use device=cpu or device=auto.")
     torch.cuda.set_device(local_rank % torch.cuda.device_count())
     return torch.device("cuda", torch.cuda.current_device())
 

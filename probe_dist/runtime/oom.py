@@ -1,17 +1,21 @@
-"""Out-of-memory retry in lockstep: if any rank ran out of memory in a phase, every rank halves that phase's
-microbatch size and reruns it (memory.auto_microbatch). Lives next to the collectives because the decision is one."""
+"""The per-group loop of every phase, with a safe point after each group: stop signals and out-of-memory retries
+are decided by all ranks together (memory.auto_microbatch). Lives next to the collectives because the decisions
+are collectives."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
+from probe_dist.runtime import signals
+
 log = logging.getLogger("probe_dist")
-T = TypeVar("T")
+G = TypeVar("G")
+S = TypeVar("S")
 
 
 @dataclass
@@ -29,28 +33,40 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
 
 
-def run_with_oom_retry(rt, sizes: MicrobatchSizes, kind: str, local_fn: Callable[[], T], *, auto: bool,
-                       on_oom: Callable[[], None]) -> T:
-    """Run a collective-free local loop; if any rank ran out of memory, all ranks halve `sizes.<kind>` and rerun.
+def run_groups(rt, sizes: MicrobatchSizes, kind: str, groups: Sequence[G], *, start: Callable[[], S],
+               step: Callable[[int, G, S], None], auto: bool, on_oom: Callable[[], None],
+               stop_requested: Callable[[], bool] = signals.requested) -> S:
+    """state = start(); step(index, group, state) for each of this rank's groups; the final state.
 
-    kind: "score" or "grad". `on_oom` cleans up a failed attempt (gradients). Sums are float64 and each microbatch
-    is group-local, so a rerun with a smaller size gives exactly what a run at that size from the start gives.
+    After every group all ranks meet at one safe point — one all-reduce of (stop requested, out of memory) — so a
+    stop signal ends the phase on every rank within one group of work (raises StopRequested everywhere), and an
+    out-of-memory error on any rank makes all ranks halve `sizes.<kind>` ("score" or "grad") and restart the phase
+    (memory.auto_microbatch). Every rank holds the same number of groups (lockstep padding), so the safe points
+    line up. Steps must not communicate. Sums are float64 and each microbatch is group-local, so a rerun with a
+    smaller size gives exactly what a run at that size from the start gives. `on_oom` cleans up (gradients).
     Raises MemoryError when `auto` is off or the size is already 1; re-raises anything that is not an OOM.
     """
     while True:
-        failed, result = False, None
-        try:
-            result = local_fn()
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
-            if not is_oom(exc):
-                raise
-            failed = True
-            on_oom()
-            if rt.device.type == "cuda":
-                torch.cuda.empty_cache()
-            log.warning("out of memory with microbatch_%s=%d", kind, getattr(sizes, kind))
-        if not rt.any_flag(failed):
-            return result
+        state, failed, any_failed = start(), False, False
+        for index, group in enumerate(groups):
+            if not failed:
+                try:
+                    step(index, group, state)
+                except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
+                    if not is_oom(exc):
+                        raise
+                    failed = True
+                    on_oom()
+                    if rt.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    log.warning("out of memory with microbatch_%s=%d", kind, getattr(sizes, kind))
+            stop, any_failed = rt.any_flags(stop_requested(), failed)
+            if stop:
+                raise signals.StopRequested()
+            if any_failed:
+                break
+        if not any_failed:
+            return state
         current = getattr(sizes, kind)
         if not auto or current <= 1:
             raise MemoryError(f"out of memory at memory.microbatch_{kind}={current} on some rank; lower "

@@ -1,8 +1,10 @@
-"""Pre-emption: SIGTERM / SIGUSR1 (Slurm time limit, scancel, torchrun forwarding) request a stop.
+"""Pre-emption: SIGTERM / SIGUSR1 (Slurm time limit, scancel, torchrun forwarding) and SIGINT (Ctrl-C) request
+a stop.
 
-The handler only sets a flag; the probe checks it at safe points (between phases and η values), agrees on it
-across ranks with one all-reduce, restores the training state, and writes a summary marked "interrupted".
-Installed at the very start of main() so a signal during model loading is not fatal either.
+The handler only sets a flag; the probe checks it at safe points — after every prompt group of every phase and
+between phases and η values — agrees on it across ranks with one all-reduce, restores the training state, and
+writes a summary marked "interrupted". Installed at the very start of main() so a signal during model loading is
+not fatal either.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ log = logging.getLogger("probe_dist")
 _requested = {"signal": None}
 
 
+class StopRequested(Exception):
+    """A stop signal reached this job (pre-emption, time limit, Ctrl-C); raised on every rank at the same safe point."""
+
+
 def _handler(signum, _frame):
     if _requested["signal"] is None:
         log.warning("received signal %d: stopping at the next safe point", signum)
@@ -21,7 +27,7 @@ def _handler(signum, _frame):
 
 
 def install() -> None:
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         try:
             signal.signal(sig, _handler)
         except ValueError:  # not the main thread (e.g. embedded use): leave default handling

@@ -24,8 +24,10 @@ def score_group(runner: PolicyRunner, group: Group) -> SequenceScores:
 
 
 def score_batch(rt, runner: PolicyRunner, batch: RolloutBatch) -> list[SequenceScores]:
-    """Scores of every group of this rank (padding included), with the lockstep OOM retry."""
-    return runner.with_oom_retry(rt, "score", lambda: [score_group(runner, g) for g in batch.groups])
+    """Scores of every group of this rank (padding included), with a safe point after each group (stop signals,
+    the lockstep OOM retry). Raises StopRequested on every rank when a stop was requested."""
+    return runner.run_groups(rt, "score", batch.groups, start=list,
+                             step=lambda _i, group, out: out.append(score_group(runner, group)))
 
 
 def base_entropy(rt, batch: RolloutBatch, scores: list[SequenceScores], *, payload: str,

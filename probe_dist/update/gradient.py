@@ -56,15 +56,16 @@ def update_gradient(rt, runner: PolicyRunner, batch: RolloutBatch,
     """
     norm = loss_normalisers(rt, batch, max_len=update.max_len)
 
-    def local_gradient():
+    def start() -> list[torch.Tensor]:
         runner.zero_grads()
-        accumulator = runner.new_accumulator()
-        with runner.no_sync():
-            for g in batch.groups:
-                group_loss_backward(runner, g, norm=norm, update=update, accumulator=accumulator)
-        return [a.cpu() for a in accumulator]
+        return runner.new_accumulator()
 
-    grad = rt.sum_f64_vectors(runner.with_oom_retry(rt, "grad", local_gradient))
+    def step(_index: int, group: Group, accumulator: list[torch.Tensor]) -> None:
+        group_loss_backward(runner, group, norm=norm, update=update, accumulator=accumulator)
+
+    with runner.no_sync():
+        accumulator = runner.run_groups(rt, "grad", batch.groups, start=start, step=step)
+    grad = rt.sum_f64_vectors([a.cpu() for a in accumulator])
     total_norm = math.sqrt(sum(float((x * x).sum()) for x in grad))
     coef = 1.0
     if update.grad_clip and update.grad_clip > 0:
