@@ -42,3 +42,10 @@ parse_launch_args() {
 cpu_count() {
     nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1
 }
+
+# The interpreter: the repository's own venv (what the README's commands create) when there is one, else python3.
+default_python() {
+    local venv
+    venv="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python"
+    if [[ -x "$venv" ]]; then echo "$venv"; else echo python3; fi
+}

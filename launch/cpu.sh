@@ -5,12 +5,12 @@
 #
 # N defaults to 2. Config: --config, else $PROBE_CONFIG, else configs/toy_cpu.yaml. Adds the override
 # device=cpu (torch.distributed on gloo) before yours. OMP_NUM_THREADS = max(1, CPUs / N) unless set.
-# Interpreter: $PYTHON (default python3).
+# Interpreter: $PYTHON (default: the repository's .venv/bin/python when it exists, else python3).
 set -euo pipefail
 # shellcheck source=launch/_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$(default_python)}
 
 nranks=2
 if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then

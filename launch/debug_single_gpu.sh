@@ -7,12 +7,12 @@
 # Turns on TORCH_DISTRIBUTED_DEBUG=DETAIL (collective shape/order checks), C++ stack traces, the Python
 # fault handler, and the config override debug.detect_anomaly=true (torch.autograd.set_detect_anomaly).
 # Uses the first GPU unless CUDA_VISIBLE_DEVICES is set. Set CUDA_LAUNCH_BLOCKING=1 yourself for exact
-# CUDA error locations (slow). Interpreter: $PYTHON (default python3).
+# CUDA error locations (slow). Interpreter: $PYTHON (default: the repository's .venv/bin/python when it exists, else python3).
 set -euo pipefail
 # shellcheck source=launch/_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$(default_python)}
 parse_launch_args configs/debug_1gpu.yaml "$@"
 
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}

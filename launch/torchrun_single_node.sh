@@ -6,12 +6,12 @@
 # NPROC defaults to the number of visible GPUs (CUDA_VISIBLE_DEVICES if set, else `nvidia-smi -L`).
 # The config defaults to $PROBE_CONFIG, else configs/debug_1gpu.yaml. Everything else is passed through
 # to probe_dist.main as overrides, e.g.  launch/torchrun_single_node.sh 8 --config configs/X.yaml sampling.B_E=64
-# Interpreter: $PYTHON (default python3).
+# Interpreter: $PYTHON (default: the repository's .venv/bin/python when it exists, else python3).
 set -euo pipefail
 # shellcheck source=launch/_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$(default_python)}
 
 if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then
     nproc_per_node=$1

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -249,12 +250,19 @@ def main(argv=None) -> int:
             close_log_files()
         rt.barrier()  # every rank has finished writing into the staging directory
         if rt.is_main:
-            publish(staging)  # a finished run is published whatever its status; failed_check still exits 1
+            kept = status == "interrupted" and _holds_completed_run(staging.out_dir)
+            if not kept:  # a finished run is published whatever its status; failed_check still exits 1
+                publish(staging)
             close_log_files()
             from probe_dist.report.write import console_table
 
             print(console_table(summary), flush=True)
-            log.info("results in %s (status: %s)", cfg.output.dir, status)
+            if kept:  # an interrupted rerun never replaces a completed run
+                print(f"the interrupted run was not published: output.dir {str(staging.out_dir)!r} holds a completed "
+                      f"run, which is kept; this run's partial results are in {staging.path}.", file=sys.stderr,
+                      flush=True)
+            else:
+                log.info("results in %s (status: %s)", cfg.output.dir, status)
             if status not in ("completed", "interrupted"):
                 print(f"error: the run ended with status {status!r}: its results are in output.dir "
                       f"{str(staging.out_dir)!r} but not to be trusted; see \"warnings\" in its summary.json.",
@@ -285,6 +293,13 @@ def main(argv=None) -> int:
     if rt is not None:
         rt.abandon()
     return code
+
+
+def _holds_completed_run(out_dir: Path) -> bool:
+    try:
+        return json.loads((Path(out_dir) / "summary.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _exit_now(code: int) -> None:

@@ -116,6 +116,18 @@ def test_internal_error_keeps_output_dir_and_the_logs(toy_checkpoint, earlier):
     assert last == expected, proc.stderr[-2000:]
 
 
+def test_interrupted_rerun_never_replaces_a_completed_run(toy_checkpoint, earlier):
+    """Ctrl-C on a rerun: the completed run in output.dir is kept; the partial results stay in staging."""
+    assert json.loads((earlier / "summary.json").read_text())["status"] == "completed"
+    before = tree(earlier)
+    proc = run_cli(probe_args(toy_checkpoint, earlier, "debug.signal=0:sample:SIGINT"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert tree(earlier) == before
+    [staging] = siblings(earlier)
+    assert json.loads((staging / "summary.json").read_text())["status"] == "interrupted"
+    assert f"this run's partial results are in {staging.resolve()}" in proc.stderr
+
+
 @pytest.mark.slow
 def test_user_error_after_staging_leaves_nothing(toy_checkpoint, earlier, tmp_path):
     bad = tmp_path / "prompts.jsonl"

@@ -87,6 +87,8 @@ def snis_point(rt, batch: RolloutBatch, scores0: list[SequenceScores], scores1: 
     return fields, lw_local
 
 
+KHAT_UNRELIABLE = 0.7   # PSIS: above this the importance-sampling estimate is not to be trusted (Vehtari et al.)
+ESS_FRAC_LOW = 0.1      # fewer than one effective sample in ten
 MUST_BE_FINITE = ("delta_h_true", "entropy_new", "ess", "ess_frac", "kl", "max_weight", "delta_h1")
 
 
@@ -98,8 +100,14 @@ def sweep_point(eta: float, snis_fields: dict, d1: DeltaH1) -> SweepPoint:
     fields = {**snis_fields, "delta_h1": eta * d1.reported_per_eta + 0.0,  # + 0.0: no −0.0 at η = 0
               "delta_h1_se": abs(eta) * d1.per_eta_se}
     bad = [k for k in MUST_BE_FINITE if not math.isfinite(fields[k])]
-    flags = ()
+    flags = []
     if bad:
-        flags = (f"not finite: {', '.join(bad)} — at this η the step θ + ηu takes the model where its log-probs "
-                 "or the importance weights overflow; use smaller η",)
-    return SweepPoint(eta=eta, **fields, flags=flags)
+        flags.append(f"not finite: {', '.join(bad)} — at this η the step θ + ηu takes the model where its log-probs "
+                     "or the importance weights overflow; use smaller η")
+    if math.isfinite(fields["khat"]) and fields["khat"] >= KHAT_UNRELIABLE:
+        flags.append(f"k̂ = {fields['khat']:.2f} ≥ {KHAT_UNRELIABLE}: the importance weights are heavy-tailed, so "
+                     "ΔH_true and its SE at this η are not reliable (PSIS); use a smaller η")
+    if math.isfinite(fields["ess_frac"]) and fields["ess_frac"] < ESS_FRAC_LOW:
+        flags.append(f"ESS/N = {fields['ess_frac']:.3f} < {ESS_FRAC_LOW}: ΔH_true rests on a few samples; "
+                     "use a smaller η")
+    return SweepPoint(eta=eta, **fields, flags=tuple(flags))

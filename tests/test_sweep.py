@@ -1,0 +1,31 @@
+"""A sweep row (probe_dist/measurement/sweep.py `sweep_point`) says when its numbers are not to be trusted."""
+
+from __future__ import annotations
+
+import math
+
+from probe_dist.measurement.sweep import sweep_point
+from probe_dist.results import DeltaH1
+
+GOOD = {"delta_h_true": -1e-3, "delta_h_true_se": 5e-4, "entropy_new": 0.35, "ess": 60.0, "ess_frac": 0.95,
+        "khat": 0.2, "khat_threshold": 0.45, "kl": 1e-4, "kl_k1": 1e-4, "max_weight": 0.03, "clip_frac": 0.0}
+D1 = DeltaH1(per_eta=-13.5, per_eta_se=6.2, grad_entropy=[])
+
+
+def test_a_trustworthy_row_has_no_flags():
+    point = sweep_point(1e-4, GOOD, D1)
+    assert point.flags == () and point.delta_h1 == 1e-4 * -13.5 and point.delta_h1_se == 1e-4 * 6.2
+
+
+def test_heavy_tailed_weights_and_low_ess_are_flagged():
+    point = sweep_point(1e-2, {**GOOD, "khat": 1.26, "ess_frac": 0.02, "ess": 1.3}, D1)
+    assert any("k̂ = 1.26 ≥ 0.7" in f for f in point.flags)
+    assert any("ESS/N = 0.020" in f for f in point.flags)
+    assert sweep_point(1e-2, {**GOOD, "khat": 0.69}, D1).flags == ()  # just below the PSIS limit
+    assert sweep_point(1e-2, {**GOOD, "khat": math.nan}, D1).flags == ()  # k̂ undefined (too few weights)
+
+
+def test_non_finite_numbers_are_flagged_with_the_reason():
+    point = sweep_point(1e30, {**GOOD, "delta_h_true": math.nan, "entropy_new": math.nan, "kl": math.inf}, D1)
+    [flag] = [f for f in point.flags if f.startswith("not finite")]
+    assert "delta_h_true" in flag and "entropy_new" in flag and "kl" in flag and "overflow" in flag
