@@ -6,7 +6,7 @@ almost are):  base/  tokenizer/  adapter_config.json  adapter_model.safetensors 
 optimizer.pt holds {"optimizer_class": "AdamW", "param_names": [...], "state_dict": optimizer.state_dict()}.
 
 No code runs from a checkpoint: optimizer.pt and any pickle weight file (*.bin) are read with
-torch.load(weights_only=True), and a file that would need arbitrary code is refused (`validate.UnsafeCheckpointError`);
+torch.load(weights_only=True), and a file that would need arbitrary code is refused (`model.checks.UnsafeCheckpointError`);
 remote code (config auto_map) is never trusted. Every refusal is a `CheckpointError` (a `UserInputError`: exit 2)
 naming the file or tensor and the fix; the value checks themselves live in `probe_dist/validate.py`.
 """
@@ -158,7 +158,7 @@ def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from probe_dist.validate import (
+    from probe_dist.model.checks import (
         check_finite_parameters,
         check_weight_files,
         is_unsafe_pickle_error,
@@ -221,9 +221,9 @@ def read_optimizer_file(path: Path) -> dict:
 
     Loaded with torch.load(weights_only=True): a pickle that would run code is refused (UnsafeCheckpointError) and
     never executed. Then its structure ({"param_names": [...], "state_dict": {"state", "param_groups"}}) and its
-    values (`validate.check_optimizer_values`: finite state, exp_avg_sq ≥ 0, usable hyperparameters), naming the
+    values (`model.checks.check_optimizer_values`: finite state, exp_avg_sq ≥ 0, usable hyperparameters), naming the
     parameter. Raises CheckpointError otherwise."""
-    from probe_dist.validate import (
+    from probe_dist.model.checks import (
         check_optimizer_values,
         is_unsafe_pickle_error,
         load_error_text,
@@ -265,7 +265,7 @@ def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]],
     """Build torch AdamW over exactly the trainable parameters and load the saved state remapped by name.
 
     blob: the file's contents from `read_optimizer_file` (read here when None)."""
-    from probe_dist.validate import check_optimizer_values
+    from probe_dist.model.checks import check_optimizer_values
 
     if blob is None:
         blob = read_optimizer_file(path)
