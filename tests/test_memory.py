@@ -37,7 +37,11 @@ from tests.probe_harness import make_probe
 from tests.synthetic_checkpoint import build_synthetic_checkpoint, write_empty_answer_prompts
 
 PROMPT_TOKENS, WIDTH = 8, 40
-RSS_NOISE = 2 << 20  # run-to-run spread of a phase's RSS growth seen here: up to ~2 MiB
+# Run-to-run spread of a phase's RSS growth seen here: up to ~2 MiB before the per-group safe points, up to 5 MiB
+# in either direction since (small batch 21.4 vs large 16.5 MiB in one run, 19.0 vs 23.1 in another: noise, not
+# growth with B). Retained graphs are caught sharply by the saved-bytes check (equal within 1%); this one catches
+# RSS that grows with the batch (keeping every microbatch's graph would add ~60 × 7 MiB here).
+RSS_NOISE = 6 << 20
 
 
 @pytest.fixture(scope="module", autouse=True)
