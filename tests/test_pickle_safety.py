@@ -13,7 +13,6 @@ import ast
 import os
 import pickle
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -88,18 +87,9 @@ def place(ckpt: Path, position: str, payload: type, marker: Path) -> str:
 
 
 def run_main_in_process(argv: list[str], capsys) -> tuple[int, str]:
-    from probe_dist.main import main
-    from tests.test_bad_inputs import reset_probe_logging
+    from tests.test_bad_inputs import run_in_process
 
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    capsys.readouterr()
-    try:
-        code = main(argv)
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-        reset_probe_logging()
-    return code, capsys.readouterr().err
+    return run_in_process(argv, capsys)
 
 
 POSITIONS = ["optimizer", "optimizer_plain_pickle", "adapter_bin", "base_bin"]
