@@ -219,6 +219,18 @@ def _check_consistency(cfg: ProbeConfig) -> None:
             f"G_U={s.G_U}. Make them equal, or use estimators.mode=two_batch.")
     if not e.etas:
         raise ConfigError("estimators.etas is empty; give at least one learning rate, e.g. estimators.etas=[0,1e-5,1e-4]")
+    if e.se == "fixed_prompts":
+        if not e.explain:
+            raise ConfigError("estimators.se=fixed_prompts needs each E sequence's contribution to δH₁, which the "
+                              "explanation pass computes; set estimators.explain=true or use estimators.se=population.")
+        if s.G_E < 2:
+            raise ConfigError(f"estimators.se=fixed_prompts estimates the variance between the responses of each "
+                              f"prompt, so it needs sampling.G_E >= 2; got G_E={s.G_E}. Raise sampling.G_E or use "
+                              "estimators.se=population.")
+        if cfg.distributed.strategy == "fsdp2":
+            raise ConfigError("estimators.se=fixed_prompts needs the explanation pass, which does not run under "
+                              "distributed.strategy=fsdp2 (forward-mode AD over a sharded model); use "
+                              "distributed.strategy=ddp or estimators.se=population.")
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ProbeConfig:

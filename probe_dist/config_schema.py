@@ -68,6 +68,9 @@ class EstimatorsConfig:
     ustat: str = _f("exact", choices=("exact", "blocks"), help="single-batch U-statistic units")
     ustat_blocks: int = _f(4, ge=2, help="number of blocks M in ustat=blocks")
     log_weight_clip: float | None = _f(None, gt=0.0, help="clip log-weights above this (off by default)")
+    se: str = _f("population", choices=("population", "fixed_prompts"),
+                 help="which SE the *_se keys report: prompts drawn from a population, or conditional on E's prompts")
+    explain: bool = _f(True, help="per-sequence decompositions, curvature δH₂ and the Cui proxy (forward-mode passes)")
 
 
 @dataclass(frozen=True)

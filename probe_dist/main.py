@@ -198,7 +198,7 @@ def run(cfg, rt, out_dir: Path) -> dict:
     summary = result.summary()
     summary.update(probe.load_info)
     return build_outputs(probe.cfg, rt, result, summary, out_dir=out_dir,
-                         param_names=[n for n, _ in probe.trainable])
+                         param_names=[n for n, _ in probe.trainable], tokenizer=probe.tokenizer)
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@ SAMPLE = "sample"                    # draw E and U at θ
 SCORE_BASE = "score_base"            # S, h, T on E at θ (no grad)
 UPDATE_GRADIENT = "update_gradient"  # streamed ∇L_U and the AdamW update vector u
 DELTA_H1 = "delta_h1"                # the first-order prediction δH₁ = η ∇Ĥ·u
+EXPLAIN = "explain"                  # per-sequence decompositions, curvature, the Cui proxy (forward mode)
 SWEEP = "sweep"                      # ΔH_true(η) by SNIS for every η
 
-PHASES = (SAMPLE, SCORE_BASE, UPDATE_GRADIENT, DELTA_H1, SWEEP)
+PHASES = (SAMPLE, SCORE_BASE, UPDATE_GRADIENT, DELTA_H1, EXPLAIN, SWEEP)

@@ -19,6 +19,8 @@ import torch
 
 from probe_dist import phases
 from probe_dist.config_schema import ProbeConfig
+from probe_dist.explain.decompose import explain_e, explain_u
+from probe_dist.explain.directional import ForwardModeUnavailable
 from probe_dist.measurement.sweep import scores_at_eta, snis_point, sweep_point
 from probe_dist.model.load import CheckpointError
 from probe_dist.model.runner import PolicyRunner
@@ -125,9 +127,28 @@ class Probe:
                 "supported as it is.")
         return gap
 
+    def explain(self, res: ProbeResult) -> None:
+        """Why entropy moves: per-sequence decompositions of δH₁ on E and U, the curvature δH₂, the Cui proxy."""
+        if self.runner.strategy.name == "fsdp2":
+            res.explain_skipped = ("not computed under distributed.strategy=fsdp2 (forward-mode AD over a sharded "
+                                   "model is not supported); use ddp for the explanation")
+        else:
+            try:
+                res.explain_e = explain_e(self.rt, self.runner, res.batch_e, res.scores_e, base=res.base,
+                                          u=res.update.u, delta_h1=res.delta_h1, est=self.cfg.estimators)
+                res.explain_u = explain_u(self.rt, self.runner, res.batch_u, update=res.update,
+                                          grad_entropy=res.delta_h1.grad_entropy, per_eta=res.delta_h1.per_eta,
+                                          update_cfg=self.cfg.update)
+            except ForwardModeUnavailable as err:
+                res.explain_e = res.explain_u = None
+                res.explain_skipped = (f"not computed: the model has an operation without a forward-mode derivative "
+                                       f"({err}); set estimators.explain=false to skip this pass")
+        if res.explain_skipped and self.rt.is_main:
+            log.warning("explanation %s", res.explain_skipped)
+
     def run(self) -> ProbeResult:
         cfg, est, rt, runner = self.cfg, self.cfg.estimators, self.rt, self.runner
-        res = ProbeResult()
+        res = ProbeResult(se_kind=est.se)
         # Snapshot first: it records the caller's train/eval flags, which restore puts back.
         snapshot = take_snapshot(self.model, self.trainable, self.optimizer)
         self.model.eval()  # every probe pass in eval mode (LoRA dropout off)
@@ -155,6 +176,10 @@ class Probe:
                          if est.mode == "single_batch" else None)
                 res.delta_h1 = predict_delta_h1(rt, runner, res.batch_e, res.scores_e, base=res.base, u=res.update.u,
                                                 est=est, ustat=ustat)
+            if est.explain:
+                self.check_stop()
+                with self.clock.phase(phases.EXPLAIN):
+                    self.explain(res)
             theta0 = [t.clone() for t in snapshot.params]
             for eta in est.etas:
                 self.check_stop()
@@ -171,7 +196,11 @@ class Probe:
                     verified += ok
                     fields, res.log_weights[eta] = snis_point(rt, res.batch_e, res.scores_e, scores_new,
                                                                 base=res.base, est=est)
-                point = sweep_point(eta, fields, res.delta_h1)
+                e = res.explain_e
+                point = sweep_point(eta, fields, res.delta_h1, se_kind=est.se,
+                                    delta_h1_se_fixed=e.delta_h1_se_fixed if e else float("nan"),
+                                    curvature=(e.second_derivative, e.second_derivative_se,
+                                               e.second_derivative_se_fixed) if e else None)
                 res.sweep.append(point)
                 if rt.is_main:
                     log.info("eta=%g  dH_true=%+.6g ± %.2g  dH1=%+.6g  ESS/N=%.3f", eta, point.delta_h_true,

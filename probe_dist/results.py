@@ -42,6 +42,7 @@ class BaseEntropy:
     sum_h: float            # Σ_i h_i over E
     sum_lam: float          # Σ_i λ_i over E
     num_groups: int         # prompt groups in E (the SE's units)
+    entropy_se_fixed: float = float("nan")  # SE conditional on E's prompts (within-prompt variance only, §9)
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,48 @@ class SweepPoint:
     delta_h1: float
     delta_h1_se: float
     flags: tuple[str, ...] = ()  # why a number of this row is not finite (empty when all are)
+    delta_h_true_se_population: float = float("nan")     # both SE kinds (§9); the *_se above follow estimators.se
+    delta_h_true_se_fixed_prompts: float = float("nan")
+    delta_h1_se_population: float = float("nan")
+    delta_h1_se_fixed_prompts: float = float("nan")
+    delta_h2: float = float("nan")        # ½η²·Ĥ'' (§10): δH₁ + δH₂ is the second-order prediction
+    delta_h2_se: float = float("nan")
+    khat_reliable: bool = False           # k̂ means something: N ≥ 100 and ESS/N < 0.99 (else it is noise)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["flags"] = list(self.flags)
         return out
+
+
+@dataclass(frozen=True)
+class EExplanation:
+    """E side of the explanation (docs/method.md §10): δH₁/η = Σ_i c_i over E sequences, and the curvature."""
+
+    contrib: dict[int, torch.Tensor]   # this rank's E prompt index → [G] c_i (nats per unit η)
+    sum_contrib: float                 # Σ_i c_i over all ranks
+    closure: float                     # |Σ c_i − δH₁/η| / |δH₁/η| (rounding of the model's arithmetic only)
+    delta_h1_se_fixed: float           # δH₁/η's SE conditional on E's prompts
+    first_derivative: float            # Ĥ'(0) of the same-sample estimator from the same pass (nats per unit η)
+    second_derivative: float           # Ĥ''(0) (nats per unit η²)
+    second_derivative_se: float        # over prompt groups (population)
+    second_derivative_se_fixed: float  # conditional on E's prompts
+    linear_regime_eta: float           # η where |δH₂| = 10 % of |δH₁|: 0.2·|Ĥ'|/|Ĥ''|
+
+
+@dataclass(frozen=True)
+class UExplanation:
+    """U side (docs/method.md §10, §11): δH₁/η = ∇Ĥ·u_base + Σ_j d_j over U sequences, and the Cui proxy on U."""
+
+    contrib: dict[int, torch.Tensor]   # this rank's U prompt index → [G] d_j (nats per unit η)
+    base_per_eta: float                # ∇Ĥ·u_base: momentum and weight decay (no U dependence)
+    sum_contrib: float                 # Σ_j d_j over all ranks
+    closure: float                     # |∇Ĥ·u_base + Σ d_j − δH₁/η| / |δH₁/η|
+    cov_logp_adv: float                # Cov(ℓ, A) over U's tokens (natural-gradient form)
+    cov_logp_adv_se: float
+    cov_logp_pi_adv: float             # Cov(ℓ, π·A) (vanilla softmax policy-gradient form)
+    cov_logp_pi_adv_se: float
+    cov_contrib: dict[int, torch.Tensor]  # U prompt index → [G] each sequence's share of Cov(ℓ, A)
 
 
 @dataclass
@@ -126,6 +164,10 @@ class ProbeResult:
     memory_phases: list[dict] | None = None          # per rank, with memory.profile
     microbatch_used: dict[str, int] = field(default_factory=dict)
     sampler_scorer_gap: float | None = None          # max |ℓ_decode − ℓ_score| of the start-up check (nats)
+    explain_e: EExplanation | None = None
+    explain_u: UExplanation | None = None
+    explain_skipped: str | None = None               # why the explanation was not computed
+    se_kind: str = "population"                      # estimators.se: which SE the *_se keys report
 
     @property
     def restore_verified(self) -> bool:
@@ -152,21 +194,58 @@ class ProbeResult:
         zero_ok = all(p.delta_h_true == 0.0 for p in self.sweep if p.eta == 0.0)
         return "completed" if zero_ok and self.restore_verified else "failed_check"
 
+    def delta_h1_per_eta_se(self) -> float:
+        """δH₁/η's SE of the kind estimators.se names (NaN for fixed_prompts without the explanation)."""
+        if self.se_kind == "fixed_prompts":
+            return self.explain_e.delta_h1_se_fixed if self.explain_e is not None else float("nan")
+        return self.delta_h1.per_eta_se
+
+    def explain_summary(self) -> dict:
+        """The explanation's scalars (docs/outputs.md): curvature, the decompositions' closure, the Cui proxy."""
+        if self.explain_skipped is not None:
+            return {"explain/skipped": self.explain_skipped}
+        out: dict = {}
+        if self.explain_e is not None:
+            e = self.explain_e
+            fixed = self.se_kind == "fixed_prompts"
+            out.update({"explain/sum_contrib_e": e.sum_contrib, "explain/closure_e": e.closure,
+                        "curvature/d2H_deta2": e.second_derivative,
+                        "curvature/d2H_deta2_se": e.second_derivative_se_fixed if fixed else e.second_derivative_se,
+                        "curvature/d2H_deta2_se_population": e.second_derivative_se,
+                        "curvature/d2H_deta2_se_fixed_prompts": e.second_derivative_se_fixed,
+                        "curvature/dH_deta": e.first_derivative, "curvature/linear_regime_eta": e.linear_regime_eta})
+        if self.explain_u is not None:
+            x = self.explain_u
+            out.update({"explain/delta_h1_base_per_eta": x.base_per_eta, "explain/sum_contrib_u": x.sum_contrib,
+                        "explain/closure_u": x.closure, "cui/cov_logp_adv": x.cov_logp_adv,
+                        "cui/cov_logp_adv_se": x.cov_logp_adv_se, "cui/cov_logp_pi_adv": x.cov_logp_pi_adv,
+                        "cui/cov_logp_pi_adv_se": x.cov_logp_pi_adv_se})
+        return out
+
     def summary(self) -> dict:
         """The run's part of summary.json (keys in docs/outputs.md)."""
         out: dict = {"status": self.final_status(), "sweep": [p.to_dict() for p in self.sweep],
                      "warnings": self.warnings()}
+        out["se/kind"] = self.se_kind
         if self.base is not None:
-            out.update({"entropy/base": self.base.entropy, "entropy/base_se": self.base.entropy_se,
+            fixed = self.se_kind == "fixed_prompts"
+            out.update({"entropy/base": self.base.entropy,
+                        "entropy/base_se": self.base.entropy_se_fixed if fixed else self.base.entropy_se,
+                        "entropy/base_se_population": self.base.entropy_se,
+                        "entropy/base_se_fixed_prompts": self.base.entropy_se_fixed,
                         "entropy/base_naive": self.base.entropy_naive, "se/num_groups": self.base.num_groups})
         if self.update is not None:
             out.update({"update/grad_norm": self.update.grad_norm, "update/clip_coef": self.update.clip_coef,
                         "update/u_norm": self.update.u_norm})
         if self.delta_h1 is not None and self.status == "completed":
             out["delta_h1/per_eta"] = self.delta_h1.per_eta
-            out["delta_h1/per_eta_se"] = self.delta_h1.per_eta_se
+            out["delta_h1/per_eta_se"] = self.delta_h1_per_eta_se()
+            out["delta_h1/per_eta_se_population"] = self.delta_h1.per_eta_se
+            out["delta_h1/per_eta_se_fixed_prompts"] = (self.explain_e.delta_h1_se_fixed if self.explain_e
+                                                        else float("nan"))
             if self.delta_h1.ustat_per_eta is not None:
                 out["delta_h1/ustat_per_eta"] = self.delta_h1.ustat_per_eta
+            out.update(self.explain_summary())
         if self.sampler_scorer_gap is not None:
             out["check/sampler_scorer_gap"] = self.sampler_scorer_gap
         out["restore/verified"] = self.restore_verified

@@ -30,3 +30,20 @@ def se_from_influence(sum_sq: float, num_groups: int) -> float:
     if num_groups < 2:
         return float("nan")
     return math.sqrt(max(sum_sq, 0.0) * num_groups / (num_groups - 1))
+
+
+def fixed_prompts_sum_sq(per_sequence: list[torch.Tensor]) -> float:
+    """Σ_p G_p/(G_p−1) Σ_{i∈p} (c_i − c̄_p)²: the within-prompt part of the variance of Σ_i c_i (this rank's groups).
+
+    per_sequence: one [G_p] float64 tensor of per-sequence influence values c_i per prompt group. Conditional on
+    the prompt set, the G_p responses of prompt p are i.i.d., so Var(Σ_{i∈p} c_i | p) = G_p σ_p², estimated without
+    bias by G_p/(G_p−1) Σ (c_i − c̄_p)²; prompt-level differences (what the population SE adds) drop out. Groups
+    with one response carry no within-prompt information and add 0 (`estimators.se=fixed_prompts` needs G ≥ 2).
+    Sum over ranks, then `math.sqrt` gives the SE conditional on the prompts (docs/method.md §9).
+    """
+    total = 0.0
+    for c in per_sequence:
+        g = c.numel()
+        if g >= 2:
+            total += g / (g - 1) * float((c - c.mean()).pow(2).sum())
+    return total

@@ -71,5 +71,13 @@ def snis_delta_influence(w: torch.Tensor, h_new: torch.Tensor, h_old: torch.Tens
     w, h_new, h_old, lam: [N] float64 per sequence (w the stabilised weights, h in nats); group_ids: [N] long in
     [0, num_groups); entropy_new, entropy: Ĥ(θ'), Ĥ(θ) in nats; sum_w_lam, sum_lam: the global Σwλ, Σλ.
     Returns [num_groups] float64 on the CPU. Raises nothing itself (torch raises on shape/device mismatch)."""
-    per_seq = w * (h_new - entropy_new * lam) / sum_w_lam - (h_old - entropy * lam) / sum_lam
+    per_seq = snis_sequence_influence(w, h_new, h_old, lam, entropy_new=entropy_new, entropy=entropy,
+                                      sum_w_lam=sum_w_lam, sum_lam=sum_lam)
     return torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, per_seq)
+
+
+def snis_sequence_influence(w: torch.Tensor, h_new: torch.Tensor, h_old: torch.Tensor, lam: torch.Tensor, *,
+                            entropy_new: float, entropy: float, sum_w_lam: float, sum_lam: float) -> torch.Tensor:
+    """Per-sequence w_i (h'_i − Ĥ(θ') λ_i)/Σwλ − (h_i − Ĥ(θ) λ_i)/Σλ: [N] float64 (inputs as snis_delta_influence);
+    group sums are the c_p of §6, within-prompt deviations give the fixed-prompt SE (§9)."""
+    return w * (h_new - entropy_new * lam) / sum_w_lam - (h_old - entropy * lam) / sum_lam

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from probe_dist.config_schema import EstimatorsConfig
-from probe_dist.estimators.entropy import normaliser_lengths, se_from_influence
+from probe_dist.estimators.entropy import fixed_prompts_sum_sq, normaliser_lengths, se_from_influence
 from probe_dist.estimators.psis import khat_threshold, pareto_khat
 from probe_dist.estimators.snis import (
     SNIS_SUM_FIELDS,
@@ -18,6 +18,7 @@ from probe_dist.estimators.snis import (
     snis_delta_influence,
     snis_finalize,
     snis_local_sums,
+    snis_sequence_influence,
 )
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.results import BaseEntropy, DeltaH1, SequenceScores, SweepPoint
@@ -66,7 +67,7 @@ def snis_point(rt, batch: RolloutBatch, scores0: list[SequenceScores], scores1: 
     global_sums = rt.sum_f64(sums)
     res = snis_finalize(global_sums, base.entropy)
     sum_w_lam = float(global_sums[SNIS_SUM_FIELDS.index("sum_w_lam")])
-    c2 = 0.0
+    c2, per_sequence = 0.0, []
     for (s0, s1), lw in zip(real, lw_local):
         lam = normaliser_lengths(s1.T, est.normalize)
         c = snis_delta_influence(torch.exp(lw - gmax), s1.h(est.payload), s0.h(est.payload), lam,
@@ -74,13 +75,17 @@ def snis_point(rt, batch: RolloutBatch, scores0: list[SequenceScores], scores1: 
                                  entropy_new=res.entropy_new, entropy=base.entropy, sum_w_lam=sum_w_lam,
                                  sum_lam=base.sum_lam)
         c2 += float((c * c).sum())
-    (c2,) = rt.sum_scalars(c2)
+        per_sequence.append(snis_sequence_influence(
+            torch.exp(lw - gmax), s1.h(est.payload), s0.h(est.payload), lam, entropy_new=res.entropy_new,
+            entropy=base.entropy, sum_w_lam=sum_w_lam, sum_lam=base.sum_lam))
+    c2, fixed2 = rt.sum_scalars(c2, fixed_prompts_sum_sq(per_sequence))
     gathered = rt.gather_objects(lw_cat)
     khat = float("nan")
     if gathered is not None:
         all_lw = torch.cat(gathered)
         khat = pareto_khat(all_lw) if all_lw.numel() else float("nan")
-    fields = {"delta_h_true": res.delta, "delta_h_true_se": se_from_influence(c2, base.num_groups),
+    fields = {"delta_h_true": res.delta, "delta_h_true_se_population": se_from_influence(c2, base.num_groups),
+              "delta_h_true_se_fixed_prompts": math.sqrt(fixed2),
               "entropy_new": res.entropy_new, "ess": res.ess, "ess_frac": res.ess_frac, "khat": khat,
               "khat_threshold": khat_threshold(round(res.ess / res.ess_frac)) if res.ess_frac > 0 else float("nan"),
               "kl": res.kl_k3, "kl_k1": res.kl_k1, "max_weight": res.max_weight, "clip_frac": res.clip_frac}
@@ -92,21 +97,42 @@ ESS_FRAC_LOW = 0.1      # fewer than one effective sample in ten
 MUST_BE_FINITE = ("delta_h_true", "entropy_new", "ess", "ess_frac", "kl", "max_weight", "delta_h1")
 
 
-def sweep_point(eta: float, snis_fields: dict, d1: DeltaH1) -> SweepPoint:
-    """One row of the sweep: ΔH_true(η) beside δH₁(η) = η·(δH₁/η) and its SE, flagged when a number is not finite.
+KHAT_MIN_N = 100         # below this many weights the tail fit behind k̂ is noise (a bootstrap interval spans ~1)
+KHAT_MAX_ESS_FRAC = 0.99  # weights this close to uniform have no tail to fit
 
+
+def sweep_point(eta: float, snis_fields: dict, d1: DeltaH1, *, se_kind: str = "population",
+                delta_h1_se_fixed: float = math.nan, curvature: tuple[float, float, float] | None = None,
+                ) -> SweepPoint:
+    """One row of the sweep: ΔH_true(η) beside δH₁(η) = η·(δH₁/η) and δH₂(η) = ½η²Ĥ'' with SEs of the kind
+    `se_kind` names (both kinds kept), flagged when a number is not finite or k̂ says SNIS is unreliable.
+
+    curvature: (Ĥ'', its population SE, its fixed-prompt SE) in nats per unit η², or None without the explanation.
     (SEs with fewer than 2 groups and k̂ with too few weights are NaN by definition and not flagged.)
     """
+    fixed = se_kind == "fixed_prompts"
+    d1_pop, d1_fix = abs(eta) * d1.per_eta_se, abs(eta) * delta_h1_se_fixed
     fields = {**snis_fields, "delta_h1": eta * d1.reported_per_eta + 0.0,  # + 0.0: no −0.0 at η = 0
-              "delta_h1_se": abs(eta) * d1.per_eta_se}
+              "delta_h1_se": d1_fix if fixed else d1_pop, "delta_h1_se_population": d1_pop,
+              "delta_h1_se_fixed_prompts": d1_fix,
+              "delta_h_true_se": snis_fields["delta_h_true_se_fixed_prompts" if fixed else "delta_h_true_se_population"]}
+    if curvature is not None:
+        second, se_pop, se_fix = curvature
+        fields["delta_h2"] = 0.5 * eta * eta * second + 0.0
+        fields["delta_h2_se"] = 0.5 * eta * eta * (se_fix if fixed else se_pop)
+    n = round(fields["ess"] / fields["ess_frac"]) if fields["ess_frac"] > 0 else 0
+    fields["khat_reliable"] = bool(math.isfinite(fields["khat"]) and n >= KHAT_MIN_N
+                                   and fields["ess_frac"] < KHAT_MAX_ESS_FRAC)
     bad = [k for k in MUST_BE_FINITE if not math.isfinite(fields[k])]
     flags = []
     if bad:
         flags.append(f"not finite: {', '.join(bad)} — at this η the step θ + ηu takes the model where its log-probs "
                      "or the importance weights overflow; use smaller η")
-    if math.isfinite(fields["khat"]) and fields["khat"] >= KHAT_UNRELIABLE:
-        flags.append(f"k̂ = {fields['khat']:.2f} ≥ {KHAT_UNRELIABLE}: the importance weights are heavy-tailed, so "
-                     "ΔH_true and its SE at this η are not reliable (PSIS); use a smaller η")
+    if (math.isfinite(fields["khat"]) and fields["khat"] >= KHAT_UNRELIABLE
+            and fields["ess_frac"] < KHAT_MAX_ESS_FRAC):
+        noisy = f" (with N = {n} < {KHAT_MIN_N} weights k̂ itself is noisy)" if n < KHAT_MIN_N else ""
+        flags.append(f"k̂ = {fields['khat']:.2f} ≥ {KHAT_UNRELIABLE}{noisy}: the importance weights are heavy-tailed, "
+                     "so ΔH_true and its SE at this η are not reliable (PSIS); use a smaller η")
     if math.isfinite(fields["ess_frac"]) and fields["ess_frac"] < ESS_FRAC_LOW:
         flags.append(f"ESS/N = {fields['ess_frac']:.3f} < {ESS_FRAC_LOW}: ΔH_true rests on a few samples; "
                      "use a smaller η")

@@ -15,27 +15,42 @@ from probe_dist.results import ProbeResult
 log = logging.getLogger("probe_dist")
 
 
-def sequence_rows(result: ProbeResult) -> list[dict]:
-    """This rank's per-sequence records: E with S, h, T and log w per η; U with reward and advantage."""
+def sequence_rows(result: ProbeResult, decode=None) -> list[dict]:
+    """This rank's per-sequence records: E with S, h, T, log w per η and its contribution c_i to δH₁/η; U with
+    reward, advantage, its contribution d_j to δH₁/η and its share of Cui's Cov(ℓ, A). `decode` (token ids →
+    str), when given, adds the response text."""
     rows = []
     etas = list(result.log_weights)
+    ex_e, ex_u = result.explain_e, result.explain_u
+
+    def explained(row: dict, batch: str, prompt_index: int, i: int) -> dict:
+        if batch == "E" and ex_e is not None and prompt_index in ex_e.contrib:
+            row["contrib_e"] = float(ex_e.contrib[prompt_index][i])
+        if (batch == "U" or result.batch_u is result.batch_e) and ex_u is not None and prompt_index in ex_u.contrib:
+            row["contrib_u"] = float(ex_u.contrib[prompt_index][i])
+            row["cov_contrib"] = float(ex_u.cov_contrib[prompt_index][i])
+        if decode is not None:
+            row["text"] = decode(row["token_ids"])
+        return row
+
     if result.batch_e is not None and result.scores_e is not None:
         real = [(g, s) for g, s in zip(result.batch_e.groups, result.scores_e) if g.weight > 0]
         for k, (g, sc) in enumerate(real):
             for i in range(g.size):
                 t = int(g.lengths[i])
-                rows.append({"batch": "E", "prompt_index": g.prompt_index, "response": i,
-                             "token_ids": g.responses[i, :t].tolist(), "T": t, "S": float(sc.S[i]),
-                             "h_rb": float(sc.h_rb[i]), "h_naive": float(-sc.S[i]), "reward": float(g.rewards[i]),
-                             "advantage": float(g.advantages[i]),
-                             "log_w": {str(eta): float(result.log_weights[eta][k][i]) for eta in etas}})
+                rows.append(explained({
+                    "batch": "E", "prompt_index": g.prompt_index, "response": i,
+                    "token_ids": g.responses[i, :t].tolist(), "T": t, "S": float(sc.S[i]), "h_rb": float(sc.h_rb[i]),
+                    "h_naive": float(-sc.S[i]), "reward": float(g.rewards[i]), "advantage": float(g.advantages[i]),
+                    "log_w": {str(eta): float(result.log_weights[eta][k][i]) for eta in etas}},
+                    "E", g.prompt_index, i))
     if result.batch_u is not None and result.batch_u is not result.batch_e:
         for g in result.batch_u.real_groups:
             for i in range(g.size):
                 t = int(g.lengths[i])
-                rows.append({"batch": "U", "prompt_index": g.prompt_index, "response": i,
-                             "token_ids": g.responses[i, :t].tolist(), "T": t, "reward": float(g.rewards[i]),
-                             "advantage": float(g.advantages[i])})
+                rows.append(explained({"batch": "U", "prompt_index": g.prompt_index, "response": i,
+                                       "token_ids": g.responses[i, :t].tolist(), "T": t, "reward": float(g.rewards[i]),
+                                       "advantage": float(g.advantages[i])}, "U", g.prompt_index, i))
     return rows
 
 
@@ -56,7 +71,8 @@ def provenance(cfg, rt, result: ProbeResult) -> dict:
             "provenance/temperature": cfg.sampling.temperature, "provenance/max_new_tokens": cfg.sampling.max_new_tokens}
 
 
-def build_outputs(cfg, rt, result: ProbeResult, summary: dict, *, out_dir: Path, param_names: list[str]) -> dict:
+def build_outputs(cfg, rt, result: ProbeResult, summary: dict, *, out_dir: Path, param_names: list[str],
+                  tokenizer=None) -> dict:
     """Add provenance, gather the per-sequence rows to rank 0, and write every output file there into `out_dir`.
 
     `out_dir` is the run's staging directory (`report/publish.py`), not output.dir: main() publishes it as a whole
@@ -66,7 +82,8 @@ def build_outputs(cfg, rt, result: ProbeResult, summary: dict, *, out_dir: Path,
     from probe_dist.report.write import write_plot, write_summary, write_table
 
     summary.update(provenance(cfg, rt, result))
-    gathered = rt.gather_objects(sequence_rows(result))
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if tokenizer is not None else None
+    gathered = rt.gather_objects(sequence_rows(result, decode))
     if cfg.output.save_update_vector and rt.world_size > 1:
         log.warning("output.save_update_vector writes rank 0's (replicated) update vector")
     if not rt.is_main:
@@ -84,6 +101,9 @@ def build_outputs(cfg, rt, result: ProbeResult, summary: dict, *, out_dir: Path,
                    for n, u in zip(param_names, result.update.u)},
                   str(out_dir / "update_vector.safetensors"))
     if cfg.output.plots:
+        from probe_dist.report.html import write_report
+
         write_plot(out_dir, summary)
+        write_report(out_dir, summary, rows)
     write_summary(out_dir, summary)
     return summary

@@ -53,14 +53,10 @@ def write_table(out_dir: Path, rows: list[dict], fmt: str = "jsonl") -> Path:
 
 
 def write_plot(out_dir: Path, summary: dict) -> Path | None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("no plot: matplotlib is not installed (pip install -e '.[plots]')")
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     sweep = [s for s in summary.get("sweep") or [] if isinstance(s, dict) and _finite(s.get("eta")) and s["eta"] > 0]
     if not sweep:
         return None

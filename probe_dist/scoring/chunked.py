@@ -22,7 +22,7 @@ def logp_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor, temper
     by their (detached) row maximum first: ℓ and H are shift-invariant, and at large logits (soft-capped heads
     reach ±30/τ) the shift keeps fp32 cancellation out of ℓ = z_y − logsumexp z and H = logsumexp z − Σ p z.
     """
-    z = logits.float() / temperature
+    z = (logits if logits.dtype == torch.float64 else logits.float()) / temperature  # float64 mode stays float64
     z = z - z.max(dim=-1, keepdim=True).values.detach()
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse

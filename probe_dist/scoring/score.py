@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from probe_dist.estimators.entropy import normaliser_lengths, ratio_influence, se_from_influence
+from probe_dist.estimators.entropy import (
+    fixed_prompts_sum_sq,
+    normaliser_lengths,
+    ratio_influence,
+    se_from_influence,
+)
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.results import BaseEntropy, SequenceScores
 from probe_dist.rollout.batch import Group, RolloutBatch
@@ -32,7 +39,8 @@ def score_batch(rt, runner: PolicyRunner, batch: RolloutBatch) -> list[SequenceS
 
 def base_entropy(rt, batch: RolloutBatch, scores: list[SequenceScores], *, payload: str,
                  normalize: str) -> BaseEntropy:
-    """Ĥ(θ) = Σh/Σλ over E's real groups (global float64 sums) and its delta-method SE over prompt groups."""
+    """Ĥ(θ) = Σh/Σλ over E's real groups (global float64 sums), its delta-method SE over prompt groups and its SE
+    conditional on E's prompts (within-prompt variance only, docs/method.md §9)."""
     real = [sc for g, sc in zip(batch.groups, scores) if g.weight > 0]
     h_groups = torch.tensor([float(sc.h(payload).sum()) for sc in real], dtype=torch.float64)
     lam_groups = torch.tensor([float(normaliser_lengths(sc.T, normalize).sum()) for sc in real], dtype=torch.float64)
@@ -40,6 +48,10 @@ def base_entropy(rt, batch: RolloutBatch, scores: list[SequenceScores], *, paylo
     sum_h, sum_lam, sum_naive, n_groups = rt.sum_scalars(float(h_groups.sum()), float(lam_groups.sum()), naive,
                                                          float(len(real)))
     entropy = sum_h / sum_lam
-    (c2,) = rt.sum_scalars(float(ratio_influence(h_groups, lam_groups, entropy, sum_lam).pow(2).sum()))
+    per_sequence = [ratio_influence(sc.h(payload), normaliser_lengths(sc.T, normalize), entropy, sum_lam)
+                    for sc in real]
+    c2, fixed2 = rt.sum_scalars(float(ratio_influence(h_groups, lam_groups, entropy, sum_lam).pow(2).sum()),
+                                fixed_prompts_sum_sq(per_sequence))
     return BaseEntropy(entropy=entropy, entropy_se=se_from_influence(c2, int(n_groups)),
-                       entropy_naive=sum_naive / sum_lam, sum_h=sum_h, sum_lam=sum_lam, num_groups=int(n_groups))
+                       entropy_naive=sum_naive / sum_lam, sum_h=sum_h, sum_lam=sum_lam, num_groups=int(n_groups),
+                       entropy_se_fixed=math.sqrt(fixed2))

@@ -46,19 +46,37 @@ def kl_k3(token_logp: torch.Tensor, token_ref_logp: torch.Tensor) -> torch.Tenso
     return torch.exp(delta) - delta - 1.0
 
 
-def update_loss(token_logp: torch.Tensor, token_row: torch.Tensor, advantages: torch.Tensor,
-                normalisers: torch.Tensor, *, kl_coef: float = 0.0,
-                token_ref_logp: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_i n_i Σ_t (−A_i ℓ_{i,t} + β k3_{i,t}) for one microbatch.
+def update_loss_token_terms(token_logp: torch.Tensor, token_row: torch.Tensor, advantages: torch.Tensor,
+                            normalisers: torch.Tensor, *, kl_coef: float = 0.0,
+                            token_ref_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token terms n_i (−A_i ℓ_{i,t} + β k3_{i,t}) of L_U: [M] float64, differentiable through token_logp.
 
-    token_logp [M] (flat over scored tokens, with grad), token_row [M] row index of each token,
-    advantages [n], normalisers [n] (float64, no grad). Returns a float64 scalar.
-    kl_coef = β; token_ref_logp [M]: the reference log-probs (nats). Raises ValueError if kl_coef is non-zero
-    and token_ref_logp is None.
+    token_logp [M] (flat over scored tokens), token_row [M] row index of each token, advantages [n], normalisers
+    [n] (float64, no grad); kl_coef = β; token_ref_logp [M]: the reference log-probs (nats). Raises ValueError if
+    kl_coef is non-zero and token_ref_logp is None.
     """
     per_token = -advantages.to(token_logp.device)[token_row] * token_logp.double()
     if kl_coef:
         if token_ref_logp is None:
             raise ValueError("kl_coef > 0 needs the reference log-probs (adapter disabled)")
         per_token = per_token + kl_coef * kl_k3(token_logp.double(), token_ref_logp.double().to(token_logp.device))
-    return (normalisers.to(token_logp.device)[token_row] * per_token).sum()
+    return normalisers.to(token_logp.device)[token_row] * per_token
+
+
+def update_loss(token_logp: torch.Tensor, token_row: torch.Tensor, advantages: torch.Tensor,
+                normalisers: torch.Tensor, *, kl_coef: float = 0.0,
+                token_ref_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i n_i Σ_t (−A_i ℓ_{i,t} + β k3_{i,t}) for one microbatch: a float64 scalar (see update_loss_token_terms)."""
+    return update_loss_token_terms(token_logp, token_row, advantages, normalisers, kl_coef=kl_coef,
+                                   token_ref_logp=token_ref_logp).sum()
+
+
+def update_loss_per_sequence(token_logp: torch.Tensor, token_row: torch.Tensor, advantages: torch.Tensor,
+                             normalisers: torch.Tensor, *, num_rows: int, kl_coef: float = 0.0,
+                             token_ref_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sequence's share L_i of the loss, [num_rows] float64 (Σ_i L_i = update_loss), differentiable through
+    token_logp: what the per-sequence decomposition of δH₁ differentiates (explain/decompose.py)."""
+    terms = update_loss_token_terms(token_logp, token_row, advantages, normalisers, kl_coef=kl_coef,
+                                    token_ref_logp=token_ref_logp)
+    return torch.zeros(num_rows, dtype=terms.dtype, device=terms.device).index_add(0, token_row.to(terms.device),
+                                                                                    terms)

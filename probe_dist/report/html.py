@@ -1,0 +1,399 @@
+"""report.html (rank 0 only): one static page that shows a run — its header numbers, ΔH_true against δH₁ (and
+δH₁ + δH₂) over η, the importance-sampling diagnostics, the explanation's scalars, and the sequences and prompts
+that moved entropy most (docs/method.md §5, §6, §10, §11).
+
+The page is self-contained: figures are PNGs drawn with matplotlib (Agg) and embedded as base64 data URIs, the style
+sheet is inline, and there is no script and no external reference, so it opens from a copied file or an e-mail.
+Every piece of text — the decoded responses above all, which may hold markup — is escaped with html.escape.
+
+It reads whatever the summary and the rows hold: an interrupted run's summary may lack any key, any number may be
+None/NaN/±inf, and the rows may be empty or lack the explanation columns; a section without its inputs is replaced
+by a one-line note. Sizes stay bounded for any number of rows: two 10-row tables, at most 50 prompts, two figures at
+100 dpi.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from probe_dist.report.write import _finite
+
+log = logging.getLogger("probe_dist")
+
+REPORT_NAME = "report.html"
+TOP_SEQUENCES = 10    # rows in each "moved entropy most" table
+MAX_PROMPTS = 50      # rows in the per-prompt table
+TEXT_CHARS = 200      # response text shown per sequence
+DPI = 100
+KHAT_BAD = 0.7        # PSIS: k̂ above this, do not trust the η (measurement/sweep.py KHAT_UNRELIABLE)
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1.5em auto; max-width: 70em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; vertical-align: top; }
+td.num { text-align: right; font-family: monospace; white-space: nowrap; }
+td.text { font-family: monospace; font-size: 0.85em; white-space: pre-wrap; word-break: break-all; max-width: 40em; }
+p.note { color: #666; font-style: italic; }
+ul.warnings li { color: #a40; }
+img { max-width: 100%; }
+"""
+
+
+def write_report(out_dir: Path, summary: dict, rows: list[dict]) -> Path | None:
+    """Write `out_dir`/report.html: one static page for the run from its summary.json dict and per-sequence rows.
+
+    summary: the dict summary.json is written from (keys in docs/outputs.md; any may be missing, any number
+    None/NaN/±inf). rows: the per-sequence records of report/build.py `sequence_rows` (E rows: S, h_rb, T in tokens,
+    contrib_e = c_i in entropy units per unit η; U rows — and E rows in single-batch mode — contrib_u = d_j and
+    cov_contrib, its share of Cui's Cov(log π, A)); empty for a run stopped before sampling.
+
+    Returns the page's path, or None when it could not be written (an OSError, logged as a warning). Raises
+    nothing: the page is written before summary.json (build_outputs), so a section that fails on unexpected input
+    is replaced by a note and logged rather than losing the run's results.
+    """
+    summary = summary if isinstance(summary, dict) else {}
+    rows = [r for r in rows or [] if isinstance(r, dict)]
+    sweep = [s for s in summary.get("sweep") or [] if isinstance(s, dict)]
+    positive = sorted((s for s in sweep if _finite(s.get("eta")) and s["eta"] > 0), key=lambda s: s["eta"])
+    plt = _pyplot()
+    parts = [
+        _guarded("header", lambda: _header(summary)),
+        "<h2>Entropy change vs η</h2>",
+        _guarded("entropy figure", lambda: _entropy_figure(plt, positive, summary)),
+        "<h2>Importance-sampling diagnostics vs η</h2>",
+        _guarded("diagnostics figure", lambda: _diagnostics_figure(plt, positive)),
+        "<h2>Explanation: curvature, decompositions, covariance proxy</h2>",
+        _guarded("scalars table", lambda: _scalars_table(summary)),
+        "<h2>Sequences that moved entropy most</h2>",
+        _guarded("top sequences", lambda: _top_sequences(rows)),
+        "<h2>Prompts of E</h2>",
+        _guarded("per-prompt table", lambda: _prompt_table(rows)),
+    ]
+    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>probe_dist report — {_e(summary.get('status', 'unknown'))}</title>\n<style>{_STYLE}</style>\n"
+            "</head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n")
+    path = Path(out_dir) / REPORT_NAME
+    try:
+        path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        log.warning("report.html not written: %s", exc)
+        return None
+    return path
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_e(text)}</p>'
+
+
+def _guarded(name: str, make: Callable[[], str]) -> str:
+    """The section's HTML, or a note when making it raised (logged with its traceback at debug level)."""
+    try:
+        return make()
+    except Exception as exc:  # the report must never cost the run its summary.json
+        log.warning("report.html: %s left out (%s: %s)", name, type(exc).__name__, exc)
+        log.debug("report.html: %s failed", name, exc_info=True)
+        return _note(f"{name} left out: {type(exc).__name__}: {exc}")
+
+
+def _float(x) -> float:
+    """x as a float when it is a finite number (bools excluded), else NaN."""
+    return float(x) if _finite(x) else math.nan
+
+
+def _fmt(x, spec: str = ".4g") -> str:
+    """A number formatted with `spec` ("nan"/"inf" for those), "n/a" for None or a non-number."""
+    if isinstance(x, int | float) and not isinstance(x, bool):
+        return format(float(x), spec)
+    return "n/a"
+
+
+def _pm(value, se, spec: str = ".4g") -> str:
+    return f"{_fmt(value, spec)} ± {_fmt(se, '.2g')}"
+
+
+def _listed(x) -> list:
+    if isinstance(x, list | tuple):
+        return list(x)
+    return [] if x is None else [x]
+
+
+def _table(table_id: str, header: list[str], body: list[list[tuple[str, str]]]) -> str:
+    """A table whose cells are (css class, already-escaped HTML)."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    lines = ["".join(f'<td class="{cls}">{cell}</td>' if cls else f"<td>{cell}</td>" for cls, cell in row)
+             for row in body]
+    return (f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>\n'
+            + "\n".join(f"<tr>{line}</tr>" for line in lines) + "\n</tbody></table>")
+
+
+def _num_cell(x, spec: str = ".4g") -> tuple[str, str]:
+    return ("num", _e(_fmt(x, spec)))
+
+
+def _int_cell(x) -> tuple[str, str]:
+    """An index or count: integers as they are, anything else as _fmt shows it."""
+    return ("num", _e(x if isinstance(x, int) and not isinstance(x, bool) else _fmt(x, "g")))
+
+
+def _text_cell(row: dict) -> tuple[str, str]:
+    text = row.get("text")
+    if not isinstance(text, str):
+        return ("text", "")
+    short = text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS] + "…"
+    return ("text", _e(short))
+
+
+# --- sections -----------------------------------------------------------------------------------------------------
+
+
+def _header(summary: dict) -> str:
+    out = ["<h1>probe_dist report</h1>", "<ul>", f"<li>status: <b>{_e(summary.get('status', 'unknown'))}</b></li>"]
+    kind = summary.get("se/kind")
+    kind_text = {"population": "SE over prompt groups (population: what a new draw of prompts would give)",
+                 "fixed_prompts": "SE conditional on E's prompts (fixed_prompts)"}.get(kind, "SE kind not recorded")
+    if "entropy/base" in summary or "entropy/base_se" in summary:
+        out.append(f"<li>entropy Ĥ(θ) = {_e(_pm(summary.get('entropy/base'), summary.get('entropy/base_se'), '.6g'))}"
+                   f" entropy units; {_e(kind_text)}</li>")
+    else:
+        out.append("<li>entropy Ĥ(θ): not computed</li>")
+    if "delta_h1/per_eta" in summary:
+        out.append(f"<li>δH₁/η = {_e(_pm(summary.get('delta_h1/per_eta'), summary.get('delta_h1/per_eta_se'), '.6g'))}"
+                   " entropy units per unit η</li>")
+    else:
+        out.append("<li>δH₁/η: not in the summary (written by completed runs only)</li>")
+    groups = summary.get("se/num_groups")
+    if groups is not None:
+        rough = " (below 30 the SEs are rough)" if _finite(groups) and groups < 30 else ""
+        out.append(f"<li>prompt groups behind every SE: {_e(_fmt(groups, 'g'))}{_e(rough)}</li>")
+    if "restore/verified" in summary:
+        out.append(f"<li>restore verified on all ranks: {_e(summary['restore/verified'])}</li>")
+    for key, label in (("provenance/checkpoint", "checkpoint"), ("provenance/config_hash", "config hash")):
+        if summary.get(key) is not None:
+            out.append(f"<li>{label}: <code>{_e(summary[key])}</code></li>")
+    out.append("</ul>")
+    warnings = _listed(summary.get("warnings"))
+    if warnings:
+        out.append("<h2>Warnings</h2>")
+        out.append('<ul class="warnings">' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>")
+    if summary.get("explain/skipped") is not None:
+        out.append(_note(f"explanation not computed: {summary['explain/skipped']}"))
+    return "\n".join(out)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib cannot be imported."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _png(plt, fig) -> str:
+    """The figure as an <img> with a base64 PNG data URI; closes the figure."""
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img alt="figure" src="data:image/png;base64,{data}">'
+
+
+def _series(sweep: list[dict], key: str) -> list[float]:
+    return [_float(s.get(key)) for s in sweep]
+
+
+def _entropy_figure(plt, sweep: list[dict], summary: dict) -> str:
+    if plt is None:
+        return _note("figure left out: matplotlib is not installed")
+    if not sweep:
+        return _note("figure left out: no η > 0 in the sweep")
+    etas = [s["eta"] for s in sweep]
+    true, true_se = _series(sweep, "delta_h_true"), _series(sweep, "delta_h_true_se")
+    d1, d1_se = _series(sweep, "delta_h1"), _series(sweep, "delta_h1_se")
+    d2, d2_se = _series(sweep, "delta_h2"), _series(sweep, "delta_h2_se")
+    second = [a + b for a, b in zip(d1, d2)]   # NaN wherever δH₂ (or δH₁) is not finite
+    second_se = [math.sqrt(a * a + b * b) for a, b in zip(d1_se, d2_se)]
+    if not any(math.isfinite(v) for v in true + d1):
+        return _note("figure left out: no finite ΔH_true or δH₁ at η > 0")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+
+    def draw(values, ses, label, color, **style):
+        lo = [v - s for v, s in zip(values, ses)]
+        hi = [v + s for v, s in zip(values, ses)]
+        ax.fill_between(etas, lo, hi, color=color, alpha=0.2, linewidth=0)
+        ax.plot(etas, values, color=color, label=label, **style)
+
+    draw(true, true_se, "ΔH_true (SNIS) ± 1 SE", "C0", marker="o")
+    draw(d1, d1_se, "δH₁ (first order) ± 1 SE", "C1", linestyle="--")
+    if any(math.isfinite(v) for v in second):
+        draw(second, second_se, "δH₁ + δH₂ (second order) ± 1 SE", "C2", linestyle=":")
+    linear = summary.get("curvature/linear_regime_eta")
+    if _finite(linear) and etas[0] <= linear <= etas[-1]:
+        ax.axvline(linear, color="grey", linestyle="--", linewidth=1, label="first order within 10%")
+    ax.set_xscale("log")
+    ax.set_xlabel("η (learning rate)")
+    ax.set_ylabel("entropy change (entropy units)")
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(plt, fig)
+
+
+def _diagnostics_figure(plt, sweep: list[dict]) -> str:
+    if plt is None:
+        return _note("figure left out: matplotlib is not installed")
+    if not sweep:
+        return _note("figure left out: no η > 0 in the sweep")
+    etas = [s["eta"] for s in sweep]
+    ess, khat = _series(sweep, "ess_frac"), _series(sweep, "khat")
+    if not any(math.isfinite(v) for v in ess + khat):
+        return _note("figure left out: no finite ESS/N or k̂ at η > 0")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(etas, ess, color="C0", marker="o", label="ESS/N")
+    ax.set_xscale("log")
+    ax.set_xlabel("η (learning rate)")
+    ax.set_ylabel("ESS/N")
+    ax.set_ylim(0.0, 1.05)
+    ak = ax.twinx()
+    reliable = [s.get("khat_reliable") is True for s in sweep]
+    good = [(x, k) for x, k, ok in zip(etas, khat, reliable) if ok and math.isfinite(k)]
+    noisy = [(x, k) for x, k, ok in zip(etas, khat, reliable) if not ok and math.isfinite(k)]
+    if good:
+        ak.plot(*zip(*good), color="C3", marker="s", linestyle="none", label=r"$\hat{k}$ (PSIS)")
+    if noisy:
+        ak.plot(*zip(*noisy), marker="s", linestyle="none", markerfacecolor="none", markeredgecolor="grey",
+                label=r"$\hat{k}$ unreliable (N < 100 or ESS/N ≥ 0.99)")
+    ak.axhline(KHAT_BAD, color="C3", linestyle="--", linewidth=1, label=r"$\hat{k}$ = 0.7: do not trust η above")
+    thresholds = sorted({round(t, 3) for t in _series(sweep, "khat_threshold") if math.isfinite(t)})
+    if len(thresholds) > 3:
+        thresholds = thresholds[:1]   # one line per N; more than a few distinct N: show the strictest
+    for t in thresholds:
+        if t != KHAT_BAD:
+            ak.axhline(t, color="C3", linestyle=":", linewidth=1,
+                       label=rf"$\hat{{k}}$ threshold min(1 − 1/log₁₀N, 0.7) = {t:.3g}")
+    ak.set_ylabel(r"Pareto $\hat{k}$")
+    finite_k = [k for k in khat if math.isfinite(k)] + thresholds + [KHAT_BAD]
+    ak.set_ylim(min(0.0, min(finite_k)) - 0.05, max(1.0, max(finite_k)) + 0.05)
+    handles, labels = ax.get_legend_handles_labels()
+    more_h, more_l = ak.get_legend_handles_labels()
+    ax.legend(handles + more_h, labels + more_l, fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return _png(plt, fig)
+
+
+# (key, label, SE key or None, unit)
+_EXPLAIN_SCALARS = (
+    ("curvature/d2H_deta2", "curvature d²Ĥ/dη²", "curvature/d2H_deta2_se", "entropy units per unit η²"),
+    ("curvature/linear_regime_eta", "linear-regime η (|δH₂| = 10% of |δH₁|)", None, "lr units"),
+    ("explain/delta_h1_base_per_eta", "δH₁/η base part ∇Ĥ·u_base (momentum and weight decay)", None,
+     "entropy units per unit η"),
+    ("explain/sum_contrib_u", "Σ_j d_j over U sequences", None, "entropy units per unit η"),
+    ("explain/sum_contrib_e", "Σ_i c_i over E sequences", None, "entropy units per unit η"),
+    ("explain/closure_e", "closure E: |Σc_i − δH₁/η| / |δH₁/η|", None, "relative"),
+    ("explain/closure_u", "closure U: |base + Σd_j − δH₁/η| / |δH₁/η|", None, "relative"),
+    ("cui/cov_logp_adv", "Cui Cov(log π, A) over U's tokens", "cui/cov_logp_adv_se", "nats × advantage units"),
+    ("cui/cov_logp_pi_adv", "Cui Cov(log π, π·A) over U's tokens", "cui/cov_logp_pi_adv_se",
+     "nats × advantage units"),
+)
+
+
+def _scalars_table(summary: dict) -> str:
+    present = [item for item in _EXPLAIN_SCALARS if item[0] in summary]
+    if not present:
+        return _note("no explanation scalars in the summary (explanation skipped, or the run did not complete)")
+    body = []
+    for key, label, se_key, unit in present:
+        value = _pm(summary.get(key), summary.get(se_key)) if se_key else _fmt(summary.get(key))
+        body.append([("", _e(label)), ("num", _e(value)), ("", _e(unit)), ("", f"<code>{_e(key)}</code>")])
+    out = [_table("scalars", ["quantity", "value", "unit", "summary key"], body)]
+    if any(key.startswith("cui/") for key, *_ in present):
+        out.append("<p>The Cui et al. covariances are logit-space proxies: they predict the sign and the "
+                   "per-sequence pattern of the entropy change, to compare with δH₁'s, not its magnitude.</p>")
+    return "\n".join(out)
+
+
+def _top_sequences(rows: list[dict]) -> str:
+    out = []
+    e_rows = [r for r in rows if r.get("batch") == "E" and _finite(r.get("contrib_e"))]
+    e_rows.sort(key=lambda r: -abs(r["contrib_e"]))
+    if e_rows:
+        out.append(f"<p>E sequences by |c_i|, their contribution to δH₁/η (entropy units per unit η; Σ_i c_i = δH₁/η)"
+                   f": top {min(TOP_SEQUENCES, len(e_rows))} of {len(e_rows)}.</p>")
+        out.append(_table("top-e", ["prompt", "response", "reward", "advantage", "T", "c_i", "text"],
+                          [[_int_cell(r.get("prompt_index")), _int_cell(r.get("response")),
+                            _num_cell(r.get("reward")), _num_cell(r.get("advantage")), _int_cell(r.get("T")),
+                            _num_cell(r["contrib_e"], ".6g"), _text_cell(r)] for r in e_rows[:TOP_SEQUENCES]]))
+    else:
+        out.append(_note("no E contributions c_i in the rows (explanation not run)"))
+    u_rows = [r for r in rows if _finite(r.get("contrib_u"))]
+    u_rows.sort(key=lambda r: -abs(r["contrib_u"]))
+    if u_rows:
+        out.append(f"<p>Update-batch sequences by |d_j|, their contribution to δH₁/η through the update vector, with "
+                   f"their share of Cui's Cov(log π, A): top {min(TOP_SEQUENCES, len(u_rows))} of {len(u_rows)}.</p>")
+        out.append(_table("top-u", ["batch", "prompt", "response", "reward", "advantage", "T", "d_j",
+                                    "Cov(log π, A) share", "text"],
+                          [[("", _e(r.get("batch", ""))), _int_cell(r.get("prompt_index")),
+                            _int_cell(r.get("response")), _num_cell(r.get("reward")),
+                            _num_cell(r.get("advantage")), _int_cell(r.get("T")), _num_cell(r["contrib_u"], ".6g"),
+                            _num_cell(r.get("cov_contrib"), ".4g"), _text_cell(r)] for r in u_rows[:TOP_SEQUENCES]]))
+    else:
+        out.append(_note("no update-batch contributions d_j in the rows (explanation not run)"))
+    return "\n".join(out)
+
+
+def _prompt_table(rows: list[dict]) -> str:
+    groups: dict = {}
+    for r in rows:
+        if r.get("batch") == "E":
+            groups.setdefault(r.get("prompt_index"), []).append(r)
+    if not groups:
+        return _note("no E rows")
+    stats = []
+    for index, members in groups.items():
+        rewards = [_float(r.get("reward")) for r in members]
+        h = [_float(r.get("h_rb")) for r in members]
+        t = [_float(r.get("T")) for r in members]
+        c = [_float(r.get("contrib_e")) for r in members]
+        finite_rewards = [x for x in rewards if math.isfinite(x)]
+        total_t = sum(t)
+        stats.append({"index": index, "n": len(members),
+                      "reward": sum(finite_rewards) / len(finite_rewards) if finite_rewards else math.nan,
+                      "entropy": sum(h) / total_t if math.isfinite(total_t) and total_t > 0 else math.nan,
+                      "contrib": sum(c)})   # NaN unless every member has a finite c_i
+    explained = any(math.isfinite(s["contrib"]) for s in stats)
+    if explained:  # largest |Σ c_i| first; prompts without one last
+        stats.sort(key=lambda s: (not math.isfinite(s["contrib"]), -abs(s["contrib"]) if math.isfinite(s["contrib"])
+                                  else 0.0, str(s["index"])))
+    else:
+        stats.sort(key=lambda s: (not _finite(s["index"]), _float(s["index"]) if _finite(s["index"]) else 0.0,
+                                  str(s["index"])))
+    shown = stats[:MAX_PROMPTS]
+    order = "largest |Σ c_i| first" if explained else "by prompt index (no c_i in the rows: explanation not run)"
+    out = [f"<p>E's prompt groups, {order}. Entropy is Σh_rb/ΣT (nats per token); Σ c_i is the group's "
+           "contribution to δH₁/η (entropy units per unit η).</p>",
+           _table("prompts", ["prompt", "responses", "mean reward", "entropy Σh_rb/ΣT", "Σ c_i"],
+                  [[_int_cell(s["index"]), _int_cell(s["n"]), _num_cell(s["reward"]),
+                    _num_cell(s["entropy"], ".5g"), _num_cell(s["contrib"], ".6g")] for s in shown])]
+    if len(stats) > len(shown):
+        out.append(_note(f"{len(stats) - len(shown)} of {len(stats)} prompts left out (smallest |Σ c_i|)"
+                         if explained else f"{len(stats) - len(shown)} of {len(stats)} prompts left out"))
+    return "\n".join(out)
