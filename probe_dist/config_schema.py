@@ -105,14 +105,14 @@ class OutputConfig:
     dir: str = _f("runs/probe", help="output directory (rank 0 writes)")
     save_update_vector: bool = _f(False, help="write update_vector.safetensors keyed by adapter names")
     table_format: str = _f("jsonl", choices=("jsonl", "parquet"), help="per-sequence table format")
-    plots: bool = _f(True, help="write PNG plots when matplotlib is installed")
+    plots: bool = _f(True, help="write delta_h.png and report.html")
     overwrite: bool = _f(True, help="replace the results of an earlier run in output.dir (false: refuse)")
 
 
 @dataclass(frozen=True)
 class DebugConfig:
     fault: str | None = _f(None, help="fault injection for failure tests: '<rank>:<phase>' raises in that phase "
-                                      "on that rank (phases: sample, score_base, update_gradient, delta_h1, sweep)")
+                                      "on that rank (phases: sample, score_base, update_gradient, delta_h1, explain, sweep)")
     signal: str | None = _f(None, help="stop-path tests: '<rank>:<phase>:<SIGTERM|SIGINT|SIGUSR1>' sends that "
                                        "signal to this process as the phase starts (phases: load and the above)")
     detect_anomaly: bool = _f(False, help="torch.autograd anomaly detection (slow; for debugging NaN gradients)")

@@ -47,7 +47,7 @@ def _tiny_config(**kw):
 @pytest.mark.parametrize("model", ["toy", "qwen2.5-1.5b"])
 def test_components_add_up(model):
     plan = plan_memory(_cfg(), 40 * GiB, model, world_size=8)
-    assert set(plan["phases"]) == {"sample", "score_base", "update_gradient", "delta_h1", "sweep"}
+    assert set(plan["phases"]) == {"sample", "score_base", "update_gradient", "delta_h1", "explain", "sweep"}
     for name, phase in plan["phases"].items():
         assert phase["peak_bytes"] == sum(phase["components"].values()), name
         assert all(v >= 0 for v in phase["components"].values())

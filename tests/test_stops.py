@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ("load", "sample", "score_base", "update_gradient", "delta_h1", "sweep")
+PHASES = ("load", "sample", "score_base", "update_gradient", "delta_h1", "explain", "sweep")
 SIGNALS = ("SIGTERM", "SIGINT")
 LIMIT_S = 30.0  # from the signal to the exit, including the write of the outputs
 

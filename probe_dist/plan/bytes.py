@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from probe_dist.phases import DELTA_H1, SAMPLE, SCORE_BASE, SWEEP, UPDATE_GRADIENT
+from probe_dist.phases import DELTA_H1, EXPLAIN, SAMPLE, SCORE_BASE, SWEEP, UPDATE_GRADIENT
 from probe_dist.plan.shape import ModelShape
 
 GiB = 1 << 30
@@ -60,6 +60,7 @@ class Settings:
     amsgrad: bool
     accumulators_on_device: bool
     rows_generate: int = 8  # memory.microbatch_generate: responses of one prompt decoded together
+    explain: bool = False   # estimators.explain (and not fsdp2): the forward-mode explanation pass runs
 
     @property
     def seq_len(self) -> int:
@@ -186,6 +187,14 @@ def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: i
     if s.single_batch:
         d1 = best(d1, {**static, **grads, **_grad_pass(shape, s, rg_u, chunk)})
     out[DELTA_H1] = total(d1)
+    explain = dict(static)
+    if s.explain:
+        # Forward mode keeps no graph: a no-grad forward whose every tensor comes with tangents — three more copies
+        # for E's nested (second-order) pass, one for U's first-order pass (explain/directional.py).
+        e_side = {f"forward_mode_{k}": 4 * v for k, v in _nograd_forward(shape, s, rg_e, chunk).items()}
+        u_side = {f"forward_mode_{k}": 2 * v for k, v in _nograd_forward(shape, s, rg_u, chunk).items()}
+        explain.update(best(e_side, u_side))
+    out[EXPLAIN] = total(explain)
     sweep = {**static, **_nograd_forward(shape, s, rs_e, chunk)}
     if s.real_step:
         sweep["real_step_transient"] = 3 * shape.adapter_params * s.dtype_bytes

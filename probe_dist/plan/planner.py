@@ -171,7 +171,8 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
                  group_u=cfg.sampling.G_U, single_batch=cfg.estimators.mode == "single_batch",
                  kl=bool(cfg.update.kl_coef), real_step=cfg.update.route == "real_step", amsgrad=False,
                  accumulators_on_device=cfg.memory.accumulator_device == "model",
-                 rows_generate=cfg.memory.microbatch_generate)
+                 rows_generate=cfg.memory.microbatch_generate,
+                 explain=cfg.estimators.explain and strategy != "fsdp2")
     available = int(gpu_mem_bytes * (1.0 - margin) - reserve_bytes)
     m = cfg.memory
     configured = phase_peaks(shape, s, rows_score=m.microbatch_score, rows_grad=m.microbatch_grad,

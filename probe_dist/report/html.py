@@ -210,7 +210,7 @@ def _png(plt, fig) -> str:
     """The figure as an <img> with a base64 PNG data URI; closes the figure."""
     try:
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=DPI)
+        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
@@ -272,7 +272,6 @@ def _diagnostics_figure(plt, sweep: list[dict]) -> str:
     ax.set_xscale("log")
     ax.set_xlabel("η (learning rate)")
     ax.set_ylabel("ESS/N")
-    ax.set_ylim(0.0, 1.05)
     ak = ax.twinx()
     reliable = [s.get("khat_reliable") is True for s in sweep]
     good = [(x, k) for x, k, ok in zip(etas, khat, reliable) if ok and math.isfinite(k)]
@@ -282,7 +281,8 @@ def _diagnostics_figure(plt, sweep: list[dict]) -> str:
     if noisy:
         ak.plot(*zip(*noisy), marker="s", linestyle="none", markerfacecolor="none", markeredgecolor="grey",
                 label=r"$\hat{k}$ unreliable (N < 100 or ESS/N ≥ 0.99)")
-    ak.axhline(KHAT_BAD, color="C3", linestyle="--", linewidth=1, label=r"$\hat{k}$ = 0.7: do not trust η above")
+    ak.axhline(KHAT_BAD, color="C3", linestyle="--", linewidth=1,
+               label=r"$\hat{k}$ = 0.7: above it, ΔH_true is not to be trusted")
     thresholds = sorted({round(t, 3) for t in _series(sweep, "khat_threshold") if math.isfinite(t)})
     if len(thresholds) > 3:
         thresholds = thresholds[:1]   # one line per N; more than a few distinct N: show the strictest
@@ -292,11 +292,14 @@ def _diagnostics_figure(plt, sweep: list[dict]) -> str:
                        label=rf"$\hat{{k}}$ threshold min(1 − 1/log₁₀N, 0.7) = {t:.3g}")
     ak.set_ylabel(r"Pareto $\hat{k}$")
     finite_k = [k for k in khat if math.isfinite(k)] + thresholds + [KHAT_BAD]
-    ak.set_ylim(min(0.0, min(finite_k)) - 0.05, max(1.0, max(finite_k)) + 0.05)
+    limits = (min(-0.05, min(finite_k) - 0.05), max(1.05, max(finite_k) + 0.05))   # k̂ may be negative or > 1
+    ax.set_ylim(*limits)   # one scale for both axes, so each line reads the same against either
+    ak.set_ylim(*limits)
     handles, labels = ax.get_legend_handles_labels()
     more_h, more_l = ak.get_legend_handles_labels()
-    ax.legend(handles + more_h, labels + more_l, fontsize=7, loc="lower left")
-    fig.tight_layout()
+    # Below the axes: inside, "best" would only avoid ESS/N (the left axis' artists), not the k̂ points.
+    ax.legend(handles + more_h, labels + more_l, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15),
+              ncol=2)
     return _png(plt, fig)
 
 
@@ -332,6 +335,8 @@ def _scalars_table(summary: dict) -> str:
 
 
 def _top_sequences(rows: list[dict]) -> str:
+    if not rows:
+        return _note("no per-sequence rows (the run stopped before sampling)")
     out = []
     e_rows = [r for r in rows if r.get("batch") == "E" and _finite(r.get("contrib_e"))]
     e_rows.sort(key=lambda r: -abs(r["contrib_e"]))
@@ -366,7 +371,7 @@ def _prompt_table(rows: list[dict]) -> str:
         if r.get("batch") == "E":
             groups.setdefault(r.get("prompt_index"), []).append(r)
     if not groups:
-        return _note("no E rows")
+        return _note("no E rows" if rows else "no per-sequence rows (the run stopped before sampling)")
     stats = []
     for index, members in groups.items():
         rewards = [_float(r.get("reward")) for r in members]

@@ -35,7 +35,7 @@ from probe_dist.errors import OutputDirError
 log = logging.getLogger("probe_dist")
 
 RESULT_FILES = frozenset({"summary.json", "config.yaml", "sequences.jsonl", "sequences.parquet", "delta_h.png",
-                          "update_vector.safetensors"})
+                          "report.html", "update_vector.safetensors"})
 _LOG_NAME = re.compile(r"probe(\.rank\d+)?\.log")
 
 

@@ -72,6 +72,10 @@ def write_plot(out_dir: Path, summary: dict) -> Path | None:
     ax.errorbar(etas, values("delta_h_true"), yerr=errors("delta_h_true_se"), marker="o", label="ΔH_true (SNIS)")
     ax.errorbar(etas, values("delta_h1"), yerr=errors("delta_h1_se"), marker="s", linestyle="--",
                 label="δH₁ (first order)")
+    second = [a + b for a, b in zip(values("delta_h1"), values("delta_h2"))]
+    if any(math.isfinite(x) for x in second):
+        spread = [math.hypot(a, b) for a, b in zip(errors("delta_h1_se"), errors("delta_h2_se"))]
+        ax.errorbar(etas, second, yerr=spread, marker="^", linestyle=":", label="δH₁ + δH₂ (second order)")
     ax.set_xscale("log")
     ax.set_xlabel("η (learning rate)")
     ax.set_ylabel("entropy change (nats)")
@@ -102,6 +106,10 @@ _SCALARS = (
     ("update/u_norm", "update: |u|", None, ".4g"),
     ("delta_h1/per_eta", "dH1/eta", "delta_h1/per_eta_se", ".6g"),
     ("delta_h1/ustat_per_eta", "dH1/eta (U-statistic)", None, ".6g"),
+    ("explain/delta_h1_base_per_eta", "dH1/eta from momentum+decay (rest: sum over U sequences)", None, ".6g"),
+    ("curvature/d2H_deta2", "d2H/deta2", "curvature/d2H_deta2_se", ".6g"),
+    ("curvature/linear_regime_eta", "first order within 10% up to eta", None, ".3g"),
+    ("cui/cov_logp_adv", "Cui proxy Cov(log pi, A) on U", "cui/cov_logp_adv_se", ".4g"),
 )
 _SWEEP_COLUMNS = (("delta_h_true", "+13.5e"), ("delta_h_true_se", "9.2e"), ("delta_h1", "+13.5e"),
                   ("delta_h1_se", "9.2e"), ("ess_frac", "7.3f"), ("khat", "6.2f"), ("kl", "9.2e"))
@@ -119,6 +127,8 @@ def console_table(summary: dict) -> str:
         head = f"entropy H(θ) = {_num(summary.get('entropy/base'), '.6g')} ± {_num(summary.get('entropy/base_se'), '.2g')}"
         if "entropy/base_naive" in summary:
             head += f"   (naive {_num(summary.get('entropy/base_naive'), '.6g')})"
+        if summary.get("se/kind") == "fixed_prompts":
+            head += "   [SEs conditional on E's prompts]"
     else:
         head = "entropy H(θ): not computed"
     lines = [f"{head}   status: {status}"]
@@ -134,6 +144,8 @@ def console_table(summary: dict) -> str:
             lines.append(" ".join([_num(s.get("eta"), "10.3g")] + [_num(s.get(k), spec) for k, spec in _SWEEP_COLUMNS]))
     else:
         lines.append("sweep: no η completed")
+    if summary.get("explain/skipped"):
+        lines.append(f"explanation: {summary['explain/skipped']}")
     if "restore/verified" in summary:
         lines.append(f"restore verified on all ranks: {summary['restore/verified']}")
     def listed(x) -> list:
