@@ -120,7 +120,7 @@ def _run_seed(setup, seed: int) -> dict:
     return {
         "entropy": (base.entropy - setup["h"], base.entropy_se),
         **{m: (ETA * r.per_eta - exact_d1, ETA * r.per_eta_se) for m, r in d1.items()},
-        "delta_h_true": (sweep[ETA]["delta_h_true"] - exact_dt, sweep[ETA]["delta_h_true_se"]),
+        "delta_h_true": (sweep[ETA]["delta_h_true"] - exact_dt, sweep[ETA]["delta_h_true_se_population"]),
         "eta0": sweep[0.0],
     }
 

@@ -84,7 +84,8 @@ def snis_point(rt, batch: RolloutBatch, scores0: list[SequenceScores], scores1: 
     if gathered is not None:
         all_lw = torch.cat(gathered)
         khat = pareto_khat(all_lw) if all_lw.numel() else float("nan")
-    fields = {"delta_h_true": res.delta, "delta_h_true_se_population": se_from_influence(c2, base.num_groups),
+    se_population = se_from_influence(c2, base.num_groups)
+    fields = {"delta_h_true": res.delta, "delta_h_true_se": se_population, "delta_h_true_se_population": se_population,
               "delta_h_true_se_fixed_prompts": math.sqrt(fixed2),
               "entropy_new": res.entropy_new, "ess": res.ess, "ess_frac": res.ess_frac, "khat": khat,
               "khat_threshold": khat_threshold(round(res.ess / res.ess_frac)) if res.ess_frac > 0 else float("nan"),
