@@ -44,17 +44,41 @@ class SamplingConfig:
     seed: int = _f(1234, ge=0, help="run seed; each prompt's responses use (seed, batch, prompt index)")
     prompts: str = _f("toy", help="'toy' (the built-in task) or a JSONL file of {prompt, answer}")
     split: str = _f("train", choices=("train", "test"), help="split of the built-in toy task")
-    reward: str = _f("exact_match", choices=("exact_match", "math_verify"), help="reward function")
+    reward: str = _f("exact_match", help="reward: exact_match, math_verify, or package.module:function (TRL's "
+                                         "convention; several comma-separated, each optionally *weight)")
+    bos: str | None = _f(None, choices=("auto", "always", "never"),
+                         help="BOS before a text prompt: the tokenizer's own rule (auto, as TRL), always, or never "
+                              "(default: the checkpoint's recorded prompt_bos, else auto; always for the toy)")
 
 
 @dataclass(frozen=True)
 class UpdateConfig:
     route: str = _f("update_vector", choices=("update_vector", "real_step"),
                     help="how θ' is reached: exact AdamW update vector θ+ηu, or a real optimizer.step()")
-    loss: str | None = _f(None, choices=("grpo", "dr_grpo", "dapo"), help="training loss family (default: checkpoint's)")
-    kl_coef: float = _f(0.0, ge=0.0, help="coefficient of the KL-to-reference (adapter disabled) term")
+    loss: str | None = _f(None, choices=("grpo", "bnpo", "dr_grpo", "dapo", "cispo"),
+                          help="loss aggregation (TRL's loss_type; default: checkpoint's)")
+    scale_rewards: str | None = _f(None, choices=("group", "batch", "none"),
+                                   help="advantage std: per group, over the batch, or none (default: none for "
+                                        "dr_grpo, group otherwise; TRL's default is group for every loss)")
+    kl_coef: float = _f(0.0, ge=0.0, help="β: coefficient of the KL-to-reference (adapter disabled) term")
+    kl_bias_correction: bool = _f(False, help="multiply the k3 KL term by the importance ratio, as TRL's "
+                                              "use_bias_correction_kl (TRL's default: true)")
+    epsilon_high: float = _f(0.2, gt=0.0, help="cispo: the ratio clamp ε_high (TRL's epsilon_high, default ε = 0.2)")
+    mask_truncated: bool = _f(False, help="drop responses that did not end with an EOS from the loss (TRL's "
+                                          "mask_truncated_completions)")
+    top_entropy_quantile: float = _f(1.0, gt=0.0, le=1.0, help="policy term only on tokens whose entropy is in "
+                                                                "this top fraction of the block's (TRL's)")
+    entropy_coef: float = _f(0.0, help="entropy bonus: loss − coef·(token-mean entropy per block) (TRL's)")
+    loss_block_rows: int | None = _f(None, ge=1, help="sequences per training micro-step (TRL's per_device_"
+                                                      "train_batch_size): bnpo's token mean and the entropy "
+                                                      "quantile are per block (default: all of U)")
+    autocast: str = _f("none", choices=("none", "bfloat16"), help="run the gradient pass under bf16 autocast, "
+                                                                  "as TRL's bf16=True training (scoring stays fp32)")
+    ignore_unsupported_recipe: bool = _f(False, help="probe anyway when the checkpoint records training the probe "
+                                                     "cannot reproduce (num_iterations > 1, stale or vLLM-corrected "
+                                                     "samples); the step measured is the on-policy one")
     grad_clip: float | None = _f(None, ge=0.0, help="max grad norm as in training; 0 disables (default: checkpoint's)")
-    adv_eps: float = _f(1e-6, gt=0.0, help="ε in GRPO advantages (r − mean)/(std + ε)")
+    adv_eps: float = _f(1e-6, gt=0.0, help="ε in GRPO advantages (r − mean)/(std + ε) (verl 1e-6; TRL 1e-4)")
     max_len: int | None = _f(None, ge=1, help="L_max for dr_grpo normalisation (default: max_new_tokens)")
 
 

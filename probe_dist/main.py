@@ -22,6 +22,8 @@ from probe_dist import __version__
 from probe_dist.config import ConfigError, config_hash, format_config_help, load_config
 from probe_dist.config_schema import ProbeConfig
 from probe_dist.errors import UserInputError
+from probe_dist.rollout.batch import default_scale_rewards
+from probe_dist.update.loss import LOSS_FAMILIES
 
 log = logging.getLogger("probe_dist")
 
@@ -97,8 +99,14 @@ def resolve_from_checkpoint(cfg: ProbeConfig, training_args: dict) -> ProbeConfi
     cfg = replace(cfg, **{section: replace(getattr(cfg, section), **values) for section, values in filled.items()})
     if cfg.update.max_len is None:  # dr_grpo's L_max defaults to the response cap
         cfg = replace(cfg, update=replace(cfg.update, max_len=cfg.sampling.max_new_tokens))
-    if cfg.update.loss not in ("grpo", "dr_grpo", "dapo"):
-        raise ConfigError(f"checkpoint records loss {cfg.update.loss!r}; set update.loss to grpo, dr_grpo or dapo.")
+    if cfg.update.loss not in LOSS_FAMILIES:
+        raise ConfigError(f"checkpoint records loss {cfg.update.loss!r}; set update.loss to one of "
+                          f"{', '.join(LOSS_FAMILIES)}.")
+    if cfg.sampling.bos is None:  # how training built text prompts; the toy task put BOS in front of every prompt
+        bos = training_args.get("prompt_bos") or ("always" if training_args.get("task") == "toy_addition" else "auto")
+        cfg = replace(cfg, sampling=replace(cfg.sampling, bos=bos))
+    if cfg.update.scale_rewards is None:
+        cfg = replace(cfg, update=replace(cfg.update, scale_rewards=default_scale_rewards(cfg.update.loss)))
     return cfg
 
 
@@ -110,7 +118,7 @@ def build_probe(cfg: ProbeConfig, rt):
     """
     from probe_dist import validate
     from probe_dist.data.prompts import load_prompts_with_lines, prompt_source_name
-    from probe_dist.data.rewards import get_reward_fn
+    from probe_dist.data.rewards import get_rewards, is_plugin_spec
     from probe_dist.model.load import (
         CheckpointError,
         check_trainable_count,
@@ -130,16 +138,18 @@ def build_probe(cfg: ProbeConfig, rt):
 
     # Every input is checked before the first model pass, cheapest first (probe_dist/validate.py): prompt file and
     # reward, checkpoint paths and JSON files, training settings, tokenizer, prompt lengths, optimizer file, weights.
-    prompts = load_prompts_with_lines(cfg.sampling.prompts, cfg.sampling.split)
+    prompts = load_prompts_with_lines(cfg.sampling.prompts, cfg.sampling.split,
+                                      require_answer=not is_plugin_spec(cfg.sampling.reward))
     prompt_source = prompt_source_name(cfg.sampling.prompts, cfg.sampling.split)
-    get_reward_fn(cfg.sampling.reward)
+    get_rewards(cfg.sampling.reward)
     if not (cfg.checkpoint.path or cfg.checkpoint.base):
         from probe_dist.toy import ensure_toy_checkpoint
 
         toy = ensure_toy_checkpoint(cfg.checkpoint.toy_seed, cfg.checkpoint.toy_cache, rt)
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, path=str(toy)))
     paths = resolve_paths(cfg.checkpoint)
-    cfg = resolve_from_checkpoint(cfg, validate.training_args(paths.training_args, cfg, paths.training_args_path))
+    recorded = validate.training_args(paths.training_args, cfg, paths.training_args_path)
+    cfg = resolve_from_checkpoint(cfg, recorded)
     validate.note_prompt_repeats(len(prompts), cfg.sampling, cfg.estimators.mode, prompt_source, rt.is_main)
     torch.set_float32_matmul_precision(cfg.precision.matmul)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[cfg.precision.dtype]
@@ -151,7 +161,7 @@ def build_probe(cfg: ProbeConfig, rt):
     tokenizer = load_tokenizer(paths.tokenizer, paths.tokenizer_source)
     validate.check_prompts_fit(prompts, tokenizer, max_new_tokens=cfg.sampling.max_new_tokens,
                                max_positions=validate.model_max_positions(paths.base), source=prompt_source,
-                               config_file=paths.base / "config.json", is_main=rt.is_main)
+                               config_file=paths.base / "config.json", is_main=rt.is_main, bos=cfg.sampling.bos)
     optimizer_blob = read_optimizer_file(paths.optimizer)  # weights_only; finite state, before the model loads
     model = load_model(paths, dtype, rt.device)  # complete weight files, finite weights
     trainable = trainable_parameters(model)
@@ -181,7 +191,9 @@ def build_probe(cfg: ProbeConfig, rt):
         raise CheckpointError(f"{exc}: responses could never end. Set eos_token in the tokenizer "
                               f"({str(paths.tokenizer)!r}) or eos_token_id in the base's generation_config.json.") from None
     probe = Probe(cfg, rt, runner, tokenizer=tokenizer, optimizer=optimizer, eos_ids=eos_ids)
-    probe.load_info = {"sampling/eos_ids": eos_ids,"provenance/optimizer_coverage": coverage, "provenance/trainable_params": n_trainable,
+    probe.load_info = {"sampling/eos_ids": eos_ids, "provenance/optimizer_coverage": coverage,
+                       "provenance/trainable_params": n_trainable,
+                       "provenance/recipe_ignored": recorded.get("_unsupported_ignored", []),
                        "provenance/memory_plan": {k: memory_plan[k] for k in ("peak_bytes", "peak_phase", "fits",
                                                                               "proposal")} if memory_plan else None}
     return probe

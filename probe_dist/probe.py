@@ -104,7 +104,8 @@ class Probe:
     def sample(self, name: str, num_prompts: int, group_size: int):
         return sample_batch(self.rt, self.runner.decoder, self.tokenizer, name, sampling=self.cfg.sampling,
                             num_prompts=num_prompts, group_size=group_size, loss_family=self.cfg.update.loss,
-                            adv_eps=self.cfg.update.adv_eps, rows_per_chunk=self.cfg.memory.microbatch_generate,
+                            adv_eps=self.cfg.update.adv_eps, scale_rewards=self.cfg.update.scale_rewards,
+                            rows_per_chunk=self.cfg.memory.microbatch_generate,
                             lockstep=self.runner.strategy.name == "fsdp2", eos_ids=self.eos_ids,
                             after_group=self.check_stop)
 

@@ -26,7 +26,7 @@ from probe_dist.data.toy_task import MAX_ANSWER_TOKENS
 from probe_dist.model.load import save_optimizer, trainable_parameters
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.rollout.sample import sample_group
-from probe_dist.update.loss import LossNormalisers, sequence_normalisers, update_loss
+from probe_dist.update.loss import LossNormalisers, LossSpec, row_coefficients, update_loss
 
 log = logging.getLogger("probe_dist")
 
@@ -67,11 +67,12 @@ def grpo_steps(model, tokenizer, optimizer, trainable, *, seed: int, args: dict)
                                max_len=args["max_new_tokens"])
         model.train()  # as in training: LoRA dropout active for the loss pass
         optimizer.zero_grad(set_to_none=True)
+        spec = LossSpec(family=args["loss"])
         for g in groups:
-            normalisers = sequence_normalisers(args["loss"], g.lengths, norm)
             mb = g.layout(slice(0, g.size))
-            token_logp, _ = runner.forward(mb, grad=True)
-            update_loss(token_logp, mb.token_rows, g.advantages, normalisers).backward()
+            token_logp, token_h = runner.forward(mb, grad=True)
+            update_loss(token_logp, token_h, mb.token_rows, g.advantages, row_coefficients(spec, g, norm),
+                        spec).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], args["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

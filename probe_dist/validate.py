@@ -26,12 +26,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from probe_dist.data.prompts import PromptError
+from probe_dist.data.prompts import PromptError, prompt_text
 from probe_dist.model.load import CheckpointError
+from probe_dist.update.loss import LOSS_FAMILIES
 
 log = logging.getLogger("probe_dist")
 
-LOSS_FAMILIES = ("grpo", "dr_grpo", "dapo")
 # Files that carry a tokenizer's vocabulary (or, for tokenizer_config.json, name a vocabulary-free one).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model", "tekken.json")
@@ -94,6 +94,26 @@ def _describe(value) -> str:
     return f"{json.dumps(value)[:60]} ({kind or type(value).__name__})"
 
 
+def _unsupported_recipe(recorded: dict) -> list[str]:
+    """Recorded training settings whose step the probe cannot reproduce (it measures one on-policy step)."""
+    out = []
+    iterations = recorded.get("num_iterations")
+    if is_number(iterations) and iterations > 1:
+        out.append(f"num_iterations={iterations} (each batch is reused for several optimizer steps, with clipped "
+                   "importance ratios to a stale policy; the probe measures the first, on-policy step)")
+    steps, accumulation = recorded.get("steps_per_generation"), recorded.get("gradient_accumulation_steps")
+    if is_number(steps) and is_number(accumulation) and steps > accumulation:
+        out.append(f"steps_per_generation={steps} > gradient_accumulation_steps={accumulation} (later optimizer "
+                   "steps train on samples from an older policy)")
+    if recorded.get("use_vllm") and recorded.get("vllm_importance_sampling_correction"):
+        out.append("vllm_importance_sampling_correction (the loss is reweighted by the sampler/trainer probability "
+                   "ratio of vLLM; the probe samples from the trainer's own policy)")
+    loss = recorded.get("loss_type")
+    if isinstance(loss, str) and loss not in LOSS_FAMILIES and loss not in ("sapo", "vespo", "luspo"):
+        out.append(f"loss_type={loss!r}")
+    return out
+
+
 def training_args(recorded: dict, cfg, source: Path | None) -> dict:
     """The settings training_args.json records for the keys `cfg` leaves unset, typed and range-checked.
 
@@ -102,7 +122,18 @@ def training_args(recorded: dict, cfg, source: Path | None) -> dict:
     TrainingArgsError naming the file, the key, the value, what is accepted and the override that fixes it.
     """
     where = str(source) if source is not None else "training_args.json"
+    unsupported = _unsupported_recipe(recorded)
+    if unsupported and not cfg.update.ignore_unsupported_recipe:
+        raise TrainingArgsError(
+            f"training settings file {where!r} records training the probe cannot reproduce: "
+            f"{'; '.join(unsupported)}. The probe's δH₁ and ΔH_true would describe another update than training "
+            "took. Probe a checkpoint trained on-policy, or set update.ignore_unsupported_recipe=true to measure the "
+            "on-policy step anyway (the summary then says which settings were ignored).")
+    if unsupported:
+        log.warning("ignoring training settings the probe cannot reproduce (update.ignore_unsupported_recipe): %s",
+                    "; ".join(unsupported))
     out = dict(recorded)
+    out["_unsupported_ignored"] = unsupported
     for name, spec in _RECORDED.items():
         section, key = spec.setting.split(".")
         if getattr(getattr(cfg, section), key) is not None:
@@ -150,17 +181,20 @@ def note_prompt_repeats(num_prompts: int, sampling, mode: str, source: str, is_m
                         key, size, num_prompts, source, name, size / num_prompts, key)
 
 
-def _prompt_lengths(tokenizer, texts: list[str]) -> tuple[list[int], list[list[tuple[int, int]]]]:
-    """Each prompt's token count as `rollout.sample.prompt_token_ids` builds it (BOS in front when the tokenizer
-    defines one, not doubled), and the character spans of its tokens that are the tokenizer's unknown token."""
+def _prompt_lengths(tokenizer, prompts: list, bos: str = "always") -> tuple[list[int], list[list[tuple[int, int]]]]:
+    """Each prompt's token count as `rollout.sample.prompt_token_ids` builds it (a conversation through the chat
+    template; a text by the `bos` rule), and the character spans of a text's tokens that are the tokenizer's unknown
+    token (none reported for conversations)."""
+    from probe_dist.rollout.sample import prompt_token_ids
+
+    texts = [p if isinstance(p, str) else "" for p in prompts]
     unk = tokenizer.unk_token_id
     offsets = unk is not None and getattr(tokenizer, "is_fast", False)
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
-    bos = tokenizer.bos_token_id
     lengths, unknown = [], []
     for k, ids in enumerate(enc["input_ids"]):
-        lengths.append(len(ids) + (1 if bos is not None and (not ids or ids[0] != bos) else 0))
-        if unk is None:
+        lengths.append(int(prompt_token_ids(tokenizer, prompts[k], bos).numel()))
+        if unk is None or not isinstance(prompts[k], str):
             unknown.append([])
         elif offsets:
             unknown.append([tuple(span) for t, span in zip(ids, enc["offset_mapping"][k]) if t == unk])
@@ -206,14 +240,15 @@ def rope_extension_factor(config) -> int:
 
 
 def check_prompts_fit(prompts: list[tuple[int, dict]], tokenizer, *, max_new_tokens: int, max_positions: int | None,
-                      source: str, config_file: Path | None = None, is_main: bool = True) -> None:
+                      source: str, config_file: Path | None = None, is_main: bool = True,
+                      bos: str = "always") -> None:
     """Every prompt tokenizes to ≥ 1 token and fits, with max_new_tokens, in the model's max positions.
 
     prompts: (line, record) pairs from `data.prompts.load_prompts_with_lines`. Raises PromptLengthError naming the
     longest prompt (file and line) and the fix. Logs one warning with examples when prompt characters map to the
     tokenizer's unknown token (the model would see <unk> instead of them).
     """
-    lengths, unknown = _prompt_lengths(tokenizer, [r["prompt"] for _, r in prompts])
+    lengths, unknown = _prompt_lengths(tokenizer, [r["prompt"] for _, r in prompts], bos)
     empty = [line for (line, _), n in zip(prompts, lengths) if n == 0]
     if empty:
         raise PromptLengthError(f"prompt file {source}, line {empty[0]}: the prompt tokenizes to no tokens "
@@ -226,7 +261,7 @@ def check_prompts_fit(prompts: list[tuple[int, dict]], tokenizer, *, max_new_tok
             line, record = prompts[k]
             where = f" ({config_file})" if config_file is not None else ""
             raise PromptLengthError(
-                f"prompt file {source}, line {line}: the longest prompt ({record['prompt'][:40]!r}...) is "
+                f"prompt file {source}, line {line}: the longest prompt ({prompt_text(record)[:40]!r}...) is "
                 f"{lengths[k]} tokens; with sampling.max_new_tokens={max_new_tokens} it needs {lengths[k] + max_new_tokens} "
                 f"positions, more than the model's max_position_embeddings={max_positions}{where}. "
                 f"{len(too_long)} of {len(prompts)} prompt(s) are longer than {budget} tokens: shorten or drop them, "

@@ -19,8 +19,7 @@ from probe_dist.estimators.entropy import normaliser_lengths
 from probe_dist.explain.directional import eager_attention, parameter_names, token_derivatives
 from probe_dist.measurement.sweep import snis_point
 from probe_dist.scoring.score import score_batch
-from probe_dist.update.gradient import loss_normalisers
-from probe_dist.update.loss import sequence_normalisers, update_loss
+from probe_dist.update.loss import LossSpec, row_coefficients, update_loss
 from probe_dist.update.step import set_theta
 from tests.model_families import FAMILIES, build_family_checkpoint, write_family_prompts
 from tests.probe_harness import make_probe
@@ -44,6 +43,9 @@ def _backward_per_row(probe, mb, row: int, loss_of):
     [],                                                            # per-token, RB, snis_derivative, no KL
     ["estimators.delta_h1=causal_rb", "update.kl_coef=0.04", "update.loss=dr_grpo"],
     ["estimators.normalize=per_sequence", "estimators.payload=naive", "update.loss=dapo"],
+    ["update.loss=bnpo", "update.loss_block_rows=8", "update.scale_rewards=batch", "update.kl_coef=0.04",
+     "update.kl_bias_correction=true", "update.mask_truncated=true", "update.top_entropy_quantile=0.5",
+     "update.entropy_coef=0.01", "sampling.max_new_tokens=2"],
 ])
 def test_contributions_equal_per_sequence_backward(toy_checkpoint, variant):
     """c_i (E) and d_j (U) from forward mode equal one backward per sequence dotted with u (resp. v)."""
@@ -71,10 +73,11 @@ def test_contributions_equal_per_sequence_backward(toy_checkpoint, variant):
     assert worst <= 1e-5 * scale, (worst, scale)
 
     v = [res.update.clip_coef * pt.grad_coef * ge for pt, ge in zip(res.update.parts, res.delta_h1.grad_entropy)]
-    norm = loss_normalisers(probe.rt, res.batch_u, max_len=probe.cfg.update.max_len)
+    norm = res.update.normalisers
+    spec = LossSpec.from_config(probe.cfg.update)
     worst = 0.0
     for g in res.batch_u.groups:
-        normalisers = sequence_normalisers(probe.cfg.update.loss, g.lengths, norm)
+        coefficients = row_coefficients(spec, g, norm, kept=g.kept(probe.cfg.update.mask_truncated))
         for i in range(g.size):
             mb = g.layout(slice(i, i + 1))
             ref = None
@@ -82,9 +85,9 @@ def test_contributions_equal_per_sequence_backward(toy_checkpoint, variant):
                 with probe.runner.reference():
                     ref = probe.runner.forward(mb, grad=False)[0].detach()
 
-            def loss(token_logp, token_h, rows, g=g, i=i, ref=ref, normalisers=normalisers):
-                return update_loss(token_logp, rows, g.advantages[i:i + 1], normalisers[i:i + 1],
-                                   kl_coef=probe.cfg.update.kl_coef, token_ref_logp=ref)
+            def loss(token_logp, token_h, rows, g=g, i=i, ref=ref, coefficients=coefficients):
+                return update_loss(token_logp, token_h, rows, g.advantages[i:i + 1], coefficients[i:i + 1], spec,
+                                   token_ref_logp=ref)
 
             grads = _backward_per_row(probe, mb, i, loss)
             expected = _dot([torch.zeros(1) if x is None else x for x in grads], v)

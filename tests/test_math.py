@@ -3,6 +3,8 @@ ratio influence functions."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,13 @@ from probe_dist.estimators.entropy import ratio_influence, se_from_influence
 from probe_dist.estimators.snis import SNIS_SUM_FIELDS, log_weights, snis_finalize, snis_local_sums
 from probe_dist.rollout.batch import group_advantages
 from probe_dist.update.adamw import AdamWHyper, adamw_update_vector
-from probe_dist.update.loss import LossNormalisers, sequence_normalisers, update_loss
+from probe_dist.update.loss import (
+    LossNormalisers,
+    LossSpec,
+    RowCoefficients,
+    sequence_normalisers,
+    update_loss,
+)
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
@@ -48,6 +56,16 @@ def test_loss_normalisers_follow_the_spec():
     assert torch.allclose(sequence_normalisers("dr_grpo", lengths, norm), torch.full((4,), 1.0 / (2 * 2 * 6.0),
                                                                                          dtype=torch.float64))
     assert torch.allclose(sequence_normalisers("dapo", lengths, norm), torch.full((4,), 1 / 11.0, dtype=torch.float64))
+    assert torch.equal(sequence_normalisers("cispo", lengths, norm), sequence_normalisers("dapo", lengths, norm))
+    # bnpo: token mean per block of 2 rows (rows 0-1: 4 tokens, rows 2-3: 7), mean over the 2 blocks.
+    blocks = LossNormalisers(num_prompts=2, group_size=2, total_tokens=11.0, max_len=6, block_rows=2,
+                             block_tokens=(4.0, 7.0))
+    for p in (0, 1):
+        got = sequence_normalisers("bnpo", lengths[2 * p:2 * p + 2], blocks, prompt_index=p)
+        assert torch.allclose(got, torch.full((2,), 1.0 / (2 * (4.0, 7.0)[p]), dtype=torch.float64))
+    # A masked (truncated) response gets n_i = 0; the counts come from the caller (kept tokens only).
+    kept = torch.tensor([True, False, True, True])
+    assert sequence_normalisers("grpo", lengths, norm, kept=kept)[1] == 0.0
     with pytest.raises(ValueError, match="unknown loss family"):
         sequence_normalisers("ppo", lengths, norm)
 
@@ -61,16 +79,41 @@ def test_loss_adds_up_over_microbatches_and_matches_a_direct_formula():
     adv = torch.tensor([1.0, -0.5, 0.25, -0.75], dtype=torch.float64)
     norm = LossNormalisers(num_prompts=2, group_size=2, total_tokens=float(lengths.sum()), max_len=4)
     n = sequence_normalisers("grpo", lengths, norm)
-    whole = update_loss(logp, row, adv, n)
+    rows = RowCoefficients(n, torch.full((4,), -math.inf), torch.zeros(4, dtype=torch.float64))
+    spec = LossSpec(family="grpo")
+    whole = update_loss(logp, None, row, adv, rows, spec)
     direct = sum(-adv[i] * logp[row == i].mean() for i in range(4)) / 4
     assert torch.isclose(whole, direct)
     first = int(lengths[:2].sum())
-    split = update_loss(logp[:first], row[:first], adv[:2], n[:2]) + \
-        update_loss(logp[first:], row[first:] - 2, adv[2:], n[2:])
+    split = update_loss(logp[:first], None, row[:first], adv[:2], rows[:2], spec) + \
+        update_loss(logp[first:], None, row[first:] - 2, adv[2:], rows[2:], spec)
     assert torch.isclose(whole, split, rtol=1e-14)
     # KL term: k3 is zero when the policy equals the reference, positive otherwise.
-    assert torch.isclose(update_loss(logp, row, adv, n, kl_coef=0.1, token_ref_logp=logp), whole)
-    assert update_loss(logp, row, adv, n, kl_coef=0.1, token_ref_logp=logp - 0.3) > whole
+    kl = LossSpec(family="grpo", kl_coef=0.1)
+    assert torch.isclose(update_loss(logp, None, row, adv, rows, kl, token_ref_logp=logp), whole)
+    assert update_loss(logp, None, row, adv, rows, kl, token_ref_logp=logp - 0.3) > whole
+    # cispo at ratio 1: the policy term scaled by min(1, ε_high); the bias-corrected KL has the same value.
+    cispo = LossSpec(family="cispo", epsilon_high=0.2)
+    assert torch.isclose(update_loss(logp, None, row, adv, rows, cispo), 0.2 * whole)
+    corrected = LossSpec(family="grpo", kl_coef=0.1, kl_bias_correction=True)
+    assert torch.isclose(update_loss(logp, None, row, adv, rows, corrected, token_ref_logp=logp - 0.3),
+                         update_loss(logp, None, row, adv, rows, kl, token_ref_logp=logp - 0.3))
+
+
+def test_entropy_mask_and_bonus_act_per_token():
+    """top_entropy_quantile keeps the policy term only where H ≥ the row's threshold; the bonus subtracts o_i·H there."""
+    logp = torch.tensor([-0.5, -1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    h = torch.tensor([0.1, 0.9, 0.5], dtype=torch.float64, requires_grad=True)
+    row = torch.zeros(3, dtype=torch.long)
+    adv = torch.tensor([2.0], dtype=torch.float64)
+    rows = RowCoefficients(torch.tensor([0.5], dtype=torch.float64), torch.tensor([0.5]),
+                           torch.tensor([0.25], dtype=torch.float64))
+    loss = update_loss(logp, h, row, adv, rows, LossSpec(family="grpo", top_entropy_quantile=0.5, entropy_coef=1.0))
+    expected = 0.5 * (-2.0) * (-1.0 + -2.0) - 0.25 * (0.9 + 0.5)  # tokens 1 and 2 pass H ≥ 0.5
+    assert torch.isclose(loss, torch.tensor(expected, dtype=torch.float64))
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([0.0, -1.0, -1.0], dtype=torch.float64))
+    assert torch.allclose(h.grad, torch.tensor([0.0, -0.25, -0.25], dtype=torch.float64))
 
 
 def test_group_advantages():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from probe_dist.update.adamw import AdamWHyper, adamw_update_vector
-from probe_dist.update.loss import LossNormalisers, sequence_normalisers, update_loss
+from probe_dist.update.loss import LossNormalisers, LossSpec, row_coefficients, update_loss
 from tests.probe_harness import make_probe
 
 B, G = 4, 4
@@ -53,8 +53,8 @@ def test_single_batch_u_statistic_matches_brute_force(toy_checkpoint, ustat, kl_
         with torch.no_grad(), probe.model.disable_adapter():  # the KL reference: the base without the adapter
             ref_lp, _ = probe.policy(mb.input_ids, mb.attention_mask, mb.response_start, mb.response_mask,
                                      temperature)
-        loss = update_loss(lp, rows, g.advantages, sequence_normalisers(probe.cfg.update.loss, g.lengths, norm),
-                           kl_coef=kl_coef, token_ref_logp=ref_lp)
+        spec = LossSpec(family=probe.cfg.update.loss, kl_coef=kl_coef)
+        loss = update_loss(lp, h, rows, g.advantages, row_coefficients(spec, g, norm), spec, token_ref_logp=ref_lp)
         gs.append(_grad_of(probe, loss))
     raw = [sum(gp[k] for gp in gs) for k in range(len(gs[0]))]
     clip = probe.cfg.update.grad_clip

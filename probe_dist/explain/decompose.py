@@ -32,8 +32,7 @@ from probe_dist.results import (
     UpdateGradient,
 )
 from probe_dist.rollout.batch import RolloutBatch
-from probe_dist.update.gradient import loss_normalisers
-from probe_dist.update.loss import sequence_normalisers, update_loss_per_sequence
+from probe_dist.update.loss import LossSpec, row_coefficients, update_loss_per_sequence
 
 
 def _rows(mb, values: torch.Tensor) -> torch.Tensor:
@@ -118,13 +117,14 @@ def explain_u(rt, runner: PolicyRunner, batch_u: RolloutBatch, *, update: Update
     names = parameter_names(policy, runner.trainable)
     v = [update.clip_coef * part.grad_coef * g for part, g in zip(update.parts, grad_entropy)]
     base_term = vector_dot(grad_entropy, [part.u_base for part in update.parts])
-    norm = loss_normalisers(rt, batch_u, max_len=update_cfg.max_len)
+    norm = update.normalisers  # the counts (and entropy thresholds) the gradient pass used
+    spec = LossSpec.from_config(update_cfg)
 
     def start() -> dict:
         return {"d": {}, "cov": {}, "seq": {}}
 
     def step(_gi: int, group, state: dict) -> None:
-        normalisers = sequence_normalisers(update_cfg.loss, group.lengths, norm)
+        coefficients = row_coefficients(spec, group, norm, kept=group.kept(update_cfg.mask_truncated))
         d_parts, sums, seq = [], torch.zeros(6, dtype=torch.float64), []
         for mb in group.microbatches(runner.sizes.grad):
             ref_logp = None
@@ -135,11 +135,11 @@ def explain_u(rt, runner: PolicyRunner, batch_u: RolloutBatch, *, update: Update
                                    temperature=runner.temperature, order=1)
             rows, adv = mb.token_rows, group.advantages[mb.rows]
 
-            def loss_rows(token_logp, rows=rows, adv=adv, mb=mb, ref_logp=ref_logp):
-                return update_loss_per_sequence(token_logp, rows, adv, normalisers[mb.rows], num_rows=mb.num_rows,
-                                                kl_coef=update_cfg.kl_coef, token_ref_logp=ref_logp)
+            def loss_rows(token_logp, token_h, rows=rows, adv=adv, mb=mb, ref_logp=ref_logp):
+                return update_loss_per_sequence(token_logp, token_h, rows, adv, coefficients[mb.rows], spec,
+                                                num_rows=mb.num_rows, token_ref_logp=ref_logp)
 
-            _, d_rows = jvp(loss_rows, (td.logp,), (td.d_logp,))
+            _, d_rows = jvp(loss_rows, (td.logp, td.entropy), (td.d_logp, td.d_entropy))
             d_parts.append(d_rows)
             sums += covariance.token_sums(td.logp, adv[rows])
             pi = torch.exp(td.logp)

@@ -100,10 +100,11 @@ def _prompt_tokens(cfg, tokenizer_dir: Path | None, notes: list[str]) -> int:
         try:
             from probe_dist.data.prompts import load_prompts
             from probe_dist.model.load import load_tokenizer
+            from probe_dist.rollout.sample import prompt_token_ids
 
             tok = load_tokenizer(tokenizer_dir)
-            prompts = load_prompts(str(path), cfg.sampling.split)
-            return 1 + max(len(tok(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
+            prompts = load_prompts(str(path), cfg.sampling.split, require_answer=False)
+            return max(len(prompt_token_ids(tok, p["prompt"], "always")) for p in prompts)
         except Exception as exc:  # noqa: BLE001 - fall back to the assumption below, and say so
             notes.append(f"could not measure prompt lengths ({exc})")
     notes.append("prompt length assumed to be 512 tokens; pass --prompt-tokens N for your prompts")
@@ -328,9 +329,11 @@ def auto_microbatch_plan(cfg, model, world_size: int, device: torch.device, *, t
     prompt_tokens = None
     if tokenizer is not None:
         from probe_dist.data.prompts import load_prompts
+        from probe_dist.rollout.sample import prompt_token_ids
 
-        prompts = load_prompts(cfg.sampling.prompts, cfg.sampling.split)
-        prompt_tokens = 1 + max(len(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
+        prompts = load_prompts(cfg.sampling.prompts, cfg.sampling.split, require_answer=False)
+        prompt_tokens = max(len(prompt_token_ids(tokenizer, p["prompt"], cfg.sampling.bos or "always"))
+                            for p in prompts)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     plan = plan_memory(cfg, gpu_mem, unwrap_causal_lm(model).config, world_size=world_size,
                        prompt_tokens=prompt_tokens, adapter_params=trainable)

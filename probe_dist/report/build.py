@@ -33,6 +33,9 @@ def sequence_rows(result: ProbeResult, decode=None) -> list[dict]:
             row["text"] = decode(row["token_ids"])
         return row
 
+    def parts(g, i: int) -> dict:
+        return {"rewards": {k: float(v[i]) for k, v in g.reward_parts.items()}} if g.reward_parts else {}
+
     if result.batch_e is not None and result.scores_e is not None:
         real = [(g, s) for g, s in zip(result.batch_e.groups, result.scores_e) if g.weight > 0]
         for k, (g, sc) in enumerate(real):
@@ -42,7 +45,7 @@ def sequence_rows(result: ProbeResult, decode=None) -> list[dict]:
                     "batch": "E", "prompt_index": g.prompt_index, "response": i,
                     "token_ids": g.responses[i, :t].tolist(), "T": t, "S": float(sc.S[i]), "h_rb": float(sc.h_rb[i]),
                     "h_naive": float(-sc.S[i]), "reward": float(g.rewards[i]), "advantage": float(g.advantages[i]),
-                    "log_w": {str(eta): float(result.log_weights[eta][k][i]) for eta in etas}},
+                    "log_w": {str(eta): float(result.log_weights[eta][k][i]) for eta in etas}, **parts(g, i)},
                     "E", g.prompt_index, i))
     if result.batch_u is not None and result.batch_u is not result.batch_e:
         for g in result.batch_u.real_groups:
@@ -50,7 +53,7 @@ def sequence_rows(result: ProbeResult, decode=None) -> list[dict]:
                 t = int(g.lengths[i])
                 rows.append(explained({"batch": "U", "prompt_index": g.prompt_index, "response": i,
                                        "token_ids": g.responses[i, :t].tolist(), "T": t, "reward": float(g.rewards[i]),
-                                       "advantage": float(g.advantages[i])}, "U", g.prompt_index, i))
+                                       "advantage": float(g.advantages[i]), **parts(g, i)}, "U", g.prompt_index, i))
     return rows
 
 
@@ -68,6 +71,10 @@ def provenance(cfg, rt, result: ProbeResult) -> dict:
                                     "python": platform.python_version()},
             "provenance/checkpoint": cfg.checkpoint.path or cfg.checkpoint.base,
             "provenance/route": cfg.update.route, "provenance/loss": cfg.update.loss,
+            "provenance/loss_options": {k: getattr(cfg.update, k) for k in (
+                "scale_rewards", "adv_eps", "kl_coef", "kl_bias_correction", "epsilon_high", "mask_truncated",
+                "top_entropy_quantile", "entropy_coef", "loss_block_rows", "autocast", "grad_clip", "max_len")},
+            "provenance/prompt_bos": cfg.sampling.bos, "provenance/reward": cfg.sampling.reward,
             "provenance/temperature": cfg.sampling.temperature, "provenance/max_new_tokens": cfg.sampling.max_new_tokens}
 
 

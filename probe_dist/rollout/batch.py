@@ -57,6 +57,14 @@ class Group:
     advantages: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     answer: str = ""
     weight: float = 1.0               # 0.0 for padding work that keeps ranks in lockstep
+    ended: torch.Tensor | None = None  # [G] bool: the response ends with an EOS (None: all do)
+    reward_parts: dict[str, torch.Tensor] | None = None  # reward functions given by name: each one's [G] values
+
+    def kept(self, mask_truncated: bool) -> torch.Tensor:
+        """[G] bool: responses the loss keeps — all, or with mask_truncated only those that ended with an EOS."""
+        if not mask_truncated or self.ended is None:
+            return torch.ones(self.size, dtype=torch.bool)
+        return self.ended.clone()
 
     @property
     def size(self) -> int:
@@ -94,14 +102,48 @@ class RolloutBatch:
         return [g for g in self.groups if g.weight > 0]
 
 
-def group_advantages(rewards: torch.Tensor, family: str, eps: float) -> torch.Tensor:
-    """Advantages A_i within one group (docs/method.md §4): grpo/dapo (r − mean)/(std + ε); dr_grpo r − mean.
+SCALE_REWARDS = ("group", "batch", "none")
 
-    rewards [G] → [G] float64; std is Bessel-corrected (as TRL), 0 for G = 1.
+
+def default_scale_rewards(family: str) -> str:
+    """The reward scaling each loss family's paper uses: Dr. GRPO none (no std division), the others group."""
+    return "none" if family == "dr_grpo" else "group"
+
+
+def group_advantages(rewards: torch.Tensor, scale: str, eps: float, *, batch_std: float | None = None) -> torch.Tensor:
+    """Advantages A_i within one group (docs/method.md §4): r − mean(group), divided by (std + ε) where std is the
+    group's (scale "group"), the whole batch's (scale "batch": `batch_std`, computed over every reward of the batch),
+    or not at all ("none").
+
+    rewards [G] → [G] float64; std is Bessel-corrected (as TRL's nanstd), 0 for a single reward. For backward
+    compatibility a loss family name may stand for its default scale (`default_scale_rewards`). Raises ValueError
+    for an unknown scale, or "batch" without batch_std.
     """
+    if scale not in SCALE_REWARDS:
+        scale = default_scale_rewards(scale) if scale in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo") else scale
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale!r}")
     r = rewards.to(torch.float64)
+    scored = ~torch.isnan(r)  # a reward no function scored (NaN) is left out of the baseline; its advantage is 0
+    if not bool(scored.all()):
+        out = torch.zeros_like(r)
+        if bool(scored.any()):
+            out[scored] = group_advantages(r[scored], scale, eps, batch_std=batch_std)
+        return out
     centred = r - r.mean()
-    if family == "dr_grpo":
+    if scale == "none":
         return centred
-    std = r.std(unbiased=True) if r.numel() > 1 else torch.zeros((), dtype=torch.float64)
-    return centred / (std + eps)
+    if scale == "group":
+        std = r.std(unbiased=True) if r.numel() > 1 else torch.zeros((), dtype=torch.float64)
+        return centred / (std + eps)
+    if batch_std is None:
+        raise ValueError("scale_rewards=batch needs the batch's reward std")
+    return centred / (batch_std + eps)
+
+
+def batch_reward_std(rewards: list[torch.Tensor]) -> float:
+    """Bessel-corrected std of every reward of a batch, from per-group reward tensors in global prompt order
+    (the same order, so the same bits, on every rank and at every world size); 0 for a single reward."""
+    r = torch.cat([x.to(torch.float64) for x in rewards]) if rewards else torch.zeros(0, dtype=torch.float64)
+    r = r[~torch.isnan(r)]
+    return float(r.std(unbiased=True)) if r.numel() > 1 else 0.0

@@ -9,8 +9,14 @@ import torch
 
 from probe_dist.config_schema import SamplingConfig
 from probe_dist.data.prompts import load_prompts, select_prompts
-from probe_dist.data.rewards import decode_response, get_reward_fn
-from probe_dist.rollout.batch import Group, RolloutBatch, group_advantages
+from probe_dist.data.rewards import RewardSet, decode_response, get_rewards, is_plugin_spec
+from probe_dist.rollout.batch import (
+    Group,
+    RolloutBatch,
+    batch_reward_std,
+    default_scale_rewards,
+    group_advantages,
+)
 from probe_dist.rollout.generate import sample_responses
 from probe_dist.runtime.sharding import max_groups_per_rank, shard_groups
 
@@ -27,42 +33,75 @@ def response_eos_ids(tokenizer, generation_config=None) -> list[int]:
     return sorted(int(i) for i in ids)
 
 
-def prompt_token_ids(tokenizer, text: str) -> torch.Tensor:
-    """[P] long: the prompt's token ids, with the tokenizer's BOS in front when it defines one (not doubled)."""
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    bos = tokenizer.bos_token_id
-    if bos is not None and (ids.numel() == 0 or ids[0] != bos):
-        ids = torch.cat([torch.tensor([bos]), ids])
+BOS_RULES = ("auto", "always", "never")
+
+
+def prompt_token_ids(tokenizer, prompt, bos: str = "always") -> torch.Tensor:
+    """[P] long: the prompt's token ids as training built them.
+
+    prompt: a text, or a conversation (a list of {"role", "content"} messages) rendered by the tokenizer's chat
+    template with the generation prompt, as TRL does (apply_chat_template(add_generation_prompt=True)); the template
+    alone decides special tokens, so a template that starts with BOS is not given a second one. For a text, `bos`:
+    "auto" — the tokenizer's own rule (tokenizer(text), as TRL: Llama-style tokenizers add BOS, Qwen's none),
+    "always" — BOS in front whenever the tokenizer defines one, not doubled (the toy task's training), "never" — no
+    special tokens. Raises PromptError when a conversation meets a tokenizer without a chat template.
+    """
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            from probe_dist.data.prompts import PromptError
+
+            raise PromptError("the prompts are conversations (lists of chat messages), but the tokenizer has no chat "
+                              "template to render them; use a tokenizer with one (the training tokenizer), or "
+                              "write the prompts as plain text.")
+        out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return torch.tensor(list(out["input_ids"]), dtype=torch.long)
+    if bos == "auto":
+        return torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if bos == "never":
+        return ids
+    bos_id = tokenizer.bos_token_id
+    if bos_id is not None and (ids.numel() == 0 or ids[0] != bos_id):
+        ids = torch.cat([torch.tensor([bos_id]), ids])
     return ids
 
 
 def sample_group(decoder, tokenizer, prompt: dict, *, prompt_index: int, seed_key: tuple[int, str, int],
-                 group_size: int, temperature: float, max_new_tokens: int, reward_fn: Callable[[str, str], float],
+                 group_size: int, temperature: float, max_new_tokens: int, reward_fn: Callable[[str, str], float] | RewardSet,
                  loss_family: str, adv_eps: float, device: torch.device, rows_per_chunk: int | None = None,
-                 lockstep: bool = False, weight: float = 1.0, eos_ids: Sequence[int] | None = None) -> Group:
+                 lockstep: bool = False, weight: float = 1.0, eos_ids: Sequence[int] | None = None,
+                 scale_rewards: str | None = None, bos: str = "always") -> Group:
     """One prompt group: G responses sampled at τ with full support, their rewards and advantages (CPU).
 
     prompt: {"prompt": text, "answer": text}. seed_key = (seed, batch name, prompt index) keys each response's
     generator, so the group is the same whatever the world size or the generation chunking. `decoder.decode` gives
     last-position logits (see rollout.generate). weight 0 marks lockstep padding. eos_ids: the ids that end a
-    response (default: the tokenizer's EOS; the probe passes `response_eos_ids`).
+    response (default: the tokenizer's EOS; the probe passes `response_eos_ids`). scale_rewards: group | none
+    (default: the loss family's); "batch" leaves the group-scaled advantages for `sample_batch` to replace.
     """
     eos_ids = list(eos_ids) if eos_ids is not None else [tokenizer.eos_token_id]
-    prompt_ids = prompt_token_ids(tokenizer, prompt["prompt"])
+    prompt_ids = prompt_token_ids(tokenizer, prompt["prompt"], bos)
     responses, lengths = sample_responses(decoder, prompt_ids, group_size, max_new_tokens=max_new_tokens,
                                           temperature=temperature, eos_ids=eos_ids,
                                           pad_id=_pad_id(tokenizer), seed_key=seed_key, device=device,
                                           rows_per_chunk=rows_per_chunk, lockstep=lockstep)
-    texts = [decode_response(tokenizer, r[: int(n)], eos_ids) for r, n in zip(responses, lengths)]
-    rewards = torch.tensor([reward_fn(t, prompt["answer"]) for t in texts], dtype=torch.float64)
+    reward_parts = None
+    if isinstance(reward_fn, RewardSet):
+        rewards, reward_parts = reward_fn.score(tokenizer, prompt, [r[: int(n)] for r, n in zip(responses, lengths)])
+    else:
+        texts = [decode_response(tokenizer, r[: int(n)], eos_ids) for r, n in zip(responses, lengths)]
+        rewards = torch.tensor([reward_fn(t, prompt["answer"]) for t in texts], dtype=torch.float64)
+    ended = torch.tensor([int(n) > 0 and int(r[int(n) - 1]) in eos_ids for r, n in zip(responses, lengths)],
+                         dtype=torch.bool)
+    scale = scale_rewards or default_scale_rewards(loss_family)
     return Group(prompt_index=prompt_index, prompt_ids=prompt_ids, responses=responses, lengths=lengths,
-                 rewards=rewards, advantages=group_advantages(rewards, loss_family, adv_eps),
-                 answer=prompt["answer"], weight=weight)
+                 rewards=rewards, advantages=group_advantages(rewards, "group" if scale == "batch" else scale, adv_eps),
+                 answer=str(prompt.get("answer", "")), weight=weight, ended=ended, reward_parts=reward_parts)
 
 
 def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig, num_prompts: int, group_size: int,
                  loss_family: str, adv_eps: float, rows_per_chunk: int, lockstep: bool,
-                 eos_ids: Sequence[int] | None = None,
+                 eos_ids: Sequence[int] | None = None, scale_rewards: str | None = None,
                  after_group: Callable[[], None] | None = None) -> RolloutBatch:
     """This rank's shard of batch `name` ("E" or "U"): contiguous prompt groups of the seeded prompt order,
     padded with zero-weight copies so every rank generates and scores the same number of groups.
@@ -70,8 +109,9 @@ def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig,
     Each group holds responses [G, max_new_tokens] CPU long, lengths [G] and float64 rewards/advantages.
     Raises ValueError (or FileNotFoundError) for a bad prompt source/split, an unknown reward or num_prompts < 0.
     """
-    chosen = select_prompts(load_prompts(sampling.prompts, sampling.split), num_prompts, sampling.seed, name)
-    reward_fn = get_reward_fn(sampling.reward)
+    prompts = load_prompts(sampling.prompts, sampling.split, require_answer=not is_plugin_spec(sampling.reward))
+    chosen = select_prompts(prompts, num_prompts, sampling.seed, name)
+    reward_fn = get_rewards(sampling.reward)
     mine = shard_groups(num_prompts, rt.world_size, rt.rank)
     padded = mine + [mine[-1] if mine else 0] * (max_groups_per_rank(num_prompts, rt.world_size) - len(mine))
     groups = []
@@ -81,9 +121,17 @@ def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig,
                                    temperature=sampling.temperature, max_new_tokens=sampling.max_new_tokens,
                                    reward_fn=reward_fn, loss_family=loss_family, adv_eps=adv_eps, device=rt.device,
                                    rows_per_chunk=rows_per_chunk, lockstep=lockstep,
-                                   weight=1.0 if slot < len(mine) else 0.0, eos_ids=eos_ids))
+                                   weight=1.0 if slot < len(mine) else 0.0, eos_ids=eos_ids,
+                                   scale_rewards=scale_rewards, bos=sampling.bos or "always"))
         if after_group is not None:
             after_group()  # a safe point: every rank samples the same number of groups
+    if (scale_rewards or default_scale_rewards(loss_family)) == "batch":
+        # One std over every reward of the batch (TRL's scale_rewards="batch"), from all ranks' groups in prompt order.
+        local = {g.prompt_index: g.rewards for g in groups if g.weight > 0}
+        merged = {k: v for part in rt.all_gather_objects(local) for k, v in part.items()}
+        std = batch_reward_std([merged[k] for k in sorted(merged)])
+        for g in groups:
+            g.advantages = group_advantages(g.rewards, "batch", adv_eps, batch_std=std)
     return RolloutBatch(name=name, groups=groups)
 
 

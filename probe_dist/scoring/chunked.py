@@ -33,7 +33,20 @@ def logp_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor, temper
 
 def _head_chunk(head: torch.nn.Module, transform: LogitTransform, hidden: torch.Tensor, targets: torch.Tensor,
                 temperature: float):
-    return logp_entropy_from_logits(transform(head(hidden)), targets, temperature)
+    return logp_entropy_from_logits(transform(_project(head, hidden)), targets, temperature)
+
+
+def _project(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """head(hidden). Under autocast (update.autocast) as TRL's fused LM head computes it: logits from inputs rounded
+    to the autocast dtype and rounded to it themselves, while the backward accumulates ∂/∂hidden in float32 from
+    the rounded gradient and weight (an autocast Linear would round ∂/∂hidden to bf16 too: 4e-3 apart)."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type) or not isinstance(head, torch.nn.Linear):
+        return head(hidden)
+    dtype = torch.get_autocast_dtype(device_type)
+    with torch.autocast(device_type, enabled=False):
+        bias = head.bias.to(dtype).float() if head.bias is not None else None
+        return torch.nn.functional.linear(hidden.to(dtype).float(), head.weight.to(dtype).float(), bias).to(dtype)
 
 
 def chunked_logp_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *,

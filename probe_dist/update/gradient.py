@@ -7,21 +7,94 @@ of float32 terms are (practically) exact, so g — and u — are the same bits f
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
 from probe_dist.config_schema import UpdateConfig
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.rollout.batch import Group, RolloutBatch
-from probe_dist.update.loss import LossNormalisers, sequence_normalisers, update_loss
+from probe_dist.update.loss import LossNormalisers, LossSpec, row_coefficients, update_loss
 
 
-def loss_normalisers(rt, batch: RolloutBatch, *, max_len: int) -> LossNormalisers:
-    """Global counts (all-reduced before any backward) behind the per-sequence normalisers n_i."""
+def training_autocast(runner: PolicyRunner, update: UpdateConfig):
+    """The autocast context of the training forward: bf16 with update.autocast=bfloat16 (TRL's bf16=True), else
+    none. Only the gradient passes use it; scoring stays in the probe's dtype."""
+    if update.autocast == "bfloat16":
+        return torch.autocast(device_type=runner.device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def loss_normalisers(rt, batch: RolloutBatch, *, update: UpdateConfig,
+                     runner: PolicyRunner | None = None) -> LossNormalisers:
+    """Global counts behind the per-sequence coefficients of L_U, gathered before any backward.
+
+    Counts per block (update.loss_block_rows consecutive sequences in global prompt-major order, or all of U):
+    unmasked tokens (update.mask_truncated drops responses without an EOS); with update.top_entropy_quantile < 1,
+    a no-grad pass over U (`runner`, required then) gives every token's entropy, and each block's threshold is
+    TRL's torch.quantile(float32 entropies of the block's kept tokens, 1 − q); with update.entropy_coef, each
+    block's bonus denominator Σ e·m. Every rank computes the same numbers from the gathered per-group values.
+    """
+    spec = LossSpec.from_config(update)
     real = batch.real_groups
-    num_prompts, total_tokens = rt.sum_scalars(float(len(real)), float(sum(int(g.lengths.sum()) for g in real)))
-    return LossNormalisers(num_prompts=int(num_prompts), group_size=batch.groups[0].size,
-                           total_tokens=total_tokens, max_len=max_len)
+    size = batch.groups[0].size
+    local = {g.prompt_index: g.lengths.to(torch.float64) * g.kept(update.mask_truncated) for g in real}
+    entropies = _token_entropies(rt, runner, batch, update) if update.top_entropy_quantile < 1.0 else {}
+    merged_tokens, merged_h = {}, {}
+    for part in rt.all_gather_objects((local, entropies)):
+        merged_tokens.update(part[0])
+        merged_h.update(part[1])
+    order = sorted(merged_tokens)
+    kept_lengths = torch.cat([merged_tokens[p] for p in order]) if order else torch.zeros(0, dtype=torch.float64)
+    num_rows = kept_lengths.numel()
+    block_rows = update.loss_block_rows or max(num_rows, 1)
+    num_blocks = max(math.ceil(num_rows / block_rows), 1)
+    block_of_row = torch.arange(num_rows) // block_rows
+    block_tokens = torch.zeros(num_blocks, dtype=torch.float64).index_add_(0, block_of_row, kept_lengths)
+    thresholds: tuple[float, ...] = ()
+    bonus: tuple[float, ...] = ()
+    if update.top_entropy_quantile < 1.0:
+        rows_h = [h for p in order for h in merged_h[p]]  # per row: float32 entropies of its kept tokens
+        thr, bonus_list = [], []
+        for b in range(num_blocks):
+            tokens = [rows_h[r] for r in range(b * block_rows, min((b + 1) * block_rows, num_rows))]
+            values = torch.cat(tokens) if tokens else torch.zeros(0)
+            if values.numel() == 0:
+                thr.append(math.inf)  # TRL: no token of the block passes
+                bonus_list.append(0.0)
+                continue
+            t = torch.quantile(values, 1.0 - update.top_entropy_quantile)
+            thr.append(float(t))
+            bonus_list.append(float((values >= t).sum()))
+        thresholds, bonus = tuple(thr), tuple(bonus_list)
+    elif spec.entropy_coef:
+        bonus = tuple(float(x) for x in block_tokens)
+    return LossNormalisers(num_prompts=len(order), group_size=size, total_tokens=float(kept_lengths.sum()),
+                           max_len=update.max_len, block_rows=update.loss_block_rows,
+                           block_tokens=tuple(float(x) for x in block_tokens) if update.loss_block_rows else (),
+                           block_threshold=thresholds, block_bonus_tokens=bonus)
+
+
+def _token_entropies(rt, runner: PolicyRunner | None, batch: RolloutBatch, update: UpdateConfig) -> dict:
+    """{prompt index: [per-row float32 CPU tensors of the kept rows' token entropies]} for this rank's real groups
+    (masked rows give empty tensors), from one no-grad forward per microbatch under the training autocast."""
+    if runner is None:
+        raise ValueError("update.top_entropy_quantile < 1 needs a runner for the entropy pre-pass")
+
+    def step(_i: int, group: Group, out: dict) -> None:
+        kept = group.kept(update.mask_truncated)
+        rows = []
+        for mb in group.microbatches(runner.sizes.score):
+            with training_autocast(runner, update):
+                _, token_h = runner.forward(mb, grad=False)
+            token_h = token_h.detach().float().cpu()
+            for i in range(mb.num_rows):
+                row = mb.rows.start + i
+                rows.append(token_h[mb.token_rows == i] if bool(kept[row]) else torch.zeros(0))
+        if group.weight > 0:
+            out[group.prompt_index] = rows
+
+    return runner.run_groups(rt, "score", batch.groups, start=dict, step=step)
 
 
 def group_loss_backward(runner: PolicyRunner, group: Group, *, norm: LossNormalisers, update: UpdateConfig,
@@ -30,19 +103,22 @@ def group_loss_backward(runner: PolicyRunner, group: Group, *, norm: LossNormali
     microbatch's gradient added at once to the float64 `accumulator` (param-shaped, see PolicyRunner).
 
     With a KL term the reference log-probs come from a no-grad forward of the same microbatch with the adapter
-    disabled. Zero-weight padding groups still join the graph so every rank runs the same backward passes.
+    disabled. Forwards run under the training autocast (update.autocast). Zero-weight padding groups still join
+    the graph so every rank runs the same backward passes.
     accumulator: float64 tensors shaped like the trainable parameters (on runner's accumulator device).
     Raises ValueError for an unknown update.loss family.
     """
-    normalisers = sequence_normalisers(update.loss, group.lengths, norm)
+    spec = LossSpec.from_config(update)
+    rows = row_coefficients(spec, group, norm, kept=group.kept(update.mask_truncated))
     for mb in group.microbatches(runner.sizes.grad):
         ref_logp = None
-        if update.kl_coef:
-            with runner.reference():
-                ref_logp = runner.forward(mb, grad=False)[0].detach()
-        token_logp, _ = runner.forward(mb, grad=True)
-        loss = update_loss(token_logp, mb.token_rows_on(token_logp.device), group.advantages[mb.rows],
-                           normalisers[mb.rows], kl_coef=update.kl_coef, token_ref_logp=ref_logp)
+        with training_autocast(runner, update):
+            if update.kl_coef:
+                with runner.reference():
+                    ref_logp = runner.forward(mb, grad=False)[0].detach()
+            token_logp, token_h = runner.forward(mb, grad=True)
+        loss = update_loss(token_logp, token_h, mb.token_rows_on(token_logp.device), group.advantages[mb.rows],
+                           rows[mb.rows], spec, token_ref_logp=ref_logp)
         (loss * group.weight).backward()
         runner.drain_grads_into(accumulator)
 
@@ -54,7 +130,7 @@ def update_gradient(rt, runner: PolicyRunner, batch: RolloutBatch,
     Returns (g, ‖g‖ before clipping, clip coefficient, the normalisers). The clip coefficient is
     min(1, max_norm/(‖g‖ + 1e-6)) as torch.nn.utils.clip_grad_norm_. `update` is the resolved section (L_max set).
     """
-    norm = loss_normalisers(rt, batch, max_len=update.max_len)
+    norm = loss_normalisers(rt, batch, update=update, runner=runner)
 
     def start() -> list[torch.Tensor]:
         runner.zero_grads()
