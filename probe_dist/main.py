@@ -151,6 +151,7 @@ def build_probe(cfg: ProbeConfig, rt):
     recorded = validate.training_args(paths.training_args, cfg, paths.training_args_path)
     cfg = resolve_from_checkpoint(cfg, recorded)
     validate.note_prompt_repeats(len(prompts), cfg.sampling, cfg.estimators.mode, prompt_source, rt.is_main)
+    validate.note_fixed_prompt_coverage(len(prompts), cfg.sampling, cfg.estimators.se, prompt_source, rt.is_main)
     torch.set_float32_matmul_precision(cfg.precision.matmul)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[cfg.precision.dtype]
     if dtype == torch.bfloat16:
@@ -196,6 +197,8 @@ def build_probe(cfg: ProbeConfig, rt):
                        "provenance/recipe_ignored": recorded.get("_unsupported_ignored", []),
                        "provenance/memory_plan": {k: memory_plan[k] for k in ("peak_bytes", "peak_phase", "fits",
                                                                               "proposal")} if memory_plan else None}
+    if rt.is_main:
+        log.info("resolved config hash %s (summary.json provenance/config_hash, config.yaml)", config_hash(probe.cfg))
     return probe
 
 
@@ -253,7 +256,8 @@ def main(argv=None) -> int:
         staging = _stage(cfg, rt)
         setup_logging(rt.rank, level(cfg.log_level), staging.path)
         rt.barrier()  # every rank's log exists before any rank can fail (and rank 0 remove the staging directory)
-        log.info("probe_dist %s: world size %d, device %s, config hash %s", __version__, rt.world_size, rt.device,
+        log.info("probe_dist %s: world size %d, device %s, config hash %s (as given; resolved: see below)",
+                 __version__, rt.world_size, rt.device,
                  config_hash(cfg))
         log.info("staging this run in %s; it replaces output.dir %s when it finishes", staging.path, staging.out_dir)
         summary = run(cfg, rt, staging.path)

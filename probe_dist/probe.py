@@ -131,8 +131,8 @@ class Probe:
     def explain(self, res: ProbeResult) -> None:
         """Why entropy moves: per-sequence decompositions of δH₁ on E and U, the curvature δH₂, the Cui proxy."""
         if self.runner.strategy.name == "fsdp2":
-            res.explain_skipped = ("not computed under distributed.strategy=fsdp2 (forward-mode AD over a sharded "
-                                   "model is not supported); use ddp for the explanation")
+            res.explain_skipped = ("skipped under distributed.strategy=fsdp2 (forward-mode AD over a sharded model is "
+                                   "not supported); use ddp for the explanation")
         else:
             try:
                 res.explain_e = explain_e(self.rt, self.runner, res.batch_e, res.scores_e, base=res.base,
@@ -142,7 +142,7 @@ class Probe:
                                           update_cfg=self.cfg.update)
             except ForwardModeUnavailable as err:
                 res.explain_e = res.explain_u = None
-                res.explain_skipped = (f"not computed: the model has an operation without a forward-mode derivative "
+                res.explain_skipped = (f"skipped: the model has an operation without a forward-mode derivative "
                                        f"({err}); set estimators.explain=false to skip this pass")
         if res.explain_skipped and self.rt.is_main:
             log.warning("explanation %s", res.explain_skipped)
@@ -165,7 +165,8 @@ class Probe:
             with self.clock.phase(phases.SCORE_BASE):
                 res.scores_e = score_batch(rt, runner, res.batch_e)
                 res.base = base_entropy(rt, res.batch_e, res.scores_e, payload=est.payload, normalize=est.normalize)
-            warn_if_few_groups(res.base.num_groups)
+            if est.se == "population":  # the fixed-prompt SE rests on the responses within each prompt
+                warn_if_few_groups(res.base.num_groups)
             self.check_stop()
             with self.clock.phase(phases.UPDATE_GRADIENT):
                 grad, grad_norm, clip_coef, norm = update_gradient(rt, runner, res.batch_u, cfg.update)

@@ -183,6 +183,10 @@ class ProbeResult:
         if self.update is not None and self.update.grad_norm == 0.0:
             out.append("the update gradient is exactly 0 (every U group's rewards are equal, so every advantage is 0): "
                        "u is momentum and weight decay only; sample more or larger U groups to measure a learning step")
+        if self.explain_e is not None and not self.curvature_resolved():
+            out.append(f"the curvature d²Ĥ/dη² = {self.explain_e.second_derivative:.3g} is within 2 SE of 0 at this batch "
+                       "size, so δH₂ and curvature/linear_regime_eta (where first order is 10 % off) are not resolved; "
+                       "compare ΔH_true with δH₁ directly, or raise sampling.B_E / sampling.G_E")
         if self.status == "completed" and self.sweep and not zero:
             out.append("η = 0 is not in estimators.etas, so the exactness check ΔH_true(0) = 0 did not run")
         return out
@@ -200,6 +204,14 @@ class ProbeResult:
             return self.explain_e.delta_h1_se_fixed if self.explain_e is not None else float("nan")
         return self.delta_h1.per_eta_se
 
+    def curvature_resolved(self) -> bool:
+        """Ĥ'' is at least 2 of its SEs (of the kind estimators.se names) from 0; False without the explanation."""
+        e = self.explain_e
+        if e is None:
+            return False
+        se = e.second_derivative_se_fixed if self.se_kind == "fixed_prompts" else e.second_derivative_se
+        return math.isfinite(se) and abs(e.second_derivative) >= 2.0 * se
+
     def explain_summary(self) -> dict:
         """The explanation's scalars (docs/outputs.md): curvature, the decompositions' closure, the Cui proxy."""
         if self.explain_skipped is not None:
@@ -213,7 +225,8 @@ class ProbeResult:
                         "curvature/d2H_deta2_se": e.second_derivative_se_fixed if fixed else e.second_derivative_se,
                         "curvature/d2H_deta2_se_population": e.second_derivative_se,
                         "curvature/d2H_deta2_se_fixed_prompts": e.second_derivative_se_fixed,
-                        "curvature/dH_deta": e.first_derivative, "curvature/linear_regime_eta": e.linear_regime_eta})
+                        "curvature/dH_deta": e.first_derivative, "curvature/linear_regime_eta": e.linear_regime_eta,
+                        "curvature/resolved": self.curvature_resolved()})
         if self.explain_u is not None:
             x = self.explain_u
             out.update({"explain/delta_h1_base_per_eta": x.base_per_eta, "explain/sum_contrib_u": x.sum_contrib,
@@ -237,7 +250,7 @@ class ProbeResult:
         if self.update is not None:
             out.update({"update/grad_norm": self.update.grad_norm, "update/clip_coef": self.update.clip_coef,
                         "update/u_norm": self.update.u_norm})
-        if self.delta_h1 is not None and self.status == "completed":
+        if self.delta_h1 is not None:  # set once the δH₁ phase finished, so an interrupted run keeps it
             out["delta_h1/per_eta"] = self.delta_h1.per_eta
             out["delta_h1/per_eta_se"] = self.delta_h1_per_eta_se()
             out["delta_h1/per_eta_se_population"] = self.delta_h1.per_eta_se

@@ -181,6 +181,15 @@ def note_prompt_repeats(num_prompts: int, sampling, mode: str, source: str, is_m
                         key, size, num_prompts, source, name, size / num_prompts, key)
 
 
+def note_fixed_prompt_coverage(num_prompts: int, sampling, se: str, source: str, is_main: bool = True) -> None:
+    """estimators.se=fixed_prompts speaks for the prompts in E: say so when E is not the whole prompt set."""
+    if se == "fixed_prompts" and sampling.B_E != num_prompts and is_main:
+        log.warning("note: estimators.se=fixed_prompts gives SEs conditional on E's prompts, and E holds "
+                    "sampling.B_E=%d draws from the %d prompts in %s (another seed draws others), so the SEs speak "
+                    "for those prompts only, not for the prompt set. Set sampling.B_E=%d to evaluate the whole set, "
+                    "or use estimators.se=population.", sampling.B_E, num_prompts, source, num_prompts)
+
+
 def _prompt_lengths(tokenizer, prompts: list, bos: str = "always") -> tuple[list[int], list[list[tuple[int, int]]]]:
     """Each prompt's token count as `rollout.sample.prompt_token_ids` builds it (a conversation through the chat
     template; a text by the `bos` rule), and the character spans of a text's tokens that are the tokenizer's unknown

@@ -274,3 +274,26 @@ def test_decompositions_close_and_agree_across_ranks(gpt2_float64, tmp_path):
 def test_normalisers_match_the_estimator():  # guards the helper used above against a silent API change
     assert torch.equal(normaliser_lengths(torch.tensor([3, 1]), "per_token"), torch.tensor([3.0, 1.0],
                                                                                          dtype=torch.float64))
+
+
+def test_curvature_is_flagged_when_within_two_se_and_rows_carry_the_prompt(toy_checkpoint):
+    from probe_dist.report.build import sequence_rows
+    from probe_dist.results import EExplanation, ProbeResult
+
+    def explained(second, se):
+        return ProbeResult(explain_e=EExplanation(contrib={}, sum_contrib=0.0, closure=0.0, delta_h1_se_fixed=0.0,
+                                                  first_derivative=-1.0, second_derivative=second,
+                                                  second_derivative_se=se, second_derivative_se_fixed=se / 10,
+                                                  linear_regime_eta=1e-3))
+
+    assert not explained(100.0, 60.0).curvature_resolved()
+    assert any("not resolved" in w for w in explained(100.0, 60.0).warnings())
+    assert explained(100.0, 40.0).curvature_resolved()
+    assert explained(100.0, 60.0).explain_summary()["curvature/resolved"] is False
+    fixed = explained(100.0, 60.0)
+    fixed.se_kind = "fixed_prompts"
+    assert fixed.curvature_resolved()  # its fixed-prompt SE is 6
+    probe = make_probe(toy_checkpoint, SMALL)
+    res = probe.run()
+    rows = sequence_rows(res, lambda ids: probe.tokenizer.decode(ids))
+    assert rows and all(r["prompt"].endswith("=") and "+" in r["prompt"] for r in rows)

@@ -60,3 +60,14 @@ def test_non_finite_numbers_are_flagged_with_the_reason():
     point = sweep_point(1e30, {**GOOD, "delta_h_true": math.nan, "entropy_new": math.nan, "kl": math.inf}, D1)
     [flag] = [f for f in point.flags if f.startswith("not finite")]
     assert "delta_h_true" in flag and "entropy_new" in flag and "kl" in flag and "overflow" in flag
+
+
+def test_eta_zero_is_exactly_zero_at_low_temperature(toy_checkpoint):
+    """At τ = 0.05 the entropies are tiny and Ĥ(θ) summed group by group differed from Ĥ(θ') at η = 0 by one ulp
+    (ΔH_true(0) = −1.1e-19, status failed_check); ΔH_true now compares sums formed by the same operations."""
+    from tests.probe_harness import make_probe
+
+    probe = make_probe(toy_checkpoint, ["sampling.temperature=0.05", "estimators.etas=[0.0,1e-4]",
+                                        "estimators.explain=false"])
+    result = probe.run()
+    assert result.sweep[0].delta_h_true == 0.0 and result.final_status() == "completed"

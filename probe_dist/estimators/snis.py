@@ -17,12 +17,17 @@ def log_weights(logp_new: torch.Tensor, logp_old: torch.Tensor, clip: float | No
 
 
 # Layout of the local SNIS sums vector that is all-reduced (SUM) across ranks.
-SNIS_SUM_FIELDS = ("sum_w", "sum_w2", "sum_w_h", "sum_w_lam", "sum_neg_logw", "sum_k3", "count", "clipped")
+SNIS_SUM_FIELDS = ("sum_w", "sum_w2", "sum_w_h", "sum_w_lam", "sum_neg_logw", "sum_k3", "count", "clipped",
+                   "sum_h_old", "sum_lam_old")
 
 
 def snis_local_sums(log_w: torch.Tensor, global_max: float, h_new: torch.Tensor, lam: torch.Tensor, *,
-                    clipped: torch.Tensor | None = None) -> torch.Tensor:
-    """[Σw, Σw², Σw·h', Σw·λ, Σ(−log w), Σ(w̃ − 1 − log w̃), N, #clipped], w = exp(log w − global max).
+                    clipped: torch.Tensor | None = None, h_old: torch.Tensor | None = None) -> torch.Tensor:
+    """[Σw, Σw², Σw·h', Σw·λ, Σ(−log w), Σ(w̃ − 1 − log w̃), N, #clipped, Σ1·h, Σ1·λ], w = exp(log w − global max).
+
+    The last two are Ĥ(θ)'s sums formed by exactly the operations that form Σw·h' and Σw·λ (h_old: the payload at
+    θ; default h_new), so at η = 0 — w ≡ 1 and h' = h bit for bit — Ĥ(θ') − Ĥ(θ) is exactly 0 whatever the
+    summation order elsewhere (measured: Ĥ(θ) summed group by group was 1 ulp off at τ = 0.05).
 
     log_w, h_new, lam: [N] float64 per sequence (log w in nats, h' the payload total, λ = T_i or 1); global_max: the
     all-reduced max of log w; clipped: optional [N] bool mask of clipped weights. Returns [8] float64 laid out as
@@ -34,9 +39,12 @@ def snis_local_sums(log_w: torch.Tensor, global_max: float, h_new: torch.Tensor,
     w = torch.exp(log_w - global_max)
     k3 = torch.expm1(log_w) - log_w
     n_clip = float(clipped.sum()) if clipped is not None else 0.0
+    one = torch.ones_like(w)
+    h_old = h_new if h_old is None else h_old
     return torch.stack([w.sum(), (w * w).sum(), (w * h_new).sum(), (w * lam).sum(), (-log_w).sum(), k3.sum(),
                         torch.tensor(float(log_w.numel()), dtype=torch.float64),
-                        torch.tensor(n_clip, dtype=torch.float64)]).to(torch.float64)
+                        torch.tensor(n_clip, dtype=torch.float64), (one * h_old).sum(),
+                        (one * lam).sum()]).to(torch.float64)
 
 
 @dataclass
@@ -52,12 +60,14 @@ class SnisResult:
 
 
 def snis_finalize(sums: torch.Tensor, entropy: float) -> SnisResult:
-    """Ĥ(θ') = Σw h'/Σw λ, ΔH_true = Ĥ(θ') − Ĥ(θ), Kish ESS, max normalised weight, KL estimates."""
+    """Ĥ(θ') = Σw h'/Σw λ, ΔH_true = Ĥ(θ') − Ĥ(θ) (Ĥ(θ) from the sums formed like Ĥ(θ')'s; `entropy`, the
+    reported Ĥ(θ), only when they are absent), Kish ESS, max normalised weight, KL estimates."""
     s = dict(zip(SNIS_SUM_FIELDS, sums.tolist()))
     h_new = s["sum_w_h"] / s["sum_w_lam"]
+    h_old = s["sum_h_old"] / s["sum_lam_old"] if s["sum_lam_old"] > 0 else entropy  # Ĥ(θ) in the same order
     ess = s["sum_w"] ** 2 / s["sum_w2"]
     n = s["count"]
-    return SnisResult(entropy_new=h_new, delta=h_new - entropy, ess=ess, ess_frac=ess / n,
+    return SnisResult(entropy_new=h_new, delta=h_new - h_old, ess=ess, ess_frac=ess / n,
                       # the largest stabilised weight is exactly 1 (global max subtracted)
                       max_weight=1.0 / s["sum_w"], kl_k1=s["sum_neg_logw"] / n, kl_k3=s["sum_k3"] / n,
                       clip_frac=s["clipped"] / n)

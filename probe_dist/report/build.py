@@ -42,7 +42,7 @@ def sequence_rows(result: ProbeResult, decode=None) -> list[dict]:
             for i in range(g.size):
                 t = int(g.lengths[i])
                 rows.append(explained({
-                    "batch": "E", "prompt_index": g.prompt_index, "response": i,
+                    "batch": "E", "prompt_index": g.prompt_index, "prompt": g.prompt_text, "response": i,
                     "token_ids": g.responses[i, :t].tolist(), "T": t, "S": float(sc.S[i]), "h_rb": float(sc.h_rb[i]),
                     "h_naive": float(-sc.S[i]), "reward": float(g.rewards[i]), "advantage": float(g.advantages[i]),
                     "log_w": {str(eta): float(result.log_weights[eta][k][i]) for eta in etas}, **parts(g, i)},
@@ -51,7 +51,8 @@ def sequence_rows(result: ProbeResult, decode=None) -> list[dict]:
         for g in result.batch_u.real_groups:
             for i in range(g.size):
                 t = int(g.lengths[i])
-                rows.append(explained({"batch": "U", "prompt_index": g.prompt_index, "response": i,
+                rows.append(explained({"batch": "U", "prompt_index": g.prompt_index, "prompt": g.prompt_text,
+                                       "response": i,
                                        "token_ids": g.responses[i, :t].tolist(), "T": t, "reward": float(g.rewards[i]),
                                        "advantage": float(g.advantages[i]), **parts(g, i)}, "U", g.prompt_index, i))
     return rows

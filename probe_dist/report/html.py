@@ -149,8 +149,8 @@ def _int_cell(x) -> tuple[str, str]:
     return ("num", _e(x if isinstance(x, int) and not isinstance(x, bool) else _fmt(x, "g")))
 
 
-def _text_cell(row: dict) -> tuple[str, str]:
-    text = row.get("text")
+def _text_cell(row: dict, key: str = "text") -> tuple[str, str]:
+    text = row.get(key)
     if not isinstance(text, str):
         return ("text", "")
     short = text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS] + "…"
@@ -190,7 +190,7 @@ def _header(summary: dict) -> str:
         out.append("<h2>Warnings</h2>")
         out.append('<ul class="warnings">' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>")
     if summary.get("explain/skipped") is not None:
-        out.append(_note(f"explanation not computed: {summary['explain/skipped']}"))
+        out.append(_note(f"explanation {summary['explain/skipped']}"))
     return "\n".join(out)
 
 
@@ -247,7 +247,7 @@ def _entropy_figure(plt, sweep: list[dict], summary: dict) -> str:
     if any(math.isfinite(v) for v in second):
         draw(second, second_se, "δH₁ + δH₂ (second order) ± 1 SE", "C2", linestyle=":")
     linear = summary.get("curvature/linear_regime_eta")
-    if _finite(linear) and etas[0] <= linear <= etas[-1]:
+    if _finite(linear) and etas[0] <= linear <= etas[-1] and summary.get("curvature/resolved") is True:
         ax.axvline(linear, color="grey", linestyle="--", linewidth=1, label="first order within 10%")
     ax.set_xscale("log")
     ax.set_xlabel("η (learning rate)")
@@ -343,25 +343,25 @@ def _top_sequences(rows: list[dict]) -> str:
     if e_rows:
         out.append(f"<p>E sequences by |c_i|, their contribution to δH₁/η (entropy units per unit η; Σ_i c_i = δH₁/η)"
                    f": top {min(TOP_SEQUENCES, len(e_rows))} of {len(e_rows)}.</p>")
-        out.append(_table("top-e", ["prompt", "response", "reward", "advantage", "T", "c_i", "text"],
-                          [[_int_cell(r.get("prompt_index")), _int_cell(r.get("response")),
+        out.append(_table("top-e", ["prompt", "prompt text", "response", "reward", "advantage", "T", "c_i", "text"],
+                          [[_int_cell(r.get("prompt_index")), _text_cell(r, "prompt"), _int_cell(r.get("response")),
                             _num_cell(r.get("reward")), _num_cell(r.get("advantage")), _int_cell(r.get("T")),
                             _num_cell(r["contrib_e"], ".6g"), _text_cell(r)] for r in e_rows[:TOP_SEQUENCES]]))
     else:
-        out.append(_note("no E contributions c_i in the rows (explanation not run)"))
+        out.append(_note("no E contributions c_i in the rows (explanation not run, or the run stopped before it finished)"))
     u_rows = [r for r in rows if _finite(r.get("contrib_u"))]
     u_rows.sort(key=lambda r: -abs(r["contrib_u"]))
     if u_rows:
         out.append(f"<p>Update-batch sequences by |d_j|, their contribution to δH₁/η through the update vector, with "
                    f"their share of Cui's Cov(log π, A): top {min(TOP_SEQUENCES, len(u_rows))} of {len(u_rows)}.</p>")
-        out.append(_table("top-u", ["batch", "prompt", "response", "reward", "advantage", "T", "d_j",
+        out.append(_table("top-u", ["batch", "prompt", "prompt text", "response", "reward", "advantage", "T", "d_j",
                                     "Cov(log π, A) share", "text"],
-                          [[("", _e(r.get("batch", ""))), _int_cell(r.get("prompt_index")),
+                          [[("", _e(r.get("batch", ""))), _int_cell(r.get("prompt_index")), _text_cell(r, "prompt"),
                             _int_cell(r.get("response")), _num_cell(r.get("reward")),
                             _num_cell(r.get("advantage")), _int_cell(r.get("T")), _num_cell(r["contrib_u"], ".6g"),
                             _num_cell(r.get("cov_contrib"), ".4g"), _text_cell(r)] for r in u_rows[:TOP_SEQUENCES]]))
     else:
-        out.append(_note("no update-batch contributions d_j in the rows (explanation not run)"))
+        out.append(_note("no update-batch contributions d_j in the rows (explanation not run, or the run stopped before it finished)"))
     return "\n".join(out)
 
 
@@ -380,7 +380,7 @@ def _prompt_table(rows: list[dict]) -> str:
         c = [_float(r.get("contrib_e")) for r in members]
         finite_rewards = [x for x in rewards if math.isfinite(x)]
         total_t = sum(t)
-        stats.append({"index": index, "n": len(members),
+        stats.append({"index": index, "n": len(members), "prompt": members[0],
                       "reward": sum(finite_rewards) / len(finite_rewards) if finite_rewards else math.nan,
                       "entropy": sum(h) / total_t if math.isfinite(total_t) and total_t > 0 else math.nan,
                       "contrib": sum(c)})   # NaN unless every member has a finite c_i
@@ -392,12 +392,15 @@ def _prompt_table(rows: list[dict]) -> str:
         stats.sort(key=lambda s: (not _finite(s["index"]), _float(s["index"]) if _finite(s["index"]) else 0.0,
                                   str(s["index"])))
     shown = stats[:MAX_PROMPTS]
-    order = "largest |Σ c_i| first" if explained else "by prompt index (no c_i in the rows: explanation not run)"
-    out = [f"<p>E's prompt groups, {order}. Entropy is Σh_rb/ΣT (nats per token); Σ c_i is the group's "
-           "contribution to δH₁/η (entropy units per unit η).</p>",
-           _table("prompts", ["prompt", "responses", "mean reward", "entropy Σh_rb/ΣT", "Σ c_i"],
-                  [[_int_cell(s["index"]), _int_cell(s["n"]), _num_cell(s["reward"]),
-                    _num_cell(s["entropy"], ".5g"), _num_cell(s["contrib"], ".6g")] for s in shown])]
+    order = "largest |Σ c_i| first" if explained else "by prompt index (no c_i in the rows)"
+    columns = ["prompt", "prompt text", "responses", "mean reward", "entropy Σh_rb/ΣT"] + (["Σ c_i"] if explained else [])
+    out = [f"<p>E's prompt groups, {order}. Entropy is Σh_rb/ΣT (nats per token)"
+           + ("; Σ c_i is the group's contribution to δH₁/η (entropy units per unit η)." if explained else ".")
+           + "</p>",
+           _table("prompts", columns,
+                  [[_int_cell(s["index"]), _text_cell(s["prompt"], "prompt"), _int_cell(s["n"]),
+                    _num_cell(s["reward"]), _num_cell(s["entropy"], ".5g")]
+                   + ([_num_cell(s["contrib"], ".6g")] if explained else []) for s in shown])]
     if len(stats) > len(shown):
         out.append(_note(f"{len(stats) - len(shown)} of {len(stats)} prompts left out (smallest |Σ c_i|)"
                          if explained else f"{len(stats) - len(shown)} of {len(stats)} prompts left out"))

@@ -108,7 +108,7 @@ _SCALARS = (
     ("delta_h1/ustat_per_eta", "dH1/eta (U-statistic)", None, ".6g"),
     ("explain/delta_h1_base_per_eta", "dH1/eta from momentum+decay (rest: sum over U sequences)", None, ".6g"),
     ("curvature/d2H_deta2", "d2H/deta2", "curvature/d2H_deta2_se", ".6g"),
-    ("curvature/linear_regime_eta", "first order within 10% up to eta", None, ".3g"),
+    ("curvature/linear_regime_eta", "first order within 10% up to eta (if curvature/resolved)", None, ".3g"),
     ("cui/cov_logp_adv", "Cui proxy Cov(log pi, A) on U", "cui/cov_logp_adv_se", ".4g"),
 )
 _SWEEP_COLUMNS = (("delta_h_true", "+13.5e"), ("delta_h_true_se", "9.2e"), ("delta_h1", "+13.5e"),

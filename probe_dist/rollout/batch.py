@@ -59,6 +59,7 @@ class Group:
     weight: float = 1.0               # 0.0 for padding work that keeps ranks in lockstep
     ended: torch.Tensor | None = None  # [G] bool: the response ends with an EOS (None: all do)
     reward_parts: dict[str, torch.Tensor] | None = None  # reward functions given by name: each one's [G] values
+    prompt_text: str = ""             # the prompt as text (a conversation: its last message), for tables
 
     def kept(self, mask_truncated: bool) -> torch.Tensor:
         """[G] bool: responses the loss keeps — all, or with mask_truncated only those that ended with an EOS."""

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from probe_dist.config_schema import SamplingConfig
-from probe_dist.data.prompts import load_prompts, select_prompts
+from probe_dist.data.prompts import load_prompts, prompt_text, select_prompts
 from probe_dist.data.rewards import RewardSet, decode_response, get_rewards, is_plugin_spec
 from probe_dist.rollout.batch import (
     Group,
@@ -96,7 +96,8 @@ def sample_group(decoder, tokenizer, prompt: dict, *, prompt_index: int, seed_ke
     scale = scale_rewards or default_scale_rewards(loss_family)
     return Group(prompt_index=prompt_index, prompt_ids=prompt_ids, responses=responses, lengths=lengths,
                  rewards=rewards, advantages=group_advantages(rewards, "group" if scale == "batch" else scale, adv_eps),
-                 answer=str(prompt.get("answer", "")), weight=weight, ended=ended, reward_parts=reward_parts)
+                 answer=str(prompt.get("answer", "")), weight=weight, ended=ended, reward_parts=reward_parts,
+                 prompt_text=prompt_text(prompt))
 
 
 def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig, num_prompts: int, group_size: int,
