@@ -61,7 +61,7 @@ def synthetic_rows(n_prompts: int = 60, g: int = 4, seed: int = 0, *, single_bat
                    "S": -rng.uniform(10, 200), "h_rb": t * rng.uniform(0.2, 1.2), "h_naive": rng.uniform(10, 200),
                    "reward": float(rng.random() < 0.4), "advantage": rng.gauss(0, 1), "log_w": {"0.0001": 0.0},
                    "contrib_e": rng.gauss(0, 0.01) * (1 + 5 * (p % 7 == 0)),
-                   "text": f"answer {p}/{i} {SCRIPT} " + "x" * rng.randint(0, 600)}
+                   "text": f"answer {p}/{i} {SCRIPT} " + "x" * rng.randint(0, 600), "prompt": f"{p}+1="}
             if single_batch:
                 row["contrib_u"], row["cov_contrib"] = rng.gauss(0, 0.02), rng.gauss(0, 0.001)
             rows.append(row)
@@ -156,22 +156,23 @@ def test_top_tables_rank_by_absolute_contribution(tmp_path, report_warnings):
     best_e = max((r for r in rows if r["batch"] == "E"), key=lambda r: abs(r["contrib_e"]))
     top_e = body_rows(page, "top-e")
     assert len(top_e) == 10
-    prompt, response, _reward, _adv, t, c, text = top_e[0]
+    prompt, prompt_text, response, _reward, _adv, t, c, text = top_e[0]
+    assert prompt_text == best_e["prompt"]
     assert (int(prompt), int(response), int(t)) == (best_e["prompt_index"], best_e["response"], best_e["T"])
     assert float(c) == pytest.approx(best_e["contrib_e"], rel=1e-5)
     assert len(text) <= 201 and best_e["text"].startswith(text.rstrip("…"))
     expected = sorted((r for r in rows if r["batch"] == "E"), key=lambda r: -abs(r["contrib_e"]))[:10]
-    assert [(int(r[0]), int(r[1])) for r in top_e] == [(r["prompt_index"], r["response"]) for r in expected]
+    assert [(int(r[0]), int(r[2])) for r in top_e] == [(r["prompt_index"], r["response"]) for r in expected]
     assert any(r["contrib_e"] < 0 for r in expected) and any(r["contrib_e"] > 0 for r in expected), "both signs"
 
     best_u = max((r for r in rows if "contrib_u" in r), key=lambda r: abs(r["contrib_u"]))
     top_u = body_rows(page, "top-u")
     first_u = top_u[0]
-    assert (first_u[0], int(first_u[1]), int(first_u[2])) == ("U", best_u["prompt_index"], best_u["response"])
+    assert (first_u[0], int(first_u[1]), int(first_u[3])) == ("U", best_u["prompt_index"], best_u["response"])
     expected = sorted((r for r in rows if "contrib_u" in r), key=lambda r: -abs(r["contrib_u"]))[:10]
-    assert [(int(r[1]), int(r[2])) for r in top_u] == [(r["prompt_index"], r["response"]) for r in expected]
-    assert float(first_u[6]) == pytest.approx(best_u["contrib_u"], rel=1e-5)
-    assert float(first_u[7]) == pytest.approx(best_u["cov_contrib"], rel=1e-3)
+    assert [(int(r[1]), int(r[3])) for r in top_u] == [(r["prompt_index"], r["response"]) for r in expected]
+    assert float(first_u[7]) == pytest.approx(best_u["contrib_u"], rel=1e-5)
+    assert float(first_u[8]) == pytest.approx(best_u["cov_contrib"], rel=1e-3)
     assert report_warnings() == []
 
 
@@ -180,7 +181,7 @@ def test_single_batch_e_rows_rank_on_the_update_side(tmp_path):
     page = parse(write_report(tmp_path, synthetic_summary(), rows).read_text(encoding="utf-8"))
     best_u = max(rows, key=lambda r: abs(r["contrib_u"]))
     first_u = body_rows(page, "top-u")[0]
-    assert (first_u[0], int(first_u[1]), int(first_u[2])) == ("E", best_u["prompt_index"], best_u["response"])
+    assert (first_u[0], int(first_u[1]), int(first_u[3])) == ("E", best_u["prompt_index"], best_u["response"])
 
 
 def test_per_prompt_table_sums_and_truncates(tmp_path, report_warnings):
@@ -201,7 +202,7 @@ def test_per_prompt_table_sums_and_truncates(tmp_path, report_warnings):
     assert len(table) == 50
     expected_shown = sorted(sums, key=lambda p: -abs(sums[p]))[:50]
     assert [int(r[0]) for r in table] == expected_shown
-    for prompt, n, reward, entropy, total in table:
+    for prompt, _text, n, reward, entropy, total in table:
         p = int(prompt)
         assert int(n) == counts[p]
         assert float(total) == pytest.approx(sums[p], rel=1e-5, abs=1e-12)
@@ -280,8 +281,8 @@ def test_non_finite_numbers_do_not_crash(tmp_path, report_warnings):
     text = path.read_text(encoding="utf-8")
     assert text.count("<img") == 2, "the finite points at η > 0 are still drawn"
     page = parse(text)
-    assert [r[5] for r in body_rows(page, "top-e")] == ["0.001"], "only the finite c_i is ranked"
-    assert body_rows(page, "top-u")[0][6] == "-0.5"
+    assert [r[6] for r in body_rows(page, "top-e")] == ["0.001"], "only the finite c_i is ranked"
+    assert body_rows(page, "top-u")[0][7] == "-0.5"
     assert "a single warning, not a list" in text
     assert report_warnings() == []
 

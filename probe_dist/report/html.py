@@ -60,8 +60,7 @@ def write_report(out_dir: Path, summary: dict, rows: list[dict]) -> Path | None:
     """
     summary = summary if isinstance(summary, dict) else {}
     rows = [r for r in rows or [] if isinstance(r, dict)]
-    sweep = [s for s in summary.get("sweep") or [] if isinstance(s, dict)]
-    positive = sorted((s for s in sweep if _finite(s.get("eta")) and s["eta"] > 0), key=lambda s: s["eta"])
+    positive = positive_sweep(summary)
     plt = _pyplot()
     parts = [
         _guarded("header", lambda: _header(summary)),
@@ -194,6 +193,12 @@ def _header(summary: dict) -> str:
     return "\n".join(out)
 
 
+def positive_sweep(summary: dict) -> list[dict]:
+    """The sweep rows with a finite η > 0, in increasing η (what the figures plot on a log axis)."""
+    sweep = [s for s in summary.get("sweep") or [] if isinstance(s, dict)]
+    return sorted((s for s in sweep if _finite(s.get("eta")) and s["eta"] > 0), key=lambda s: s["eta"])
+
+
 def _pyplot():
     """matplotlib.pyplot on the Agg backend, or None when matplotlib cannot be imported."""
     try:
@@ -222,10 +227,18 @@ def _series(sweep: list[dict], key: str) -> list[float]:
 
 
 def _entropy_figure(plt, sweep: list[dict], summary: dict) -> str:
+    fig = entropy_change_figure(plt, sweep, summary)
+    return _note(fig) if isinstance(fig, str) else _png(plt, fig)
+
+
+def entropy_change_figure(plt, sweep: list[dict], summary: dict):
+    """ΔH_true, δH₁ and δH₁ + δH₂ against η (log axis) with ±1 SE bands and the resolved linear-regime η: the
+    figure of report.html and of delta_h.png. sweep: `positive_sweep(summary)`. Returns a matplotlib Figure, or a
+    string saying why there is none."""
     if plt is None:
-        return _note("figure left out: matplotlib is not installed")
+        return "figure left out: matplotlib is not installed"
     if not sweep:
-        return _note("figure left out: no η > 0 in the sweep")
+        return "figure left out: no η > 0 in the sweep"
     etas = [s["eta"] for s in sweep]
     true, true_se = _series(sweep, "delta_h_true"), _series(sweep, "delta_h_true_se")
     d1, d1_se = _series(sweep, "delta_h1"), _series(sweep, "delta_h1_se")
@@ -233,7 +246,7 @@ def _entropy_figure(plt, sweep: list[dict], summary: dict) -> str:
     second = [a + b for a, b in zip(d1, d2)]   # NaN wherever δH₂ (or δH₁) is not finite
     second_se = [math.sqrt(a * a + b * b) for a, b in zip(d1_se, d2_se)]
     if not any(math.isfinite(v) for v in true + d1):
-        return _note("figure left out: no finite ΔH_true or δH₁ at η > 0")
+        return "figure left out: no finite ΔH_true or δH₁ at η > 0"
     fig, ax = plt.subplots(figsize=(6.5, 4))
 
     def draw(values, ses, label, color, **style):
@@ -255,7 +268,7 @@ def _entropy_figure(plt, sweep: list[dict], summary: dict) -> str:
     ax.axhline(0.0, color="grey", linewidth=0.5)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(plt, fig)
+    return fig
 
 
 def _diagnostics_figure(plt, sweep: list[dict]) -> str:

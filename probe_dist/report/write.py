@@ -53,38 +53,20 @@ def write_table(out_dir: Path, rows: list[dict], fmt: str = "jsonl") -> Path:
 
 
 def write_plot(out_dir: Path, summary: dict) -> Path | None:
-    import matplotlib
+    """delta_h.png: report.html's entropy-change figure (ΔH_true, δH₁, δH₁ + δH₂ against η) as a file; None when
+    the sweep has no η > 0."""
+    from probe_dist.report.html import _pyplot, entropy_change_figure, positive_sweep
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    sweep = [s for s in summary.get("sweep") or [] if isinstance(s, dict) and _finite(s.get("eta")) and s["eta"] > 0]
-    if not sweep:
+    plt = _pyplot()
+    fig = entropy_change_figure(plt, positive_sweep(summary), summary)
+    if isinstance(fig, str):
+        log.info("no delta_h.png: %s", fig)
         return None
-    etas = [s["eta"] for s in sweep]
-
-    def values(key):
-        return [float(s[key]) if _finite(s.get(key)) else math.nan for s in sweep]
-
-    def errors(key):
-        return [float(s[key]) if _finite(s.get(key)) else 0.0 for s in sweep]
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.errorbar(etas, values("delta_h_true"), yerr=errors("delta_h_true_se"), marker="o", label="ΔH_true (SNIS)")
-    ax.errorbar(etas, values("delta_h1"), yerr=errors("delta_h1_se"), marker="s", linestyle="--",
-                label="δH₁ (first order)")
-    second = [a + b for a, b in zip(values("delta_h1"), values("delta_h2"))]
-    if any(math.isfinite(x) for x in second):
-        spread = [math.hypot(a, b) for a, b in zip(errors("delta_h1_se"), errors("delta_h2_se"))]
-        ax.errorbar(etas, second, yerr=spread, marker="^", linestyle=":", label="δH₁ + δH₂ (second order)")
-    ax.set_xscale("log")
-    ax.set_xlabel("η (learning rate)")
-    ax.set_ylabel("entropy change (nats)")
-    ax.axhline(0.0, color="grey", linewidth=0.5)
-    ax.legend()
-    fig.tight_layout()
     path = out_dir / "delta_h.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 
