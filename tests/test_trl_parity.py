@@ -94,4 +94,68 @@ def test_gradient_equals_trl_compute_loss(setup, toy_checkpoint, loss):
         worst.append((_relative(probe, ours, theirs), scale, beta, bias_correction, mask_truncated, quantile,
                       entropy_coef))
     worst.sort(reverse=True)
-    assert worst[0][0] <= 1e-6, f"{loss}: largest relative gradient difference {worst[0]}"
+    # TRL's head computes log-softmax in float32 (even in a float64 model), and the KL gradient (1 − e^{ref−ℓ})∇ℓ
+    # divides that rounding by |ref − ℓ|: on the fresh toy two combinations of 360 (cispo, scale none, β = 0.04,
+    # mask_truncated, q = 0.2, where the policy term is small and the KL term dominates) reach 1.2e-6 and 1.5e-6,
+    # the other 358 ≤ 1e-6. The formula itself is pinned to 1e-7 below, on identical log-probs.
+    assert worst[0][0] <= 2e-6, f"{loss}: largest relative gradient difference {worst[0]}"
+
+
+@pytest.fixture(scope="module")
+def gpt2_float64(tmp_path_factory):
+    """A GPT-2-family model (float64 throughout) with random rewards on its U batch: TRL computes its advantages
+    from them, the probe its own."""
+    from probe_dist.rollout.batch import group_advantages
+    from tests.model_families import build_family_checkpoint, write_family_prompts
+
+    root = tmp_path_factory.mktemp("gpt2trl")
+    ckpt = build_family_checkpoint("gpt2", root / "ckpt")
+    prompts = write_family_prompts(root / "prompts.jsonl")
+    probe = make_probe(ckpt, [f"sampling.prompts={prompts}", "precision.dtype=float64", "update.loss=dapo",
+                              "update.grad_clip=0", "update.adv_eps=1e-4", f"sampling.B_U={B_U}",
+                              f"sampling.G_U={G_U}"])
+    batch = probe.sample("U", B_U, G_U)
+    gen = torch.Generator().manual_seed(3)
+    for g in batch.groups:
+        g.rewards = torch.randint(0, 3, (g.size,), generator=gen).double()
+    texts = [decode_response(probe.tokenizer, g.responses[i, :int(g.lengths[i])], probe.eos_ids)
+             for g in sorted(batch.groups, key=lambda g: g.prompt_index) for i in range(g.size)]
+    return probe, ckpt, batch, texts, group_advantages
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", LOSSES)
+def test_loss_formula_equals_trl_on_identical_log_probs(gpt2_float64, loss):
+    """TRL's loss code fed the probe's own float64 per-token log-probs and entropies (tests/trl_reference.py
+    use_probe_forward) gives the probe's gradient to ≤ 1e-7 for every combination — the float32 rounding of TRL's
+    advantages (it computes them from a float32 reward tensor; the probe in float64): what remains in the fp32
+    comparison above is forward rounding, not a formula difference."""
+    from tests.trl_reference import use_probe_forward
+
+    probe, ckpt, batch, texts, group_advantages = gpt2_float64
+    worst = []
+    for scale, (beta, bias_correction), mask_truncated, quantile, entropy_coef in _combinations():
+        for g in batch.groups:
+            g.advantages = group_advantages(g.rewards, "group" if scale == "batch" else scale, 1e-4)
+        if scale == "batch":
+            from probe_dist.rollout.batch import batch_reward_std
+
+            std = batch_reward_std([g.rewards for g in sorted(batch.groups, key=lambda g: g.prompt_index)])
+            for g in batch.groups:
+                g.advantages = group_advantages(g.rewards, "batch", 1e-4, batch_std=std)
+        trainer = trl_trainer(ckpt, loss_type=loss, scale_rewards=scale, beta=beta,
+                              use_bias_correction_kl=bias_correction, mask_truncated_completions=mask_truncated,
+                              top_entropy_quantile=quantile, entropy_coef=entropy_coef, block_rows=ROWS,
+                              num_blocks=BLOCKS, group_size=G_U, max_completion_length=probe.cfg.sampling.max_new_tokens)
+        trainer.model.double()
+        use_probe_forward(trainer)
+        theirs, prepared = trl_gradient(trainer, batch.groups, block_rows=ROWS, texts=texts)
+        update = dataclasses.replace(probe.cfg.update, loss=loss, scale_rewards=scale, kl_coef=beta,
+                                     kl_bias_correction=bias_correction, mask_truncated=mask_truncated,
+                                     top_entropy_quantile=quantile, entropy_coef=entropy_coef,
+                                     loss_block_rows=ROWS, max_len=probe.cfg.sampling.max_new_tokens)
+        ours, *_ = update_gradient(probe.rt, probe.runner, batch, update)
+        worst.append((_relative(probe, ours, theirs), scale, beta, bias_correction, mask_truncated, quantile,
+                      entropy_coef))
+    worst.sort(reverse=True)
+    assert worst[0][0] <= 1e-7, f"{loss}: largest relative gradient difference {worst[0]}"

@@ -101,3 +101,28 @@ def trl_gradient(trainer, groups, *, block_rows: int, texts: list[str]) -> tuple
         trainer.compute_loss(model, block).backward()
     grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
     return grads, prepared
+
+
+def use_probe_forward(trainer) -> None:
+    """Make TRL's loss read the probe's per-token log-probs and entropies (probe_dist.model.policy.PolicyModel over
+    TRL's own model, in the model's dtype) instead of its fused fp32 head, so that what is compared is TRL's loss
+    code — aggregation, masks, KL, normalisers, entropy mask and bonus — on identical inputs. TRL's head always
+    computes log-softmax in float32, which limits a float64 comparison to ~1e-7 in ℓ, and the KL gradient
+    (1 − e^{ref−ℓ})∇ℓ turns that into ~1e-7/|ref − ℓ| relative. Entropies are handed over in float32, as TRL's head
+    returns them (its entropy mask compares them with a float32 quantile, as the probe does)."""
+    from probe_dist.model.policy import PolicyModel
+
+    policy = PolicyModel(trainer.model)
+
+    def per_token(model, input_ids, attention_mask, logits_to_keep, compute_entropy=False, **_kwargs):
+        # Every completion position is scored (connected to the graph even when TRL masks them all, as its own
+        # head does); positions TRL masks are zeroed, so its masked sums see exactly the probe's values.
+        keep = attention_mask[:, -logits_to_keep:]
+        start = input_ids.shape[1] - logits_to_keep
+        logp, ent = policy(input_ids, attention_mask, start, torch.ones_like(keep, dtype=torch.bool),
+                           trainer.temperature)
+        logp, ent = logp.view(keep.shape) * keep, ent.view(keep.shape) * keep
+        # Entropies in float32 as TRL's head returns them: its entropy mask compares them with a float32 quantile.
+        return logp, (ent.float() if compute_entropy else None), None
+
+    trainer._get_per_token_logps_and_entropies = per_token

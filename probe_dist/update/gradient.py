@@ -40,8 +40,11 @@ def loss_normalisers(rt, batch: RolloutBatch, *, update: UpdateConfig,
     size = batch.groups[0].size
     local = {g.prompt_index: g.lengths.to(torch.float64) * g.kept(update.mask_truncated) for g in real}
     entropies = _token_entropies(rt, runner, batch, update) if update.top_entropy_quantile < 1.0 else {}
+    kept_rows = {g.prompt_index: g.kept(update.mask_truncated) for g in real}
+    kept_entropies = {p: [h if bool(k) else torch.zeros(0) for h, k in zip(rows, kept_rows[p])]
+                      for p, rows in entropies.items()}
     merged_tokens, merged_h = {}, {}
-    for part in rt.all_gather_objects((local, entropies)):
+    for part in rt.all_gather_objects((local, kept_entropies)):
         merged_tokens.update(part[0])
         merged_h.update(part[1])
     order = sorted(merged_tokens)
@@ -53,6 +56,7 @@ def loss_normalisers(rt, batch: RolloutBatch, *, update: UpdateConfig,
     block_tokens = torch.zeros(num_blocks, dtype=torch.float64).index_add_(0, block_of_row, kept_lengths)
     thresholds: tuple[float, ...] = ()
     bonus: tuple[float, ...] = ()
+    masks: dict = {}
     if update.top_entropy_quantile < 1.0:
         rows_h = [h for p in order for h in merged_h[p]]  # per row: float32 entropies of its kept tokens
         thr, bonus_list = [], []
@@ -67,30 +71,35 @@ def loss_normalisers(rt, batch: RolloutBatch, *, update: UpdateConfig,
             thr.append(float(t))
             bonus_list.append(float((values >= t).sum()))
         thresholds, bonus = tuple(thr), tuple(bonus_list)
+        # The mask of this rank's tokens from the same entropy values the thresholds came from (TRL takes both from
+        # one forward): tokens of one prompt often tie exactly (shared prefixes), and a tie at the threshold must
+        # not flip with the rounding of another forward.
+        masks = {}
+        for p, rows in entropies.items():
+            row0 = order.index(p) * size
+            masks[p] = [h >= thresholds[(row0 + i) // block_rows] for i, h in enumerate(rows)]
     elif spec.entropy_coef:
         bonus = tuple(float(x) for x in block_tokens)
     return LossNormalisers(num_prompts=len(order), group_size=size, total_tokens=float(kept_lengths.sum()),
                            max_len=update.max_len, block_rows=update.loss_block_rows,
                            block_tokens=tuple(float(x) for x in block_tokens) if update.loss_block_rows else (),
-                           block_threshold=thresholds, block_bonus_tokens=bonus)
+                           block_threshold=thresholds, block_bonus_tokens=bonus, entropy_masks=masks)
 
 
 def _token_entropies(rt, runner: PolicyRunner | None, batch: RolloutBatch, update: UpdateConfig) -> dict:
-    """{prompt index: [per-row float32 CPU tensors of the kept rows' token entropies]} for this rank's real groups
-    (masked rows give empty tensors), from one no-grad forward per microbatch under the training autocast."""
+    """{prompt index: [per-row float32 CPU tensors of the token entropies]} for this rank's real groups, from one
+    no-grad forward per microbatch under the training autocast."""
     if runner is None:
         raise ValueError("update.top_entropy_quantile < 1 needs a runner for the entropy pre-pass")
 
     def step(_i: int, group: Group, out: dict) -> None:
-        kept = group.kept(update.mask_truncated)
         rows = []
         for mb in group.microbatches(runner.sizes.score):
             with training_autocast(runner, update):
                 _, token_h = runner.forward(mb, grad=False)
             token_h = token_h.detach().float().cpu()
             for i in range(mb.num_rows):
-                row = mb.rows.start + i
-                rows.append(token_h[mb.token_rows == i] if bool(kept[row]) else torch.zeros(0))
+                rows.append(token_h[mb.token_rows == i])
         if group.weight > 0:
             out[group.prompt_index] = rows
 

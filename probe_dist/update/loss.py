@@ -27,7 +27,7 @@ dapo). All counts are global (computed before any backward), so per-microbatch l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -77,6 +77,7 @@ class LossNormalisers:
     block_tokens: tuple[float, ...] = ()
     block_threshold: tuple[float, ...] = ()
     block_bonus_tokens: tuple[float, ...] = ()
+    entropy_masks: dict = field(default_factory=dict)  # this rank's groups: prompt index → per-row bool masks
 
     @property
     def num_rows(self) -> int:
@@ -119,9 +120,11 @@ class RowCoefficients:
     normaliser: torch.Tensor       # n_i
     threshold: torch.Tensor        # entropy-mask threshold of the row's block (float32; −inf: no mask)
     bonus: torch.Tensor            # o_i
+    token_mask: list[torch.Tensor] | None = None  # per row: the entropy mask from the pass the thresholds came from
 
     def __getitem__(self, rows: slice) -> RowCoefficients:
-        return RowCoefficients(self.normaliser[rows], self.threshold[rows], self.bonus[rows])
+        mask = self.token_mask[rows] if self.token_mask is not None else None
+        return RowCoefficients(self.normaliser[rows], self.threshold[rows], self.bonus[rows], mask)
 
 
 def row_coefficients(spec: LossSpec, group, norm: LossNormalisers, *, kept: torch.Tensor | None = None,
@@ -138,7 +141,7 @@ def row_coefficients(spec: LossSpec, group, norm: LossNormalisers, *, kept: torc
         denominators = torch.tensor(norm.block_bonus_tokens, dtype=torch.float64)[blocks].clamp_min(1.0)
         m = kept.to(torch.float64) if kept is not None else torch.ones(group.size, dtype=torch.float64)
         bonus = spec.entropy_coef * m / (len(norm.block_bonus_tokens) * denominators)
-    return RowCoefficients(n, threshold, bonus)
+    return RowCoefficients(n, threshold, bonus, norm.entropy_masks.get(group.prompt_index))
 
 
 def kl_k3(token_logp: torch.Tensor, token_ref_logp: torch.Tensor) -> torch.Tensor:
@@ -162,9 +165,12 @@ def update_loss_token_terms(token_logp: torch.Tensor, token_h: torch.Tensor | No
     per_token = -spec.policy_scale * advantages.to(dev)[row] * logp
     mask = None
     if spec.top_entropy_quantile < 1.0:
-        if token_h is None:
+        if rows.token_mask is not None:  # from the entropy pre-pass (ties at the threshold stay consistent)
+            mask = torch.cat(list(rows.token_mask)).to(dev, torch.float64)
+        elif token_h is None:
             raise ValueError("top_entropy_quantile < 1 needs the per-token entropies")
-        mask = (token_h.detach().float() >= rows.threshold.to(dev)[row]).to(torch.float64)
+        else:
+            mask = (token_h.detach().float() >= rows.threshold.to(dev)[row]).to(torch.float64)
         per_token = per_token * mask
     if spec.kl_coef:
         if token_ref_logp is None:
