@@ -126,6 +126,10 @@ def _columns(runs, key):
 def test_fixed_prompt_se_is_calibrated(seed_runs, key):
     errors, se_fixed, se_pop = _columns(seed_runs, key)
     ratio = math.sqrt(float(errors.pow(2).sum() / se_fixed.pow(2).sum()))
+    print(f"{key}: rms error / rms fixed SE {ratio:.3f}, with the population SE "
+          f"{math.sqrt(float(errors.pow(2).sum() / se_pop.pow(2).sum())):.3f}, population/fixed SE "
+          f"{float(se_pop.mean() / se_fixed.mean()):.1f}, mean error / SE of the mean "
+          f"{float(errors.mean()) / (math.sqrt(float(se_fixed.pow(2).sum())) / len(errors)):.2f}")
     assert 1 / BAND < ratio < BAND, (f"{key}: rms error / rms fixed-prompt SE = {ratio:.3f}; population SE is "
                                      f"{float(se_pop.mean() / se_fixed.mean()):.1f}x larger")
 
