@@ -192,8 +192,9 @@ def _parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"bad override {text!r}: {OVERRIDE_FORM}")
     leaf = _leaf(key, f" (override {text!r})")
     base, optional = _split_optional(leaf.hint)
-    if optional and raw.strip().lower() in ("", "null", "none", "~"):
-        return key, None
+    choices = leaf.field.metadata.get("choices", ())
+    if optional and raw.strip().lower() in ("", "null", "none", "~") and raw.strip() not in choices:
+        return key, None  # "none" is a value, not null, where it is one of the choices (update.scale_rewards)
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:

@@ -43,7 +43,7 @@ class SamplingConfig:
     top_k: int = _f(0, ge=0, help="must stay 0: truncated support breaks importance weights")
     seed: int = _f(1234, ge=0, help="run seed; each prompt's responses use (seed, batch, prompt index)")
     prompts: str = _f("toy", help="'toy' (the built-in task) or a JSONL file of {prompt, answer}")
-    split: str = _f("train", choices=("train", "test"), help="split of the built-in toy task")
+    split: str = _f("train", help="split of the built-in toy task (train, test) or of a DatasetDict")
     reward: str = _f("exact_match", help="reward: exact_match, math_verify, or package.module:function (TRL's "
                                          "convention; several comma-separated, each optionally *weight)")
     bos: str | None = _f(None, choices=("auto", "always", "never"),
@@ -66,7 +66,7 @@ class UpdateConfig:
     epsilon_high: float = _f(0.2, gt=0.0, help="cispo: the ratio clamp ε_high (TRL's epsilon_high, default ε = 0.2)")
     mask_truncated: bool = _f(False, help="drop responses that did not end with an EOS from the loss (TRL's "
                                           "mask_truncated_completions)")
-    top_entropy_quantile: float = _f(1.0, gt=0.0, le=1.0, help="policy term only on tokens whose entropy is in "
+    top_entropy_quantile: float = _f(1.0, ge=0.0, le=1.0, help="policy term only on tokens whose entropy is in "
                                                                 "this top fraction of the block's (TRL's)")
     entropy_coef: float = _f(0.0, help="entropy bonus: loss − coef·(token-mean entropy per block) (TRL's)")
     loss_block_rows: int | None = _f(None, ge=1, help="sequences per training micro-step (TRL's per_device_"

@@ -85,8 +85,8 @@ def resolve_from_checkpoint(cfg: ProbeConfig, training_args: dict) -> ProbeConfi
     """
     recorded = {
         ("sampling", "temperature"): training_args.get("temperature"),
-        ("sampling", "max_new_tokens"): training_args.get("max_new_tokens"),
-        ("update", "loss"): training_args.get("loss"),
+        ("sampling", "max_new_tokens"): training_args.get("max_new_tokens", training_args.get("max_completion_length")),
+        ("update", "loss"): training_args.get("loss", training_args.get("loss_type")),
         ("update", "grad_clip"): training_args.get("grad_clip", training_args.get("max_grad_norm")),
     }
     filled: dict[str, dict] = {"sampling": {}, "update": {}}
@@ -150,6 +150,11 @@ def build_probe(cfg: ProbeConfig, rt):
     paths = resolve_paths(cfg.checkpoint)
     recorded = validate.training_args(paths.training_args, cfg, paths.training_args_path)
     cfg = resolve_from_checkpoint(cfg, recorded)
+    differences = validate.recipe_differences(recorded, cfg)
+    if differences and rt.is_main:
+        log.warning("training_args.json records TRL settings the probe does not read, and they differ from the "
+                    "probe's: %s. The probe measures its own settings' update; set them explicitly (README: "
+                    "Matching the training recipe) to measure the trained one.", "; ".join(differences))
     validate.note_prompt_repeats(len(prompts), cfg.sampling, cfg.estimators.mode, prompt_source, rt.is_main)
     validate.note_fixed_prompt_coverage(len(prompts), cfg.sampling, cfg.estimators.se, prompt_source, rt.is_main)
     torch.set_float32_matmul_precision(cfg.precision.matmul)
@@ -195,6 +200,7 @@ def build_probe(cfg: ProbeConfig, rt):
     probe.load_info = {"sampling/eos_ids": eos_ids, "provenance/optimizer_coverage": coverage,
                        "provenance/trainable_params": n_trainable,
                        "provenance/recipe_ignored": recorded.get("_unsupported_ignored", []),
+                       "provenance/recipe_differences": differences,
                        "provenance/memory_plan": {k: memory_plan[k] for k in ("peak_bytes", "peak_phase", "fits",
                                                                               "proposal")} if memory_plan else None}
     if rt.is_main:

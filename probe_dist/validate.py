@@ -79,8 +79,10 @@ class _Recorded:
 
 _RECORDED = {
     "temperature": _Recorded(("temperature",), "sampling.temperature", "a number > 0"),
-    "max_new_tokens": _Recorded(("max_new_tokens",), "sampling.max_new_tokens", "an integer >= 1"),
-    "loss": _Recorded(("loss",), "update.loss", f"one of {', '.join(LOSS_FAMILIES)}"),
+    "max_new_tokens": _Recorded(("max_new_tokens", "max_completion_length"), "sampling.max_new_tokens",
+                                "an integer >= 1"),
+    "loss": _Recorded(("loss", "loss_type"), "update.loss", f"one of {', '.join(LOSS_FAMILIES)} (TRL's sapo "
+                      "trains as grpo and vespo as dapo on-policy: set update.loss so)"),
     "grad_clip": _Recorded(("grad_clip", "max_grad_norm"), "update.grad_clip", "a number >= 0 (0 or null: no clipping)"),
 }
 
@@ -114,6 +116,33 @@ def _unsupported_recipe(recorded: dict) -> list[str]:
     return out
 
 
+# TRL GRPOConfig keys the probe does not read from a checkpoint (reading TRL's recipe is the checkpoints issue's
+# work): (key, config setting, the probe's value for the recorded one or None to compare as is).
+_TRL_UNREAD = (("beta", "update.kl_coef"), ("scale_rewards", "update.scale_rewards"),
+               ("epsilon_high", "update.epsilon_high"), ("mask_truncated_completions", "update.mask_truncated"),
+               ("top_entropy_quantile", "update.top_entropy_quantile"), ("entropy_coef", "update.entropy_coef"),
+               ("use_bias_correction_kl", "update.kl_bias_correction"), ("bf16", "update.autocast"))
+
+
+def recipe_differences(recorded: dict, cfg) -> list[str]:
+    """TRL settings recorded in training_args.json that differ from what the probe will use (it does not read
+    them): each as "key=recorded (probe: setting=value)"."""
+    out = []
+    for key, setting in _TRL_UNREAD:
+        if key not in recorded or recorded[key] is None:
+            continue
+        section, name = setting.split(".")
+        ours = getattr(getattr(cfg, section), name)
+        theirs = recorded[key]
+        if key == "bf16":
+            theirs = "bfloat16" if theirs else "none"
+        if key == "use_bias_correction_kl" and not recorded.get("beta"):
+            continue  # no KL term: the correction does nothing
+        if ours != theirs and not (ours is None and key == "scale_rewards"):
+            out.append(f"{key}={recorded[key]!r} (probe: {setting}={ours!r})")
+    return out
+
+
 def training_args(recorded: dict, cfg, source: Path | None) -> dict:
     """The settings training_args.json records for the keys `cfg` leaves unset, typed and range-checked.
 
@@ -134,6 +163,11 @@ def training_args(recorded: dict, cfg, source: Path | None) -> dict:
                     "; ".join(unsupported))
     out = dict(recorded)
     out["_unsupported_ignored"] = unsupported
+    bos = recorded.get("prompt_bos")
+    if bos is not None and bos not in ("auto", "always", "never"):
+        raise TrainingArgsError(f"training settings file {where!r}: 'prompt_bos' is {_describe(bos)}, but the probe "
+                                "needs auto, always or never for sampling.bos. Fix the value in the file, or set it "
+                                "explicitly, e.g. sampling.bos=auto")
     for name, spec in _RECORDED.items():
         section, key = spec.setting.split(".")
         if getattr(getattr(cfg, section), key) is not None:

@@ -201,7 +201,7 @@ def _validated(rows: list[tuple[int, object]], name: str, require_answer: bool,
         elif not isinstance(prompt, str) or not prompt:
             raise PromptError(f"{where}: 'prompt' must be a non-empty string or a list of chat messages, got "
                               f"{prompt!r}; give every {unit} a prompt text.")
-        if "answer" in record:
+        if "answer" in record and require_answer:  # reward functions given by name get the column as it is
             answer = record["answer"]
             if isinstance(answer, bool) or not isinstance(answer, str | int | float):
                 raise PromptError(

@@ -7,6 +7,8 @@ produces exactly that from token ids, so every caller scores the same string.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import Callable, Sequence
 
 from probe_dist.errors import MissingDependencyError, RewardError
@@ -149,6 +151,10 @@ class RewardSet:
                 raise RewardError(f"reward function {name} raised {type(err).__name__}: {str(err)[:200]} (called "
                                   f"with prompts, completions, completion_ids and the columns "
                                   f"{', '.join(columns) or 'none'}, as TRL calls it; accept **kwargs)") from err
+            if inspect.iscoroutine(values):  # TRL accepts async reward functions
+                values = asyncio.run(values)
+            if hasattr(values, "tolist"):  # numpy arrays, tensors
+                values = values.tolist()
             if not isinstance(values, list | tuple) or len(values) != g:
                 raise RewardError(f"reward function {name} returned {type(values).__name__} of length "
                                   f"{len(values) if hasattr(values, '__len__') else '?'}; it must return a list "

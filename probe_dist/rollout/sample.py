@@ -3,6 +3,7 @@ rewards and group advantages (docs/method.md §2, §4). Every rank holds the sam
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,6 +20,8 @@ from probe_dist.rollout.batch import (
 )
 from probe_dist.rollout.generate import sample_responses
 from probe_dist.runtime.sharding import max_groups_per_rank, shard_groups
+
+log = logging.getLogger("probe_dist")
 
 
 def response_eos_ids(tokenizer, generation_config=None) -> list[int]:
@@ -126,6 +129,10 @@ def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig,
                                    scale_rewards=scale_rewards, bos=sampling.bos or "always"))
         if after_group is not None:
             after_group()  # a safe point: every rank samples the same number of groups
+    real = [g for g in groups if g.weight > 0]
+    if real and all(bool(torch.isnan(g.rewards).all()) for g in real) and rt.is_main:
+        log.warning("no reward function scored any completion of batch %s on this rank (every value None): every "
+                    "advantage is 0; check sampling.reward's functions against the prompt columns", name)
     if (scale_rewards or default_scale_rewards(loss_family)) == "batch":
         # One std over every reward of the batch (TRL's scale_rewards="batch"), from all ranks' groups in prompt order.
         local = {g.prompt_index: g.rewards for g in groups if g.weight > 0}

@@ -6,6 +6,7 @@ of float32 terms are (practically) exact, so g — and u — are the same bits f
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import nullcontext
 
@@ -15,6 +16,8 @@ from probe_dist.config_schema import UpdateConfig
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.rollout.batch import Group, RolloutBatch
 from probe_dist.update.loss import LossNormalisers, LossSpec, row_coefficients, update_loss
+
+log = logging.getLogger("probe_dist")
 
 
 def training_autocast(runner: PolicyRunner, update: UpdateConfig):
@@ -51,6 +54,10 @@ def loss_normalisers(rt, batch: RolloutBatch, *, update: UpdateConfig,
     kept_lengths = torch.cat([merged_tokens[p] for p in order]) if order else torch.zeros(0, dtype=torch.float64)
     num_rows = kept_lengths.numel()
     block_rows = update.loss_block_rows or max(num_rows, 1)
+    if update.loss_block_rows and num_rows % update.loss_block_rows and rt.is_main:
+        log.warning("update.loss_block_rows=%d does not divide U's %d sequences: the last micro-step block is "
+                    "smaller than in any TRL run (per_device_train_batch_size divides the generation batch there)",
+                    update.loss_block_rows, num_rows)
     num_blocks = max(math.ceil(num_rows / block_rows), 1)
     block_of_row = torch.arange(num_rows) // block_rows
     block_tokens = torch.zeros(num_blocks, dtype=torch.float64).index_add_(0, block_of_row, kept_lengths)
