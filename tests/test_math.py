@@ -118,10 +118,10 @@ def test_entropy_mask_and_bonus_act_per_token():
 
 def test_group_advantages():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
-    assert torch.allclose(group_advantages(r, "dr_grpo", 1e-6), r - 0.5)
-    a = group_advantages(r, "grpo", 1e-6)
+    assert torch.allclose(group_advantages(r, "none", 1e-6), r - 0.5)
+    a = group_advantages(r, "group", 1e-6)
     assert torch.allclose(a, (r - 0.5) / (r.std() + 1e-6))
-    assert torch.equal(group_advantages(torch.ones(4, dtype=torch.float64), "grpo", 1e-6), torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(group_advantages(torch.ones(4, dtype=torch.float64), "group", 1e-6), torch.zeros(4, dtype=torch.float64))
 
 
 def test_causal_coefficients_match_brute_force():

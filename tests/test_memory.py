@@ -118,7 +118,7 @@ def _batch(num_prompts: int, group_size: int, seed: int) -> RolloutBatch:
         responses[torch.arange(WIDTH).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
         rewards = torch.tensor([float(j % 2) for j in range(group_size)], dtype=torch.float64)
         groups.append(Group(i, torch.randint(3, 15, (PROMPT_TOKENS,), generator=g), responses, lengths, rewards,
-                            group_advantages(rewards, "grpo", 1e-6)))
+                            group_advantages(rewards, "group", 1e-6)))
     return RolloutBatch("U", groups)
 
 

@@ -61,7 +61,7 @@ def write_report(out_dir: Path, summary: dict, rows: list[dict]) -> Path | None:
     summary = summary if isinstance(summary, dict) else {}
     rows = [r for r in rows or [] if isinstance(r, dict)]
     positive = positive_sweep(summary)
-    plt = _pyplot()
+    plt = pyplot()
     parts = [
         _guarded("header", lambda: _header(summary)),
         "<h2>Entropy change vs η</h2>",
@@ -199,7 +199,7 @@ def positive_sweep(summary: dict) -> list[dict]:
     return sorted((s for s in sweep if _finite(s.get("eta")) and s["eta"] > 0), key=lambda s: s["eta"])
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the Agg backend, or None when matplotlib cannot be imported."""
     try:
         import matplotlib

@@ -55,9 +55,9 @@ def write_table(out_dir: Path, rows: list[dict], fmt: str = "jsonl") -> Path:
 def write_plot(out_dir: Path, summary: dict) -> Path | None:
     """delta_h.png: report.html's entropy-change figure (ΔH_true, δH₁, δH₁ + δH₂ against η) as a file; None when
     the sweep has no η > 0."""
-    from probe_dist.report.html import _pyplot, entropy_change_figure, positive_sweep
+    from probe_dist.report.html import entropy_change_figure, positive_sweep, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig = entropy_change_figure(plt, positive_sweep(summary), summary)
     if isinstance(fig, str):
         log.info("no delta_h.png: %s", fig)

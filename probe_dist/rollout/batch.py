@@ -116,12 +116,9 @@ def group_advantages(rewards: torch.Tensor, scale: str, eps: float, *, batch_std
     group's (scale "group"), the whole batch's (scale "batch": `batch_std`, computed over every reward of the batch),
     or not at all ("none").
 
-    rewards [G] → [G] float64; std is Bessel-corrected (as TRL's nanstd), 0 for a single reward. For backward
-    compatibility a loss family name may stand for its default scale (`default_scale_rewards`). Raises ValueError
+    rewards [G] → [G] float64; std is Bessel-corrected (as TRL's nanstd), 0 for a single reward. Raises ValueError
     for an unknown scale, or "batch" without batch_std.
     """
-    if scale not in SCALE_REWARDS:
-        scale = default_scale_rewards(scale) if scale in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo") else scale
     if scale not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale!r}")
     r = rewards.to(torch.float64)

@@ -82,8 +82,9 @@ def loss_normalisers(rt, batch: RolloutBatch, *, update: UpdateConfig,
         # one forward): tokens of one prompt often tie exactly (shared prefixes), and a tie at the threshold must
         # not flip with the rounding of another forward.
         masks = {}
+        position = {p: k for k, p in enumerate(order)}
         for p, rows in entropies.items():
-            row0 = order.index(p) * size
+            row0 = position[p] * size
             masks[p] = [h >= thresholds[(row0 + i) // block_rows] for i, h in enumerate(rows)]
     elif spec.entropy_coef:
         bonus = tuple(float(x) for x in block_tokens)
