@@ -261,6 +261,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Probe
         (section_kwargs[section] if section else top_kwargs)[name] = checked
     cfg = ProbeConfig(**{n: cls(**section_kwargs[n]) for n, cls in _sections().items()}, **top_kwargs)
     _check_consistency(cfg)
+    # The keys the user gave, for the recipe's precedence (config > checkpoint > default; `probe_dist.recipe`). Not a
+    # field: it is neither hashed nor dumped, and `dataclasses.replace` drops it (read it first).
+    object.__setattr__(cfg, "_explicit", frozenset(flat))
     return cfg
 
 

@@ -22,10 +22,14 @@ def _f(default, **meta):
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    path: str | None = _f(None, help="checkpoint directory laid out like `python -m probe_dist.toy build`")
+    path: str | None = _f(None, help="checkpoint directory: probe_dist's layout, an HF Trainer/TRL checkpoint-N, an "
+                                     "accelerate save_state folder or a DeepSpeed ZeRO checkpoint")
+    format: str = _f("auto", choices=("auto", "probe_dist", "hf_trainer", "accelerate", "deepspeed"),
+                     help="checkpoint format (auto: detected from the files in checkpoint.path)")
     base: str | None = _f(None, help="explicit base-model directory (HF format); overrides path/base")
     adapter: str | None = _f(None, help="explicit LoRA adapter directory (adapter_config.json + weights)")
-    optimizer: str | None = _f(None, help="explicit optimizer.pt (AdamW state with parameter names)")
+    optimizer: str | None = _f(None, help="explicit optimizer state file (probe_dist's optimizer.pt with names, or "
+                                          "a bare AdamW state_dict whose names are rebuilt from the model)")
     tokenizer: str | None = _f(None, help="explicit tokenizer directory (default: <path>/tokenizer or base)")
     toy_seed: int = _f(0, ge=0, help="seed of the built-in toy checkpoint used when no checkpoint is given")
     toy_cache: str | None = _f(None, help="where the toy checkpoint is cached (default ~/.cache/probe_dist)")
@@ -88,6 +92,8 @@ class EstimatorsConfig:
     payload: str = _f("rb", choices=("rb", "naive"), help="entropy payload: Rao–Blackwellised or −log π")
     delta_h1: str = _f("snis_derivative", choices=("snis_derivative", "causal_rb"), help="δH₁ estimator")
     etas: list[float] = _f([0.0, 1e-6, 1e-5, 1e-4], help="learning rates η of the sweep (η = 0 allowed)")
+    eta_train: bool = _f(True, help="add the lr the saved scheduler gives the next training step (first param "
+                                    "group's) to the sweep, marked eta_train in the summary")
     mode: str = _f("two_batch", choices=("two_batch", "single_batch"), help="E and U independent, or E = U")
     ustat: str = _f("exact", choices=("exact", "blocks"), help="single-batch U-statistic units")
     ustat_blocks: int = _f(4, ge=2, help="number of blocks M in ustat=blocks")

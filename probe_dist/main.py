@@ -22,8 +22,6 @@ from probe_dist import __version__
 from probe_dist.config import ConfigError, config_hash, format_config_help, load_config
 from probe_dist.config_schema import ProbeConfig
 from probe_dist.errors import UserInputError
-from probe_dist.rollout.batch import default_scale_rewards
-from probe_dist.update.loss import LOSS_FAMILIES
 
 log = logging.getLogger("probe_dist")
 
@@ -78,38 +76,6 @@ def _log_to_files(level: int, msg: str) -> None:
             h.handle(record)
 
 
-def resolve_from_checkpoint(cfg: ProbeConfig, training_args: dict) -> ProbeConfig:
-    """The config with settings left unset (None) filled from the checkpoint's recorded training settings.
-
-    Raises ConfigError when a setting is neither configured nor recorded, or the recorded loss is unsupported.
-    """
-    recorded = {
-        ("sampling", "temperature"): training_args.get("temperature"),
-        ("sampling", "max_new_tokens"): training_args.get("max_new_tokens", training_args.get("max_completion_length")),
-        ("update", "loss"): training_args.get("loss", training_args.get("loss_type")),
-        ("update", "grad_clip"): training_args.get("grad_clip", training_args.get("max_grad_norm")),
-    }
-    filled: dict[str, dict] = {"sampling": {}, "update": {}}
-    for (section, key), value in recorded.items():
-        if getattr(getattr(cfg, section), key) is None:
-            if value is None and key != "grad_clip":
-                raise ConfigError(f"{section}.{key} is not set and the checkpoint records no training value for it; "
-                                  f"set it explicitly, e.g. {section}.{key}=...")
-            filled[section][key] = value
-    cfg = replace(cfg, **{section: replace(getattr(cfg, section), **values) for section, values in filled.items()})
-    if cfg.update.max_len is None:  # dr_grpo's L_max defaults to the response cap
-        cfg = replace(cfg, update=replace(cfg.update, max_len=cfg.sampling.max_new_tokens))
-    if cfg.update.loss not in LOSS_FAMILIES:
-        raise ConfigError(f"checkpoint records loss {cfg.update.loss!r}; set update.loss to one of "
-                          f"{', '.join(LOSS_FAMILIES)}.")
-    if cfg.sampling.bos is None:  # how training built text prompts; the toy task put BOS in front of every prompt
-        bos = training_args.get("prompt_bos") or ("always" if training_args.get("task") == "toy_addition" else "auto")
-        cfg = replace(cfg, sampling=replace(cfg.sampling, bos=bos))
-    if cfg.update.scale_rewards is None:
-        cfg = replace(cfg, update=replace(cfg.update, scale_rewards=default_scale_rewards(cfg.update.loss)))
-    return cfg
-
-
 def build_probe(cfg: ProbeConfig, rt):
     """Config → loaded checkpoint → the whole config resolved once → wrapped policy → a ready Probe.
 
@@ -125,17 +91,20 @@ def build_probe(cfg: ProbeConfig, rt):
         load_model,
         load_optimizer,
         load_tokenizer,
-        read_optimizer_file,
-        resolve_paths,
+        name_optimizer_blob,
+        set_lr_ratios,
         trainable_parameters,
     )
     from probe_dist.model.policy import unwrap_causal_lm
     from probe_dist.model.runner import PolicyRunner
+    from probe_dist.model.sources import open_checkpoint
     from probe_dist.probe import Probe
+    from probe_dist.recipe import explicit_keys, format_settings, resolve_recipe
     from probe_dist.rollout.sample import response_eos_ids
     from probe_dist.runtime.oom import MicrobatchSizes
     from probe_dist.runtime.strategy import build_strategy
 
+    explicit = explicit_keys(cfg)  # before any `replace`, which drops the record
     # Every input is checked before the first model pass, cheapest first (probe_dist/validate.py): prompt file and
     # reward, checkpoint paths and JSON files, training settings, tokenizer, prompt lengths, optimizer file, weights.
     prompts = load_prompts_with_lines(cfg.sampling.prompts, cfg.sampling.split,
@@ -147,14 +116,24 @@ def build_probe(cfg: ProbeConfig, rt):
 
         toy = ensure_toy_checkpoint(cfg.checkpoint.toy_seed, cfg.checkpoint.toy_cache, rt)
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, path=str(toy)))
-    paths = resolve_paths(cfg.checkpoint)
-    recorded = validate.training_args(paths.training_args, cfg, paths.training_args_path)
-    cfg = resolve_from_checkpoint(cfg, recorded)
-    differences = validate.recipe_differences(recorded, cfg)
-    if differences and rt.is_main:
-        log.warning("training_args.json records TRL settings the probe does not read, and they differ from the "
-                    "probe's: %s. The probe measures its own settings' update; set them explicitly (README: "
-                    "Matching the training recipe) to measure the trained one.", "; ".join(differences))
+    source = open_checkpoint(cfg.checkpoint)
+    paths = source.paths
+    cfg, settings, overrides, unsupported = resolve_recipe(cfg, paths.training_args, explicit=explicit,
+                                                           kind=source.recipe_kind, source=paths.training_args_path,
+                                                           ref_adapter=source.ref_adapter)
+    eta_train = _eta_train(source, cfg)
+    if eta_train and cfg.estimators.eta_train and eta_train not in cfg.estimators.etas:
+        cfg = replace(cfg, estimators=replace(cfg.estimators, etas=sorted([*cfg.estimators.etas, eta_train])))
+    if rt.is_main:
+        log.info("training recipe (config > checkpoint %s > default):\n%s", paths.training_args_path or "(none)",
+                 format_settings(settings))
+        if overrides:
+            log.warning("settings given in the config differ from the checkpoint's recorded training: %s. The probe "
+                        "measures the configured update, not the trained one.", "; ".join(overrides))
+        if eta_train is not None:
+            log.info("eta_train = %g: the lr the saved scheduler gives the next training step (%s)%s", eta_train,
+                     source.scheduler.path, "" if eta_train > 0 else "; the schedule has ended (lr 0), so it adds "
+                     "no sweep point")
     validate.note_prompt_repeats(len(prompts), cfg.sampling, cfg.estimators.mode, prompt_source, rt.is_main)
     validate.note_fixed_prompt_coverage(len(prompts), cfg.sampling, cfg.estimators.se, prompt_source, rt.is_main)
     torch.set_float32_matmul_precision(cfg.precision.matmul)
@@ -168,15 +147,21 @@ def build_probe(cfg: ProbeConfig, rt):
     validate.check_prompts_fit(prompts, tokenizer, max_new_tokens=cfg.sampling.max_new_tokens,
                                max_positions=validate.model_max_positions(paths.base), source=prompt_source,
                                config_file=paths.base / "config.json", is_main=rt.is_main, bos=cfg.sampling.bos)
-    optimizer_blob = read_optimizer_file(paths.optimizer)  # weights_only; finite state, before the model loads
+    optimizer_blob = source.read_optimizer()  # weights_only; finite state, before the model loads
     model = load_model(paths, dtype, rt.device)  # complete weight files, finite weights
+    source.load_weights(model)  # trainable weights a format keeps outside the model folders (fp32 masters)
     trainable = trainable_parameters(model)
     n_trainable = check_trainable_count(trainable, cfg.memory.max_trainable_params, cfg.memory.allow_full_finetune)
+    optimizer_blob = name_optimizer_blob(optimizer_blob, model, paths.optimizer)
     optimizer, coverage = load_optimizer(paths.optimizer, trainable, blob=optimizer_blob)
+    lr_ratios = set_lr_ratios(optimizer, source.scheduler.base_lrs if source.scheduler else None)
+    if cfg.update.route == "real_step":
+        _check_real_step_dtypes(optimizer, trainable)
     by_id = {id(p): (n, p) for n, p in trainable}
     ordered = [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    log.info("loaded %s: %d trainable tensors (%s parameters), optimizer state coverage %d/%d",
-             paths.base, len(ordered), f"{n_trainable:,}", coverage["with_state"], coverage["params"])
+    log.info("loaded %s: %d trainable tensors (%s parameters), optimizer state coverage %d/%d, lr ratios %s",
+             paths.base, len(ordered), f"{n_trainable:,}", coverage["with_state"], coverage["params"],
+             [round(r, 6) for r in lr_ratios])
     memory_plan = None
     if cfg.memory.auto_microbatch:
         from probe_dist.plan import auto_microbatch_plan, proposed_sizes
@@ -199,13 +184,34 @@ def build_probe(cfg: ProbeConfig, rt):
     probe = Probe(cfg, rt, runner, tokenizer=tokenizer, optimizer=optimizer, eos_ids=eos_ids)
     probe.load_info = {"sampling/eos_ids": eos_ids, "provenance/optimizer_coverage": coverage,
                        "provenance/trainable_params": n_trainable,
-                       "provenance/recipe_ignored": recorded.get("_unsupported_ignored", []),
-                       "provenance/recipe_differences": differences,
+                       "provenance/recipe_ignored": unsupported,
+                       "provenance/settings": settings, "provenance/recipe_overrides": overrides,
+                       "provenance/checkpoint_source": source.provenance(), "provenance/lr_ratios": lr_ratios,
+                       "eta_train": eta_train,
                        "provenance/memory_plan": {k: memory_plan[k] for k in ("peak_bytes", "peak_phase", "fits",
                                                                               "proposal")} if memory_plan else None}
     if rt.is_main:
         log.info("resolved config hash %s (summary.json provenance/config_hash, config.yaml)", config_hash(probe.cfg))
     return probe
+
+
+def _eta_train(source, cfg) -> float | None:
+    """The first param group's lr for the next training step, from the saved scheduler (None: no scheduler)."""
+    lrs = source.scheduler.next_lrs if source.scheduler else None
+    return float(lrs[0]) if lrs else None
+
+
+def _check_real_step_dtypes(optimizer, trainable) -> None:
+    """update.route=real_step steps torch's AdamW, which needs the moments in the parameter's dtype."""
+    from probe_dist.model.load import CheckpointError
+
+    for name, p in trainable:
+        moments = [v for k, v in optimizer.state[p].items() if k in ("exp_avg", "exp_avg_sq")]
+        if any(m.dtype != p.dtype for m in moments):
+            raise CheckpointError(
+                f"update.route=real_step cannot step {name}: its saved AdamW moments are {moments[0].dtype} and the "
+                f"parameter {p.dtype}, and torch's AdamW needs one dtype (casting the moments would change u). Use "
+                "update.route=update_vector (the default), which forms θ + ηu in float64 from the saved moments.")
 
 
 def run(cfg, rt, out_dir: Path) -> dict:

@@ -3,7 +3,7 @@
 `probe_dist.main.build_probe` runs them cheapest first, so a typo costs seconds, not a model load:
 
 1. the config (`probe_dist.config`) and the checkpoint's paths and JSON files (`model.load.resolve_paths`);
-2. the training settings the run takes from training_args.json (`training_args`): typed and in range;
+2. the training settings the run takes from the checkpoint (`probe_dist.recipe`): typed and in range;
 3. the prompt file (`data.prompts`): readable UTF-8 JSONL, non-empty, every line a {"prompt", "answer"} object;
    a note when a batch needs more prompts than the file holds (prompts then repeat);
 4. the tokenizer (`model.load.load_tokenizer`): present and non-empty;
@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from probe_dist.data.prompts import PromptError, prompt_text
 from probe_dist.model.load import CheckpointError
-from probe_dist.update.loss import LOSS_FAMILIES
+from probe_dist.recipe import RecipeError
 
 log = logging.getLogger("probe_dist")
 
@@ -37,8 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model", "tekken.json")
 
 
-class TrainingArgsError(CheckpointError):
-    """training_args.json records a setting the probe would use with a wrong type or out of range."""
+TrainingArgsError = RecipeError  # the recorded training settings: probe_dist/recipe.py
 
 
 class PromptLengthError(PromptError):
@@ -65,138 +62,6 @@ def read_json(path: Path, what: str, fix: str):
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{what} {str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno}, column "
                               f"{exc.colno}. {fix}") from None
-
-
-# ------------------------------------------------------------------------------------------------ training args
-
-
-@dataclass(frozen=True)
-class _Recorded:
-    keys: tuple[str, ...]  # keys in training_args.json, first found wins
-    setting: str  # the config key it fills
-    need: str  # what is accepted, for the message
-
-
-_RECORDED = {
-    "temperature": _Recorded(("temperature",), "sampling.temperature", "a number > 0"),
-    "max_new_tokens": _Recorded(("max_new_tokens", "max_completion_length"), "sampling.max_new_tokens",
-                                "an integer >= 1"),
-    "loss": _Recorded(("loss", "loss_type"), "update.loss", f"one of {', '.join(LOSS_FAMILIES)} (TRL's sapo "
-                      "trains as grpo and vespo as dapo on-policy: set update.loss so)"),
-    "grad_clip": _Recorded(("grad_clip", "max_grad_norm"), "update.grad_clip", "a number >= 0 (0 or null: no clipping)"),
-}
-
-
-def is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _describe(value) -> str:
-    kind = {str: "a string", list: "a list", dict: "an object", bool: "a boolean", type(None): "null"}.get(type(value))
-    return f"{json.dumps(value)[:60]} ({kind or type(value).__name__})"
-
-
-def _unsupported_recipe(recorded: dict) -> list[str]:
-    """Recorded training settings whose step the probe cannot reproduce (it measures one on-policy step)."""
-    out = []
-    iterations = recorded.get("num_iterations")
-    if is_number(iterations) and iterations > 1:
-        out.append(f"num_iterations={iterations} (each batch is reused for several optimizer steps, with clipped "
-                   "importance ratios to a stale policy; the probe measures the first, on-policy step)")
-    steps, accumulation = recorded.get("steps_per_generation"), recorded.get("gradient_accumulation_steps")
-    if is_number(steps) and is_number(accumulation) and steps > accumulation:
-        out.append(f"steps_per_generation={steps} > gradient_accumulation_steps={accumulation} (later optimizer "
-                   "steps train on samples from an older policy)")
-    if recorded.get("use_vllm") and recorded.get("vllm_importance_sampling_correction"):
-        out.append("vllm_importance_sampling_correction (the loss is reweighted by the sampler/trainer probability "
-                   "ratio of vLLM; the probe samples from the trainer's own policy)")
-    loss = recorded.get("loss_type")
-    if isinstance(loss, str) and loss not in LOSS_FAMILIES and loss not in ("sapo", "vespo", "luspo"):
-        out.append(f"loss_type={loss!r}")
-    return out
-
-
-# TRL GRPOConfig keys the probe does not read from a checkpoint (reading TRL's recipe is the checkpoints issue's
-# work): (key, config setting, the probe's value for the recorded one or None to compare as is).
-_TRL_UNREAD = (("beta", "update.kl_coef"), ("scale_rewards", "update.scale_rewards"),
-               ("epsilon_high", "update.epsilon_high"), ("mask_truncated_completions", "update.mask_truncated"),
-               ("top_entropy_quantile", "update.top_entropy_quantile"), ("entropy_coef", "update.entropy_coef"),
-               ("use_bias_correction_kl", "update.kl_bias_correction"), ("bf16", "update.autocast"))
-
-
-def recipe_differences(recorded: dict, cfg) -> list[str]:
-    """TRL settings recorded in training_args.json that differ from what the probe will use (it does not read
-    them): each as "key=recorded (probe: setting=value)"."""
-    out = []
-    for key, setting in _TRL_UNREAD:
-        if key not in recorded or recorded[key] is None:
-            continue
-        section, name = setting.split(".")
-        ours = getattr(getattr(cfg, section), name)
-        theirs = recorded[key]
-        if key == "bf16":
-            theirs = "bfloat16" if theirs else "none"
-        if key == "use_bias_correction_kl" and not recorded.get("beta"):
-            continue  # no KL term: the correction does nothing
-        if ours != theirs and not (ours is None and key == "scale_rewards"):
-            out.append(f"{key}={recorded[key]!r} (probe: {setting}={ours!r})")
-    return out
-
-
-def training_args(recorded: dict, cfg, source: Path | None) -> dict:
-    """The settings training_args.json records for the keys `cfg` leaves unset, typed and range-checked.
-
-    Returns a copy of `recorded` whose used values are normalised (temperature a float, max_new_tokens an int,
-    grad_clip a float or None). Keys the config sets explicitly are not checked: the explicit setting wins. Raises
-    TrainingArgsError naming the file, the key, the value, what is accepted and the override that fixes it.
-    """
-    where = str(source) if source is not None else "training_args.json"
-    unsupported = _unsupported_recipe(recorded)
-    if unsupported and not cfg.update.ignore_unsupported_recipe:
-        raise TrainingArgsError(
-            f"training settings file {where!r} records training the probe cannot reproduce: "
-            f"{'; '.join(unsupported)}. The probe's δH₁ and ΔH_true would describe another update than training "
-            "took. Probe a checkpoint trained on-policy, or set update.ignore_unsupported_recipe=true to measure the "
-            "on-policy step anyway (the summary then says which settings were ignored).")
-    if unsupported:
-        log.warning("ignoring training settings the probe cannot reproduce (update.ignore_unsupported_recipe): %s",
-                    "; ".join(unsupported))
-    out = dict(recorded)
-    out["_unsupported_ignored"] = unsupported
-    bos = recorded.get("prompt_bos")
-    if bos is not None and bos not in ("auto", "always", "never"):
-        raise TrainingArgsError(f"training settings file {where!r}: 'prompt_bos' is {_describe(bos)}, but the probe "
-                                "needs auto, always or never for sampling.bos. Fix the value in the file, or set it "
-                                "explicitly, e.g. sampling.bos=auto")
-    for name, spec in _RECORDED.items():
-        section, key = spec.setting.split(".")
-        if getattr(getattr(cfg, section), key) is not None:
-            continue
-        found = next((k for k in spec.keys if k in recorded and recorded[k] is not None), None)
-        if found is None:
-            continue
-        value = recorded[found]
-        ok = False
-        if name == "temperature":
-            ok = is_number(value) and math.isfinite(value) and value > 0
-            norm = float(value) if ok else None
-        elif name == "max_new_tokens":
-            ok = is_number(value) and math.isfinite(value) and float(value).is_integer() and value >= 1
-            norm = int(value) if ok else None
-        elif name == "loss":
-            ok = isinstance(value, str) and value in LOSS_FAMILIES
-            norm = value
-        else:  # grad_clip
-            ok = is_number(value) and math.isfinite(value) and value >= 0
-            norm = float(value) if ok else None
-        if not ok:
-            raise TrainingArgsError(
-                f"training settings file {where!r}: {found!r} is {_describe(value)}, but the probe needs {spec.need} "
-                f"for {spec.setting}. Fix the value in the file, or set it explicitly, e.g. {spec.setting}=...")
-        out[found] = norm
-        if name == "grad_clip":
-            out["grad_clip"] = norm
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ prompts

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from probe_dist.config import load_config
-from probe_dist.main import build_probe, resolve_from_checkpoint  # noqa: F401  (re-exported for tests)
+from probe_dist.main import build_probe
 from probe_dist.rollout.batch import Group
 from probe_dist.runtime.dist import Runtime
 

@@ -312,7 +312,7 @@ CASES = [
          ("could not read optimizer state", "optimizer.pt", "copy it again")),
     Case("optimizer_truncated", truncate("optimizer.pt"), ("could not read optimizer state", "optimizer.pt")),
     Case("optimizer_not_a_dict", edit_optimizer(lambda b: b.pop("param_names")),
-         ("optimizer.pt", "not a probe_dist optimizer file", "Re-save it with torch.save(")),
+         ("optimizer.pt", "is not an optimizer state", "Re-save it with torch.save(")),
 ]
 
 

@@ -104,7 +104,8 @@ def test_optimizer_state_round_trips_bitwise(toy_checkpoint, loaded):
     assert isinstance(optimizer, torch.optim.AdamW)
     assert set(saved) == set(by_name), "optimizer.pt covers exactly the trainable parameters"
     assert coverage == {"params": len(trainable), "with_state": len(trainable),
-                        "numel": sum(p.numel() for _, p in trainable)}
+                        "numel": sum(p.numel() for _, p in trainable), "state_dtypes": ["float32"],
+                        "naming": "saved names"}
     # The new optimizer holds exactly the trainable parameters, in the saved order.
     assert optimizer_param_names(optimizer, trainable) == blob["param_names"]
     for name, state in saved.items():
@@ -256,8 +257,9 @@ def test_adam_with_l2_refused(tmp_path, loaded, label):
 
 def test_plain_state_dict_and_garbage_refused(tmp_path, loaded):
     trainable, blob = loaded
-    msg = refusal(tmp_path, blob["state_dict"], trainable)  # a bare optimizer.state_dict(): no names
-    assert "param_names" in msg and "torch.save(" in msg
+    # A bare optimizer.state_dict() has no names: they are rebuilt from the model (build_probe), not guessed here.
+    msg = refusal(tmp_path, blob["state_dict"], trainable)
+    assert "no parameter names" in msg and "model.load.name_optimizer_blob" in msg
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="could not read optimizer state"):

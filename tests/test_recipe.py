@@ -213,16 +213,3 @@ def test_none_is_a_value_where_it_is_a_choice():
 
     assert load_config(None, ["update.scale_rewards=none"]).update.scale_rewards == "none"
     assert load_config(None, ["update.grad_clip=none"]).update.grad_clip is None
-
-
-def test_trl_settings_the_probe_does_not_read_are_reported():
-    from probe_dist.config import load_config
-    from probe_dist.validate import recipe_differences
-
-    cfg = load_config(None, ["update.loss=dapo", "update.scale_rewards=group"])
-    recorded = {"loss_type": "dapo", "beta": 0.04, "use_bias_correction_kl": True, "scale_rewards": "group",
-                "bf16": True, "mask_truncated_completions": False}
-    diffs = recipe_differences(recorded, cfg)
-    assert any(d.startswith("beta=0.04") for d in diffs) and any(d.startswith("bf16=True") for d in diffs)
-    assert any(d.startswith("use_bias_correction_kl") for d in diffs)
-    assert not any(d.startswith(("scale_rewards", "mask_truncated")) for d in diffs)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from probe_dist.model.load import CheckpointError
-from probe_dist.validate import is_number, read_json
+from probe_dist.recipe import is_number
+from probe_dist.validate import read_json
 
 log = logging.getLogger("probe_dist")
 

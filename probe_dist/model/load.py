@@ -14,6 +14,7 @@ naming the file or tensor and the fix; the value checks themselves live in `prob
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,15 +221,12 @@ def read_optimizer_file(path: Path) -> dict:
     """The saved optimizer file, checked before any model is loaded.
 
     Loaded with torch.load(weights_only=True): a pickle that would run code is refused (UnsafeCheckpointError) and
-    never executed. Then its structure ({"param_names": [...], "state_dict": {"state", "param_groups"}}) and its
-    values (`model.checks.check_optimizer_values`: finite state, exp_avg_sq ≥ 0, usable hyperparameters), naming the
-    parameter. Raises CheckpointError otherwise."""
-    from probe_dist.model.checks import (
-        check_optimizer_values,
-        is_unsafe_pickle_error,
-        load_error_text,
-        unsafe_pickle_error,
-    )
+    never executed. Two forms are accepted: probe_dist's ({"optimizer_class", "param_names": [...], "state_dict"})
+    and a bare `optimizer.state_dict()` as HF Trainer / TRL (optimizer.pt) and accelerate (optimizer.bin) write it,
+    whose parameter names are rebuilt from the model later (`model.sources.param_names`; "param_names" is then None).
+    Then its values (`model.checks.check_optimizer_values`: finite state, exp_avg_sq ≥ 0, usable hyperparameters),
+    naming the parameter. Returns the probe_dist form; raises CheckpointError otherwise."""
+    from probe_dist.model.checks import is_unsafe_pickle_error, load_error_text, unsafe_pickle_error
 
     try:
         blob = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -238,16 +236,26 @@ def read_optimizer_file(path: Path) -> dict:
         raise CheckpointError(f"could not read optimizer state {str(path)!r}: {load_error_text(exc)}. "
                               "It should be a torch.save file written by the training run; copy it again or re-save "
                               "it.") from None
-    resave = ("Re-save it with torch.save({'optimizer_class': 'AdamW', 'param_names': names, "
-              "'state_dict': opt.state_dict()}, path).")
+    if isinstance(blob, dict) and "state" in blob and "param_groups" in blob and "state_dict" not in blob:
+        blob = {"optimizer_class": None, "param_names": None, "state_dict": blob}  # bare state_dict: names later
+    return check_optimizer_blob(blob, path)
+
+
+def check_optimizer_blob(blob, path: Path) -> dict:
+    """`blob` ({"optimizer_class", "param_names" (a list, or None until rebuilt), "state_dict"}) checked for
+    structure and values; returned as is. Raises CheckpointError naming `path` (the file it came from)."""
+    from probe_dist.model.checks import check_optimizer_values
+
+    resave = ("Re-save it with torch.save(opt.state_dict(), path), or as probe_dist's form torch.save("
+              "{'optimizer_class': 'AdamW', 'param_names': names, 'state_dict': opt.state_dict()}, path).")
     if not isinstance(blob, dict) or "state_dict" not in blob or "param_names" not in blob:
         raise CheckpointError(
-            f"{str(path)!r} is not a probe_dist optimizer file: expected a dict with 'state_dict' and 'param_names' "
-            f"(the trainable parameter names in optimizer order). {resave}")
+            f"{str(path)!r} is not an optimizer state: expected a torch optimizer state_dict ({{'state', "
+            f"'param_groups'}}) or probe_dist's {{'state_dict', 'param_names'}}. {resave}")
     sd, names = blob["state_dict"], blob["param_names"]
     groups = sd.get("param_groups") if isinstance(sd, dict) else None
     state = sd.get("state") if isinstance(sd, dict) else None
-    if (not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names)
+    if ((names is not None and (not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names)))
             or not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                                        for g in groups)
             or not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values())):
@@ -255,9 +263,31 @@ def read_optimizer_file(path: Path) -> dict:
                               "'state_dict' an optimizer state dict ({'state': {id: {...}}, 'param_groups': "
                               f"[{{..., 'params': [ids]}}]}}). {resave}")
     ids = [i for g in groups for i in g["params"]]
-    check_optimizer_values(((names[k] if k < len(names) else f"parameter id {pid}", state[pid])
-                            for k, pid in enumerate(ids) if pid in state), groups, path)
+    label = (lambda k, pid: names[k] if k < len(names) else f"parameter id {pid}") if names is not None else (
+        lambda k, pid: f"parameter id {pid}")
+    check_optimizer_values(((label(k, pid), state[pid]) for k, pid in enumerate(ids) if pid in state), groups, path)
     return blob
+
+
+def name_optimizer_blob(blob: dict, model: torch.nn.Module, path: Path) -> dict:
+    """A blob whose "param_names" is None gets names rebuilt from `model` (`model.sources.param_names`); its state
+    dict is then restricted to the trainable parameters. Raises CheckpointError when no grouping rule fits or the
+    fitting ones disagree."""
+    if blob.get("param_names") is not None:
+        return blob
+    from probe_dist.model.sources.param_names import AmbiguousNames, rebuild_names
+
+    try:
+        state_dict, names, rule = rebuild_names(blob["state_dict"], model)
+    except AmbiguousNames as exc:
+        raise CheckpointError(
+            f"the optimizer state {str(path)!r} has no parameter names, and they cannot be rebuilt from the model: "
+            f"{exc}. Check that the adapter/model and the optimizer come from the same checkpoint, or re-save the "
+            "optimizer with names: torch.save({'optimizer_class': 'AdamW', 'param_names': names, 'state_dict': "
+            "opt.state_dict()}, path), names in param-group order.") from None
+    log.info("optimizer state %s: parameter names rebuilt by the %s grouping rule (every group's size and every "
+             "tensor's shape match)", path, rule)
+    return {**blob, "param_names": names, "state_dict": state_dict, "naming": rule}
 
 
 def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]],
@@ -269,7 +299,10 @@ def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]],
 
     if blob is None:
         blob = read_optimizer_file(path)
-    cls = str(blob.get("optimizer_class", "AdamW"))
+    if blob.get("param_names") is None:
+        raise CheckpointError(f"the optimizer state {str(path)!r} has no parameter names: rebuild them from the loaded "
+                              "model first (model.load.name_optimizer_blob), as build_probe does.")
+    cls = str(blob.get("optimizer_class") or "AdamW")  # a bare state dict: AdamW if its groups say so (below)
     sd = blob["state_dict"]
     groups = sd.get("param_groups", [])
     if cls.split(".")[-1] != "AdamW" or any("betas" not in g or "eps" not in g for g in groups):
@@ -331,13 +364,58 @@ def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]],
             new_id += 1
         remapped["param_groups"].append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
     optimizer.load_state_dict(remapped)
-    # load_state_dict casts the state to each parameter's dtype: check again (an fp64 value can overflow fp32).
+    # load_state_dict casts the moments to each parameter's dtype (fp32 moments of a bf16 parameter would lose 16
+    # bits): put the saved tensors back in their own dtype, on the parameter's device. `step` stays a CPU tensor.
+    low = set()
+    for pid in ordered_ids:
+        param = by_name[name_of_id[pid]]
+        saved, live = sd["state"][pid], optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if isinstance(saved.get(key), torch.Tensor):
+                live[key] = saved[key].detach().to(device=param.device, copy=True)
+                if live[key].is_floating_point() and torch.finfo(live[key].dtype).bits < 32:
+                    low.add(str(live[key].dtype).replace("torch.", ""))
+    if low:
+        log.warning("the optimizer state in %s is stored in %s: the moments were rounded when saved, so u carries "
+                    "that rounding (the probe computes u in float64 from the saved values)", path, ", ".join(sorted(low)))
     check_optimizer_values(((name_of_id[pid], optimizer.state[by_name[name_of_id[pid]]]) for pid in ordered_ids),
                            [], path)
-    # load_state_dict casts exp_avg/exp_avg_sq to the parameter's dtype/device; `step` stays a CPU float tensor.
     coverage = {"params": len(ordered_ids), "with_state": len(ordered_ids) - len(problems),
-                "numel": sum(by_name[n].numel() for n in saved_names)}
+                "numel": sum(by_name[n].numel() for n in saved_names),
+                "state_dtypes": sorted({str(optimizer.state[by_name[n]]["exp_avg"].dtype).replace("torch.", "")
+                                        for n in saved_names}),
+                "naming": blob.get("naming", "saved names")}
     return optimizer, coverage
+
+
+def set_lr_ratios(optimizer: torch.optim.Optimizer, base_lrs: list[float] | None = None) -> list[float]:
+    """Each param group's learning rate relative to the first group's, stored as group["lr_ratio"] and returned.
+
+    η, the probe's learning rate, is the first group's; a group trained at k times that lr (LoRA+ trains B at 16×)
+    moves k·η (`update.step`). The ratios are the saved lrs' — or, where the first group's saved lr is 0 (the end of
+    a linear schedule), the scheduler's base lrs (`base_lrs`, else each group's "initial_lr" that torch schedulers
+    record). With neither, every ratio is 1 and a warning says so when the groups' lrs could differ."""
+    groups = optimizer.param_groups
+
+    def ratios(lrs):
+        lrs = [float(x) if x is not None else None for x in lrs]
+        if len(lrs) == len(groups) and all(x is not None and math.isfinite(x) for x in lrs) and lrs[0] > 0:
+            return [x / lrs[0] for x in lrs], True
+        return None, False
+
+    found, ok = ratios([g.get("lr") for g in groups])
+    if not ok and base_lrs is not None:
+        found, ok = ratios(base_lrs)
+    if not ok:
+        found, ok = ratios([g.get("initial_lr") for g in groups])
+    if not ok:
+        found = [1.0] * len(groups)
+        if len(groups) > 1:
+            log.warning("the optimizer's param groups have lr 0 and no recorded base lr: every group is moved by the "
+                        "same η (if training used different lrs per group, the update direction differs)")
+    for g, r in zip(groups, found):
+        g["lr_ratio"] = r
+    return found
 
 
 def optimizer_param_names(optimizer, trainable) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from probe_dist.model.load import CheckpointError, CheckpointPaths, resolve_paths
+from probe_dist.model.load import CheckpointError, CheckpointPaths
 from probe_dist.phases import DELTA_H1, SAMPLE, SCORE_BASE, SWEEP, UPDATE_GRADIENT
 from probe_dist.plan.bytes import (
     DTYPE_BYTES,
@@ -67,7 +67,9 @@ def _checkpoint(cfg, *, model_given: bool, notes: list[str]) -> CheckpointPaths 
     if not (ck.path or ck.base):
         return None
     try:
-        return resolve_paths(ck)
+        from probe_dist.model.sources import open_checkpoint
+
+        return open_checkpoint(ck).paths  # any format: probe_dist, HF Trainer/TRL, accelerate, DeepSpeed
     except CheckpointError as exc:
         if not model_given:
             raise PlanError(f"{exc} Pass --model-config PATH_OR_NAME (e.g. qwen2.5-1.5b) to plan without the "
@@ -152,13 +154,13 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
         shape.adapter_params = int(adapter_params)
     notes.extend(shape.notes)
     targs = paths.training_args if paths else {}
-    max_new = cfg.sampling.max_new_tokens or targs.get("max_new_tokens")
+    max_new = cfg.sampling.max_new_tokens or targs.get("max_new_tokens") or targs.get("max_completion_length")
     if max_new is None and not (cfg.checkpoint.path or cfg.checkpoint.base):
         from probe_dist.data.toy_task import MAX_ANSWER_TOKENS
 
         max_new = MAX_ANSWER_TOKENS
     if max_new is None:
-        raise PlanError("sampling.max_new_tokens is not set and no training_args.json records it: "
+        raise PlanError("sampling.max_new_tokens is not set and the checkpoint's recipe does not record it: "
                         "pass sampling.max_new_tokens=N.")
     if prompt_tokens is None:
         tok_dir = paths.tokenizer if paths else (Path(cfg.checkpoint.tokenizer) if cfg.checkpoint.tokenizer else None)

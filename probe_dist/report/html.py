@@ -262,6 +262,9 @@ def entropy_change_figure(plt, sweep: list[dict], summary: dict):
     linear = summary.get("curvature/linear_regime_eta")
     if _finite(linear) and etas[0] <= linear <= etas[-1] and summary.get("curvature/resolved") is True:
         ax.axvline(linear, color="grey", linestyle="--", linewidth=1, label="first order within 10%")
+    eta_train = summary.get("eta_train")
+    if _finite(eta_train) and eta_train > 0:
+        ax.axvline(eta_train, color="C3", linestyle="-.", linewidth=1, label="eta_train (next training step's lr)")
     ax.set_xscale("log")
     ax.set_xlabel("η (learning rate)")
     ax.set_ylabel("entropy change (entropy units)")

@@ -122,8 +122,11 @@ def console_table(summary: dict) -> str:
     if sweep:
         lines.append(f"{'eta':>10} {'dH_true':>13} {'±se':>9} {'dH1':>13} {'±se':>9} {'ESS/N':>7} {'khat':>6} "
                      f"{'KL':>9}")
+        eta_train = summary.get("eta_train")
         for s in sweep:
-            lines.append(" ".join([_num(s.get("eta"), "10.3g")] + [_num(s.get(k), spec) for k, spec in _SWEEP_COLUMNS]))
+            mark = "  <- eta_train (the next training step's lr)" if eta_train and s.get("eta") == eta_train else ""
+            lines.append(" ".join([_num(s.get("eta"), "10.3g")] + [_num(s.get(k), spec) for k, spec in _SWEEP_COLUMNS])
+                         + mark)
     else:
         lines.append("sweep: no η completed")
     if summary.get("explain/skipped"):

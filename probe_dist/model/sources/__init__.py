@@ -1,0 +1,255 @@
+"""Checkpoint sources: where the model, tokenizer, AdamW state, learning-rate schedule and training recipe come from.
+
+    source = open_checkpoint(cfg.checkpoint)        # detects the format (checkpoint.format=auto) or uses the named one
+    source.paths                                    # base, adapter, tokenizer, optimizer file, recorded recipe
+    blob = source.read_optimizer()                  # AdamW state (weights_only), names None when the file has none
+    source.load_weights(model)                      # trainable weights saved outside the adapter (accelerate, ZeRO)
+
+Formats (each a module here, behind this one interface):
+- ``probe_dist``  — the probe's own layout (base/, tokenizer/, adapter files, optimizer.pt with names,
+  training_args.json), what `python -m probe_dist.toy build` writes;
+- ``hf_trainer``  — an HF Trainer / TRL ``checkpoint-N/`` (adapter or full model at the root, optimizer.pt as a bare
+  state dict, scheduler.pt, trainer_state.json, training_args.bin read without running code);
+- ``accelerate``  — an ``Accelerator.save_state`` folder (optimizer.bin, model.safetensors, scheduler.bin);
+- ``deepspeed``   — a DeepSpeed ZeRO stage 1/2/3 checkpoint (``latest``, ``global_stepN/``), read with DeepSpeed's
+  own universal-checkpoint conversion (fp32 master weights and moments per parameter).
+
+Explicit pieces (checkpoint.base, .adapter, .tokenizer, .optimizer) override what a format finds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from probe_dist.model.load import CheckpointError, CheckpointPaths
+
+log = logging.getLogger("probe_dist")
+
+FORMATS = ("probe_dist", "hf_trainer", "accelerate", "deepspeed")
+
+
+@dataclass
+class SchedulerState:
+    """What the saved lr scheduler says: the groups' base lrs and the lrs the next optimizer step would use."""
+
+    path: Path
+    base_lrs: list[float] | None = None
+    next_lrs: list[float] | None = None
+
+
+@dataclass
+class CheckpointSource:
+    """One checkpoint, whatever its format. `paths.training_args` is the recorded recipe (plain data) and
+    `recipe_kind` says whose keys it uses ("probe_dist", "trl", "hf_trainer", or "none")."""
+
+    format: str
+    paths: CheckpointPaths
+    recipe_kind: str = "none"
+    recipe_class: str | None = None  # e.g. trl.trainer.grpo_config.GRPOConfig
+    scheduler: SchedulerState | None = None
+    trainer_state: dict = field(default_factory=dict)
+    ref_adapter: Path | None = None  # TRL's KL-reference adapter (ref/), saved when it was given a peft model
+
+    def read_optimizer(self) -> dict:
+        """The AdamW state as probe_dist's optimizer blob ({"optimizer_class", "param_names" or None,
+        "state_dict"}), checked, before the model loads. Raises CheckpointError."""
+        from probe_dist.model.load import read_optimizer_file
+
+        return read_optimizer_file(self.paths.optimizer)
+
+    def load_weights(self, model: torch.nn.Module) -> int:
+        """Copy trainable weights the format keeps outside the base/adapter folders into `model`; returns how many
+        tensors were set (0: none to set)."""
+        return 0
+
+    def provenance(self) -> dict:
+        info = {"format": self.format, "base": str(self.paths.base), "optimizer": str(self.paths.optimizer),
+                "adapter": str(self.paths.adapter) if self.paths.adapter else None,
+                "tokenizer": str(self.paths.tokenizer),
+                "recipe": str(self.paths.training_args_path) if self.paths.training_args_path else None,
+                "recipe_class": self.recipe_class}
+        if self.trainer_state:
+            info["global_step"] = self.trainer_state.get("global_step")
+            logged = [e for e in self.trainer_state.get("log_history") or [] if isinstance(e, dict)
+                      and "learning_rate" in e]
+            info["last_logged_lr"] = logged[-1]["learning_rate"] if logged else None  # the lr of the last step taken
+        if self.scheduler is not None:
+            info["scheduler"] = str(self.scheduler.path)
+        return info
+
+
+def detect_format(root: Path) -> str:
+    """The format of the checkpoint folder `root` by the files each writer leaves (see the module docstring)."""
+    if ((root / "latest").is_file() or any(p.is_dir() for p in root.glob("global_step*"))
+            or any(root.glob("*_model_states.pt"))):
+        return "deepspeed"
+    if (root / "optimizer.bin").is_file():
+        return "accelerate"
+    if (root / "training_args.bin").is_file() or ((root / "trainer_state.json").is_file()
+                                                   and not (root / "training_args.json").is_file()):
+        return "hf_trainer"
+    return "probe_dist"
+
+
+def open_checkpoint(ck) -> CheckpointSource:
+    """The checkpoint `ck` (a CheckpointConfig) names, opened by its format. Raises CheckpointError (a user-input
+    error) when the folder or a piece is missing or unreadable."""
+    root = Path(ck.path) if ck.path else None
+    if root is not None and not root.is_dir():
+        raise CheckpointError(f"checkpoint.path {str(root)!r} is not a directory. Point it at a checkpoint directory "
+                              "(probe_dist's layout, an HF Trainer/TRL checkpoint-N, an accelerate save_state folder "
+                              "or a DeepSpeed checkpoint), or give checkpoint.base/adapter/optimizer.")
+    fmt = ck.format
+    if fmt == "auto":
+        fmt = detect_format(root) if root is not None else "probe_dist"
+    if fmt != "probe_dist" and root is None:
+        raise CheckpointError(f"checkpoint.format={fmt} needs checkpoint.path (the folder the trainer saved).")
+    if fmt == "hf_trainer":
+        from probe_dist.model.sources.hf_trainer import open_hf_trainer
+
+        source = open_hf_trainer(ck, root)
+    elif fmt == "accelerate":
+        from probe_dist.model.sources.accelerate import open_accelerate
+
+        source = open_accelerate(ck, root)
+    elif fmt == "deepspeed":
+        from probe_dist.model.sources.deepspeed import open_deepspeed
+
+        source = open_deepspeed(ck, root)
+    else:
+        from probe_dist.model.load import resolve_paths
+
+        paths = resolve_paths(ck)
+        source = CheckpointSource("probe_dist", paths, recipe_kind="probe_dist" if paths.training_args_path else "none",
+                                  scheduler=read_scheduler(root / "scheduler.pt") if root else None,
+                                  trainer_state=read_trainer_state(root) if root else {})
+    log.info("checkpoint format %r%s: base %s, adapter %s, optimizer %s, recipe %s", source.format,
+             " (detected)" if ck.format == "auto" and root is not None else "", source.paths.base,
+             source.paths.adapter or "none (full model)", source.paths.optimizer,
+             source.paths.training_args_path or "none")
+    return source
+
+
+# ------------------------------------------------------------------------------------------------ shared readers
+
+
+def read_scheduler(path: Path) -> SchedulerState | None:
+    """A torch lr scheduler's state_dict file (scheduler.pt / scheduler.bin), read with weights_only=True; None when
+    absent. Raises CheckpointError when present but unreadable or code-bearing."""
+    if not path.is_file():
+        return None
+    state = safe_torch_load(path, "lr scheduler state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"lr scheduler state {str(path)!r} is not a scheduler state_dict (a dict). Remove it or "
+                              "copy it again from the training run.")
+
+    def floats(key):
+        v = state.get(key)
+        return [float(x) for x in v] if isinstance(v, list | tuple) and all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in v) else None
+
+    return SchedulerState(path=path, base_lrs=floats("base_lrs"), next_lrs=floats("_last_lr"))
+
+
+def read_trainer_state(root: Path) -> dict:
+    """trainer_state.json (global step, log history) as a dict; {} when absent. Raises CheckpointError when it is
+    not a JSON object."""
+    from probe_dist.validate import read_json
+
+    path = root / "trainer_state.json"
+    if not path.is_file():
+        return {}
+    state = read_json(path, "trainer state", "Copy trainer_state.json again from the training run, or remove it.")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"trainer state {str(path)!r} is not a JSON object. Copy it again from the training "
+                              "run, or remove it.")
+    return state
+
+
+def safe_torch_load(path: Path, what: str):
+    """torch.load(weights_only=True) of `path`; a pickle that would run code is refused (UnsafeCheckpointError),
+    any other failure is a CheckpointError naming the file."""
+    from probe_dist.model.checks import is_unsafe_pickle_error, load_error_text, unsafe_pickle_error
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        if is_unsafe_pickle_error(exc):
+            raise unsafe_pickle_error(f"the {what} {str(path)!r}", exc) from None
+        raise CheckpointError(f"could not read the {what} {str(path)!r}: {load_error_text(exc)}. Copy it again from "
+                              "the training run.") from None
+
+
+def read_json_object(path: Path, what: str, fix: str) -> dict:
+    from probe_dist.validate import read_json
+
+    parsed = read_json(path, what, fix)
+    if not isinstance(parsed, dict):
+        raise CheckpointError(f"{what} {str(path)!r} is not a JSON object. {fix}")
+    return parsed
+
+
+def local_base(name: str, where: str) -> Path:
+    """The local folder of the base model an adapter names (adapter_config.json's base_model_name_or_path): the
+    path itself, or a Hugging Face hub id already in the local cache (nothing is downloaded). Raises
+    CheckpointError telling the user to pass checkpoint.base otherwise."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        cached = Path(snapshot_download(name, local_files_only=True))
+        if (cached / "config.json").is_file():
+            return cached
+    except Exception:  # noqa: BLE001 - not a hub id, or not cached: the message below says what to do
+        pass
+    raise CheckpointError(
+        f"{where} names the base model {name!r}, which is neither a local folder nor in the local Hugging Face "
+        "cache, and the probe downloads nothing. Pass checkpoint.base=/path/to/the/base/model (the folder with "
+        "config.json and the weights, e.g. from `huggingface-cli download` on a machine with network access).")
+
+
+def pick_tokenizer(ck, root: Path | None, base: Path) -> tuple[Path, str]:
+    """(tokenizer folder, how it was chosen): checkpoint.tokenizer, the checkpoint root when it holds tokenizer
+    files (HF Trainer saves them there), root/tokenizer, else the base model's folder."""
+    from probe_dist.validate import TOKENIZER_FILES
+
+    if ck.tokenizer:
+        return Path(ck.tokenizer), "checkpoint.tokenizer"
+    if root is not None and any((root / f).is_file() for f in TOKENIZER_FILES):
+        return root, "the tokenizer files in the checkpoint folder"
+    if root is not None and (root / "tokenizer").is_dir():
+        return root / "tokenizer", "the checkpoint's tokenizer/ folder"
+    return base, "the base model folder"
+
+
+def read_recipe(root: Path, explicit_optimizer: str | None = None) -> tuple[dict, Path | None, str, str | None]:
+    """The recorded training recipe in `root`: (fields as plain data, file, kind, class name). training_args.bin (HF
+    Trainer / TRL; read without running code, `restricted_pickle`) first, then probe_dist's training_args.json."""
+    from probe_dist.model.sources.restricted_pickle import UnreadableTrainingArgs, read_training_args_bin
+
+    binary = root / "training_args.bin"
+    if binary.is_file():
+        try:
+            cls, fields = read_training_args_bin(binary)
+        except UnreadableTrainingArgs as exc:
+            raise CheckpointError(f"cannot read the training settings {str(binary)!r}: {exc}. Copy it again from the "
+                                  "training run, or remove it and set the recipe explicitly (sampling.temperature, "
+                                  "sampling.max_new_tokens, update.loss, update.grad_clip, ...).") from None
+        kind = "trl" if cls.startswith("trl.") else "hf_trainer"
+        return fields, binary, kind, cls
+    text = root / "training_args.json"
+    if text.is_file():
+        fix = ("Fix the file (one JSON object: loss, temperature, max_new_tokens, grad_clip, ...), or remove it and set "
+               "sampling.temperature, sampling.max_new_tokens, update.loss and update.grad_clip explicitly.")
+        return read_json_object(text, "training settings file", fix), text, "probe_dist", None
+    return {}, None, "none", None
+
+
+__all__ = ["CheckpointSource", "FORMATS", "SchedulerState", "detect_format", "open_checkpoint", "read_scheduler",
+           "read_trainer_state", "safe_torch_load"]

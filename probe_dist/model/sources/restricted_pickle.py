@@ -1,0 +1,103 @@
+"""Read a pickled training-arguments object (HF Trainer / TRL `training_args.bin`) as plain data, running no code.
+
+`torch.save(TrainingArguments)` pickles the dataclass by reference to its class (trl.trainer.grpo_config.GRPOConfig,
+transformers' enums, accelerate's state, torch.device). A normal unpickler imports those modules and calls them;
+`read_training_args_bin` never imports or calls anything: every global the pickle names becomes an inert
+`PickledObject` that only records the global's dotted name, the arguments it would have been called with and the
+state it would have been given. Field values are then read from those records. Python's `pickle.Unpickler` routes
+every global lookup (GLOBAL, STACK_GLOBAL, INST, OBJ, EXT*) through `find_class`, which is overridden here, and
+persistent ids (tensors in a torch zip file) are refused.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+
+class UnreadableTrainingArgs(ValueError):
+    """The file is not a pickled training-arguments object this reader understands (the message says why)."""
+
+
+class PickledObject:
+    """What a pickle asked for: the global's dotted name, the call's arguments and the state set on it. Inert."""
+
+    __slots__ = ("global_name", "args", "state")
+
+    def __init__(self, global_name: str, args: tuple = (), state: Any = None):
+        self.global_name, self.args, self.state = global_name, args, state
+
+    def __setstate__(self, state):  # BUILD
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<pickled {self.global_name}>"
+
+
+def _stand_in(global_name: str) -> type:
+    """A class standing in for `global_name`: calling it (REDUCE) or `cls.__new__(cls, *args)` (NEWOBJ) records the
+    arguments; nothing of the named module is imported."""
+
+    def new(cls, *args, **kwargs):
+        obj = PickledObject.__new__(cls)
+        PickledObject.__init__(obj, global_name, args, kwargs or None)
+        return obj
+
+    return type("StandIn", (PickledObject,), {"__slots__": (), "__new__": new, "__init__": lambda self, *a, **k: None})
+
+
+class _RecordingUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        return _stand_in(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        raise UnreadableTrainingArgs("it holds tensor data (a persistent id), which a training-arguments file never "
+                                     "does")
+
+
+def plain(value: Any) -> Any:
+    """A recorded object as plain Python data: a stand-in with a state dict → that dict (values made plain); one
+    called with a single argument (an enum member, torch.device('cpu')) → that argument; else its dotted name."""
+    if isinstance(value, PickledObject):
+        if isinstance(value.state, dict):
+            return {str(k): plain(v) for k, v in value.state.items()}
+        if len(value.args) == 1:
+            return plain(value.args[0])
+        return value.global_name
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, set | frozenset):
+        return sorted((plain(v) for v in value), key=repr)
+    return value
+
+
+def read_training_args_bin(path: str | Path) -> tuple[str, dict]:
+    """(the class's dotted name, its fields as plain data) of a `torch.save`d TrainingArguments (or subclass, e.g.
+    TRL's GRPOConfig). Nothing from the file is imported or run.
+
+    Raises UnreadableTrainingArgs when the file is not a torch zip archive holding one pickled object with a field
+    dict (a legacy or corrupted file, or something else)."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(names) != 1:
+                raise UnreadableTrainingArgs("it is a zip archive without exactly one data.pkl (not torch.save's "
+                                             "format)")
+            data = archive.read(names[0])
+    except zipfile.BadZipFile:
+        raise UnreadableTrainingArgs("it is not a torch.save zip archive (torch ≥ 1.6 writes one)") from None
+    try:
+        obj = _RecordingUnpickler(io.BytesIO(data)).load()
+    except UnreadableTrainingArgs:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a corrupted pickle, whatever the opcode error
+        raise UnreadableTrainingArgs(f"its pickle cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, PickledObject) or not isinstance(obj.state, dict):
+        raise UnreadableTrainingArgs("it does not hold one object with fields (a TrainingArguments)")
+    return obj.global_name, plain(obj.state)
