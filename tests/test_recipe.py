@@ -213,3 +213,34 @@ def test_none_is_a_value_where_it_is_a_choice():
 
     assert load_config(None, ["update.scale_rewards=none"]).update.scale_rewards == "none"
     assert load_config(None, ["update.grad_clip=none"]).update.grad_clip is None
+
+
+def test_recipe_precedence_config_then_checkpoint_then_default():
+    """Each setting: the config's value if given, else the recorded one (TRL's key names included), else the
+    default — with its origin; config values that differ from the recorded ones are listed."""
+    from probe_dist.config import load_config
+    from probe_dist.recipe import RecipeError, explicit_keys, resolve_recipe
+
+    recorded = {"temperature": 0.7, "max_completion_length": 64, "loss_type": "bnpo", "beta": 0.04,
+                "scale_rewards": False, "max_grad_norm": 0.5, "num_generations": 6, "bf16": True,
+                "per_device_train_batch_size": 12, "epsilon_high": None, "epsilon": 0.28,
+                "use_bias_correction_kl": True, "mask_truncated_completions": True}
+    cfg = load_config(None, ["update.kl_coef=0.0", "sampling.temperature=0.7"])
+    resolved, settings, overrides, unsupported = resolve_recipe(cfg, recorded, explicit=explicit_keys(cfg),
+                                                                kind="trl", source=None)
+    u, s = resolved.update, resolved.sampling
+    assert (s.temperature, s.max_new_tokens, u.loss, u.grad_clip, u.kl_coef) == (0.7, 64, "bnpo", 0.5, 0.0)
+    assert (u.scale_rewards, s.G_U, u.autocast, u.loss_block_rows, u.epsilon_high) == ("none", 6, "bfloat16", 12, 0.28)
+    assert (u.kl_bias_correction, u.mask_truncated, u.adv_eps, u.max_len) == (True, True, 1e-4, 64)
+    assert settings["update.kl_coef"] == {"value": 0.0, "origin": "config"}
+    assert settings["sampling.temperature"]["origin"] == "config"  # given, equal to the recorded value
+    assert settings["update.loss"]["origin"] == "checkpoint (loss_type)"
+    assert settings["update.entropy_coef"]["origin"] == "default"
+    assert overrides == ["update.kl_coef=0.0 (checkpoint: beta=0.04)"] and unsupported == []
+    with pytest.raises(RecipeError, match=r"'max_grad_norm' is \"x\" \(a string\).*update.grad_clip="):
+        resolve_recipe(cfg, {**recorded, "max_grad_norm": "x"}, explicit=explicit_keys(cfg), kind="trl", source=None)
+    with pytest.raises(RecipeError, match="update.loss is not set"):
+        resolve_recipe(cfg, {"temperature": 1.0, "max_completion_length": 8}, explicit=frozenset(), kind="trl",
+                       source=None)
+    with pytest.raises(RecipeError, match="top_p=0.9.*ignore_unsupported_recipe"):
+        resolve_recipe(cfg, {**recorded, "top_p": 0.9}, explicit=explicit_keys(cfg), kind="trl", source=None)

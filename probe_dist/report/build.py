@@ -66,6 +66,7 @@ def provenance(cfg, rt, result: ProbeResult) -> dict:
             "provenance/world_size": rt.world_size, "provenance/strategy": cfg.distributed.strategy,
             "provenance/device": str(rt.device), "provenance/dtype": cfg.precision.dtype,
             "provenance/matmul_precision": cfg.precision.matmul,
+            "provenance/intraop_threads": torch.get_num_threads(),  # CPU float32 rounding depends on it
             "provenance/microbatch": dict(result.microbatch_used),  # as used: an OOM retry halves them
             "provenance/versions": {"probe_dist": __version__, "torch": torch.__version__,
                                     "transformers": transformers.__version__, "peft": peft.__version__,
