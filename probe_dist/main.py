@@ -99,7 +99,7 @@ def build_probe(cfg: ProbeConfig, rt):
     from probe_dist.model.runner import PolicyRunner
     from probe_dist.model.sources import open_checkpoint
     from probe_dist.probe import Probe
-    from probe_dist.recipe import explicit_keys, format_settings, resolve_recipe
+    from probe_dist.recipe import explicit_keys, format_settings, recipe_notes, resolve_recipe
     from probe_dist.rollout.sample import response_eos_ids
     from probe_dist.runtime.oom import MicrobatchSizes
     from probe_dist.runtime.strategy import build_strategy
@@ -120,13 +120,16 @@ def build_probe(cfg: ProbeConfig, rt):
     paths = source.paths
     cfg, settings, overrides, unsupported = resolve_recipe(cfg, paths.training_args, explicit=explicit,
                                                            kind=source.recipe_kind, source=paths.training_args_path,
-                                                           ref_adapter=source.ref_adapter)
+                                                           ref_adapter=source.ref_adapter,
+                                                           has_adapter=paths.adapter is not None)
     eta_train = _eta_train(source, cfg)
     if eta_train and cfg.estimators.eta_train and eta_train not in cfg.estimators.etas:
         cfg = replace(cfg, estimators=replace(cfg.estimators, etas=sorted([*cfg.estimators.etas, eta_train])))
     if rt.is_main:
         log.info("training recipe (config > checkpoint %s > default):\n%s", paths.training_args_path or "(none)",
                  format_settings(settings))
+        for note in recipe_notes(paths.training_args, cfg):
+            log.warning("%s", note)
         if overrides:
             log.warning("settings given in the config differ from the checkpoint's recorded training: %s. The probe "
                         "measures the configured update, not the trained one.", "; ".join(overrides))
@@ -186,6 +189,7 @@ def build_probe(cfg: ProbeConfig, rt):
                        "provenance/trainable_params": n_trainable,
                        "provenance/recipe_ignored": unsupported,
                        "provenance/settings": settings, "provenance/recipe_overrides": overrides,
+                       "provenance/recipe_notes": recipe_notes(paths.training_args, cfg),
                        "provenance/checkpoint_source": source.provenance(), "provenance/lr_ratios": lr_ratios,
                        "eta_train": eta_train,
                        "provenance/memory_plan": {k: memory_plan[k] for k in ("peak_bytes", "peak_phase", "fits",

@@ -139,6 +139,26 @@ def _set(cfg, values: dict[str, Any]):
     return replace(cfg, **{s: replace(getattr(cfg, s), **kv) for s, kv in sections.items()})
 
 
+def _reshapes_sampling(key: str, value, temperature) -> bool:
+    """Whether a generation setting (TRL's generation_kwargs, merged into its GenerationConfig) makes the samples
+    come from another distribution than the tempered policy the loss scores."""
+    if value is None:
+        return False
+    if key in ("top_p", "typical_p"):
+        return is_number(value) and value < 1
+    if key in ("top_k", "min_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size"):
+        return is_number(value) and value > 0
+    if key in ("repetition_penalty", "length_penalty_in_sampling"):
+        return is_number(value) and value != 1
+    if key == "temperature":
+        return value != temperature
+    if key == "do_sample":
+        return value is False
+    if key in ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "logits_processor"):
+        return bool(value)
+    return False
+
+
 def unsupported_training(recorded: dict, kind: str) -> list[str]:
     """Recorded training settings whose step the probe cannot reproduce (it measures one on-policy AdamW step with
     samples from the full, temperature-scaled distribution)."""
@@ -174,6 +194,24 @@ def unsupported_training(recorded: dict, kind: str) -> list[str]:
     penalty = recorded.get("repetition_penalty")
     if is_number(penalty) and penalty != 1:
         out.append(f"repetition_penalty={penalty} (training sampled from a reshaped distribution)")
+    generation = recorded.get("generation_kwargs")
+    if isinstance(generation, str):  # TRL accepts a JSON string on the command line
+        try:
+            generation = json.loads(generation)
+        except ValueError:
+            generation = None
+    if isinstance(generation, dict):
+        changed = {k: v for k, v in generation.items() if _reshapes_sampling(k, v, recorded.get("temperature"))}
+        if changed:
+            out.append(f"generation_kwargs={changed} (training sampled from a reshaped or truncated distribution, "
+                       "or at another temperature than its loss used)")
+    if recorded.get("sync_ref_model") and is_number(recorded.get("beta")) and recorded["beta"] > 0:
+        out.append("sync_ref_model (the KL reference moves during training; the probe's is the base)")
+    aggregation = recorded.get("multi_objective_aggregation")
+    if aggregation not in (None, "sum_then_normalize"):
+        out.append(f"multi_objective_aggregation={aggregation!r} (the probe sums the rewards, then normalises)")
+    if recorded.get("fp16"):
+        out.append("fp16 (training ran under fp16 autocast; the probe reproduces fp32 or bf16 autocast)")
     optim = recorded.get("optim")
     if kind in ("trl", "hf_trainer") and isinstance(optim, str) and optim not in TRL_ADAMW_OPTIMS:
         out.append(f"optim={optim!r} (the probe reproduces torch AdamW's step: {', '.join(TRL_ADAMW_OPTIMS)})")
@@ -181,13 +219,14 @@ def unsupported_training(recorded: dict, kind: str) -> list[str]:
 
 
 def resolve_recipe(cfg, recorded: dict, *, explicit: frozenset[str], kind: str, source: Path | None,
-                   ref_adapter: Path | None = None):
+                   ref_adapter: Path | None = None, has_adapter: bool = True):
     """(the config with every recipe setting resolved, {setting: {"value", "origin"}}, overrides, unsupported).
 
     recorded: the checkpoint's training settings as plain data; explicit: config keys the user gave ("section.key");
     kind: whose keys `recorded` uses ("probe_dist", "trl", "hf_trainer", "none"); source: the file, for messages;
     ref_adapter: TRL's saved KL-reference adapter (ref/), refused when the KL term is on (the probe's reference is
-    the base with the adapter disabled).
+    the base with the adapter disabled); has_adapter: whether the model has an adapter (without one there is no
+    reference policy, so a KL term is refused).
     overrides: explicit settings that differ from the recorded value ("setting=value (checkpoint's key=value)").
     Raises RecipeError for a recorded value the probe would use that is unusable, for a required setting neither
     given nor recorded, and for unsupported training unless update.ignore_unsupported_recipe."""
@@ -202,13 +241,15 @@ def resolve_recipe(cfg, recorded: dict, *, explicit: frozenset[str], kind: str, 
     if unsupported:
         log.warning("ignoring training settings the probe cannot reproduce (update.ignore_unsupported_recipe): %s",
                     "; ".join(unsupported))
-    values, origins, overrides = {}, {}, []
+    values, origins, overrides, missing = {}, {}, [], []
     for s in SETTINGS:
         found = next((k for k in s.keys if recorded.get(k) is not None), None)
         if s.name in explicit:
             value, origin = _get(cfg, s.name), "config"
             if found is not None and s.parse(recorded[found]) is not None and s.parse(recorded[found]) != value:
                 overrides.append(f"{s.name}={value!r} (checkpoint: {found}={recorded[found]!r})")
+            elif found is None and s.name == "update.adv_eps" and kind == "trl" and value != TRL_ADV_EPS:
+                overrides.append(f"{s.name}={value!r} (checkpoint: TRL's constant {TRL_ADV_EPS:g})")
         elif found is not None:
             value = s.parse(recorded[found])
             if value is None:
@@ -219,11 +260,19 @@ def resolve_recipe(cfg, recorded: dict, *, explicit: frozenset[str], kind: str, 
         elif s.name == "update.adv_eps" and kind == "trl":
             value, origin = TRL_ADV_EPS, "checkpoint (TRL's constant)"
         elif s.required and _get(cfg, s.name) is None:
-            raise RecipeError(f"{s.name} is not set and the checkpoint records no training value for it; set it "
-                              f"explicitly, e.g. {s.name}=...")
+            missing.append(s.name)
+            continue
         else:
             value, origin = _get(cfg, s.name), "default"
         values[s.name], origins[s.name] = value, origin
+    if missing:
+        what = {"none": "the checkpoint records no training recipe",
+                "hf_trainer": f"the checkpoint's {where!r} is an HF Trainer recipe, not a GRPO one (no sampling or "
+                              "loss settings)"}.get(kind, f"the checkpoint's {where!r} does not record "
+                                                          f"{'it' if len(missing) == 1 else 'them'}")
+        raise RecipeError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set and {what}; set "
+                          f"{'it' if len(missing) == 1 else 'them'} explicitly, e.g. "
+                          + " ".join(f"{m}=..." for m in missing))
     cfg = _set(cfg, values)
     # Defaults that depend on other settings.
     if cfg.update.scale_rewards is None:
@@ -234,6 +283,13 @@ def resolve_recipe(cfg, recorded: dict, *, explicit: frozenset[str], kind: str, 
             origins["sampling.bos"] = "checkpoint (task)"
     if cfg.update.max_len is None:  # dr_grpo's L_max defaults to the response cap
         cfg = _set(cfg, {"update.max_len": cfg.sampling.max_new_tokens})
+    if not has_adapter and cfg.update.kl_coef > 0:
+        origin = "the config" if "update.kl_coef" in explicit else "the checkpoint's recipe"
+        raise RecipeError(
+            f"update.kl_coef={cfg.update.kl_coef:g} (from {origin}) needs a reference policy, and the probe's is the "
+            "base with the adapter disabled: this checkpoint is a full fine-tune (no adapter), whose reference — "
+            "the model training started from — the probe does not hold, and with θ itself as reference the KL "
+            "gradient would be exactly 0. Set update.kl_coef=0 to measure the step without the KL term.")
     if ref_adapter is not None and cfg.update.kl_coef > 0:
         why = (f"a KL reference adapter {str(ref_adapter)!r} (TRL keeps the adapter it was given as the reference of "
                f"the β = {cfg.update.kl_coef:g} KL term; the probe's reference is the base with the adapter disabled)")
@@ -245,6 +301,21 @@ def resolve_recipe(cfg, recorded: dict, *, explicit: frozenset[str], kind: str, 
         log.warning("ignoring %s (update.ignore_unsupported_recipe)", why)
     settings = {name: {"value": _get(cfg, name), "origin": origins[name]} for name in origins}
     return cfg, settings, overrides, unsupported
+
+
+def recipe_notes(recorded: dict, cfg) -> list[str]:
+    """Recorded training settings the probe cannot read but the user can match (warnings, not refusals)."""
+    notes = []
+    weights = recorded.get("reward_weights")
+    if isinstance(weights, list | tuple) and any(w != 1 for w in weights):
+        notes.append(f"training weighted its reward functions by reward_weights={list(weights)}; the probe's reward "
+                     f"is sampling.reward={cfg.sampling.reward!r}: give the same functions with the same weights "
+                     "(module:function*weight, comma-separated)")
+    template = recorded.get("chat_template_kwargs")
+    if template:
+        notes.append(f"training rendered conversational prompts with chat_template_kwargs={template!r}, which the "
+                     "probe does not pass to the chat template: conversational prompts may differ from training's")
+    return notes
 
 
 def explicit_keys(cfg) -> frozenset[str]:

@@ -200,6 +200,8 @@ def test_crafted_training_args_bin_never_runs(trl_checkpoint, tmp_path):
             proc = run_cli([f"checkpoint.path={where}", f"output.dir={tmp_path / 'out'}", *SMALL])
             assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
             assert not marker.exists(), "the payload ran"
+            if where == top:
+                assert "would call" in proc.stderr and "nothing was run" in proc.stderr
         shutil.rmtree(top)
 
 

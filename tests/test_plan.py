@@ -231,7 +231,8 @@ def test_cli_refuses_bad_input(capsys):
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_fit_their_gpu(preset):
-    cfg = load_config(REPO / "configs" / preset)
+    # The shape the preset's microbatches were planned for (a checkpoint's recipe gives G_U and max_new_tokens).
+    cfg = load_config(REPO / "configs" / preset, ["sampling.G_U=8", "sampling.max_new_tokens=128"])
     plan = plan_memory(cfg, None, "qwen2.5-1.5b", world_size=8)  # memory.gpu_mem_gib from the preset
     assert plan["inputs"]["gpu_mem_bytes"] == int(parse_bytes(PRESETS[preset]))
     assert plan["fits"], plan["message"]

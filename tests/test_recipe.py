@@ -244,3 +244,41 @@ def test_recipe_precedence_config_then_checkpoint_then_default():
                        source=None)
     with pytest.raises(RecipeError, match="top_p=0.9.*ignore_unsupported_recipe"):
         resolve_recipe(cfg, {**recorded, "top_p": 0.9}, explicit=explicit_keys(cfg), kind="trl", source=None)
+
+
+def test_recipe_refusals_name_the_setting(tmp_path):
+    """Recorded training the probe cannot reproduce is refused naming the setting (TRL's generation_kwargs, a moving
+    or absent KL reference, reward aggregation, fp16); required settings are asked for all at once; a training
+    output folder points at its checkpoints."""
+    from probe_dist.config import load_config
+    from probe_dist.model.load import CheckpointError
+    from probe_dist.model.sources import open_checkpoint
+    from probe_dist.recipe import RecipeError, explicit_keys, resolve_recipe
+
+    cfg = load_config(None, [])
+    base = {"temperature": 1.0, "max_completion_length": 8, "loss_type": "grpo", "beta": 0.0}
+
+    def refusal(recorded, **kw):
+        with pytest.raises(RecipeError) as info:
+            resolve_recipe(cfg, recorded, explicit=explicit_keys(cfg), kind="trl", source=None, **kw)
+        return str(info.value)
+
+    assert "generation_kwargs={'top_k': 3}" in refusal({**base, "generation_kwargs": {"top_k": 3}})
+    assert "'temperature': 0.7" in refusal({**base, "generation_kwargs": '{"temperature": 0.7, "top_p": 1.0}'})
+    resolve_recipe(cfg, {**base, "generation_kwargs": {"top_p": 1.0, "temperature": 1.0, "max_time": 5}},
+                   explicit=frozenset(), kind="trl", source=None)  # no reshaping: accepted
+    assert "sync_ref_model" in refusal({**base, "beta": 0.04, "sync_ref_model": True})
+    assert "normalize_then_sum" in refusal({**base, "multi_objective_aggregation": "normalize_then_sum"})
+    assert "fp16" in refusal({**base, "fp16": True})
+    message = refusal({**base, "beta": 0.04}, has_adapter=False)
+    assert "full fine-tune" in message and "update.kl_coef=0" in message
+    message = refusal({"loss_type": "grpo"})
+    assert "sampling.temperature, sampling.max_new_tokens are not set" in message
+    _, _, overrides, _ = resolve_recipe(load_config(None, ["update.adv_eps=1e-6"]), base,
+                                        explicit=frozenset({"update.adv_eps"}), kind="trl", source=None)
+    assert overrides == ["update.adv_eps=1e-06 (checkpoint: TRL's constant 0.0001)"]
+
+    for step in (5, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    with pytest.raises(CheckpointError, match=r"training output folder holding 2 checkpoints.*checkpoint-10"):
+        open_checkpoint(load_config(None, [f"checkpoint.path={tmp_path}"]).checkpoint)

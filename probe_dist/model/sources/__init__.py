@@ -103,6 +103,14 @@ def open_checkpoint(ck) -> CheckpointSource:
         raise CheckpointError(f"checkpoint.path {str(root)!r} is not a directory. Point it at a checkpoint directory "
                               "(probe_dist's layout, an HF Trainer/TRL checkpoint-N, an accelerate save_state folder "
                               "or a DeepSpeed checkpoint), or give checkpoint.base/adapter/optimizer.")
+    if root is not None and ck.format == "auto" and not any(root.glob("*optimizer*")) and not any(
+            (root / f).exists() for f in ("latest", "base", "adapter_config.json", "training_args.json")):
+        runs = sorted((p for p in root.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                      key=lambda p: int(p.name[11:]))
+        if runs:
+            raise CheckpointError(f"checkpoint.path {str(root)!r} is a training output folder holding "
+                                  f"{len(runs)} checkpoints ({', '.join(p.name for p in runs[-3:])}): point "
+                                  f"checkpoint.path at one of them, e.g. checkpoint.path={runs[-1]}")
     fmt = ck.format
     if fmt == "auto":
         fmt = detect_format(root) if root is not None else "probe_dist"

@@ -209,8 +209,10 @@ def open_deepspeed(ck, root: Path) -> DeepSpeedSource:
     paths = CheckpointPaths(base=base, adapter=adapter, optimizer=tag_dir, tokenizer=tokenizer, training_args=recipe,
                             training_args_path=recipe_path, tokenizer_source=tokenizer_source)
     scheduler = read_scheduler(model_root / "scheduler.pt")
+    ref = model_root / "ref"  # TRL's KL-reference adapter, as in hf_trainer
     source = DeepSpeedSource("deepspeed", paths, recipe_kind=kind, recipe_class=cls, scheduler=scheduler,
-                             trainer_state=read_trainer_state(model_root))
+                             trainer_state=read_trainer_state(model_root),
+                             ref_adapter=ref if (ref / "adapter_config.json").is_file() else None)
     source.tag_dir = tag_dir
     if scheduler is None:
         source.scheduler = _deepspeed_scheduler(tag_dir)

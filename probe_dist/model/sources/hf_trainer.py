@@ -58,9 +58,12 @@ def open_hf_trainer(ck, root: Path) -> CheckpointSource:
     base, adapter = trainer_model_paths(ck, root)
     optimizer = Path(ck.optimizer) if ck.optimizer else root / "optimizer.pt"
     if not optimizer.is_file():
+        runs = sorted(p.name for p in root.glob("checkpoint-*") if p.is_dir())
+        hint = (f" This folder holds {', '.join(runs[-3:])}: point checkpoint.path at one of them (the final "
+                "save_model writes no optimizer state)." if runs else "")
         raise CheckpointError(f"no optimizer state in {str(root)!r} (optimizer.pt). HF Trainer writes it unless "
                               "save_only_model=True: probe a checkpoint saved with the optimizer, or set "
-                              "checkpoint.optimizer=PATH.")
+                              f"checkpoint.optimizer=PATH.{hint}")
     tokenizer, tokenizer_source = pick_tokenizer(ck, root, base)
     recipe, recipe_path, kind, cls = read_recipe(root)
     paths = CheckpointPaths(base=base, adapter=adapter, optimizer=optimizer, tokenizer=tokenizer, training_args=recipe,

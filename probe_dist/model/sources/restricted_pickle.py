@@ -98,6 +98,9 @@ def read_training_args_bin(path: str | Path) -> tuple[str, dict]:
         raise
     except Exception as exc:  # noqa: BLE001 - a corrupted pickle, whatever the opcode error
         raise UnreadableTrainingArgs(f"its pickle cannot be read ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, PickledObject) and obj.state is None and obj.args:
+        raise UnreadableTrainingArgs(f"it is a pickle that would call {obj.global_name} when loaded normally — "
+                                     "code, not a TrainingArguments (nothing was run)")
     if not isinstance(obj, PickledObject) or not isinstance(obj.state, dict):
         raise UnreadableTrainingArgs("it does not hold one object with fields (a TrainingArguments)")
     return obj.global_name, plain(obj.state)
