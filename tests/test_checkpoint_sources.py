@@ -364,6 +364,8 @@ def _two_group_optimizer(dtype=torch.float32, state_dtype=None):
     if state_dtype is not None:
         for st in state["state"].values():
             st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(state_dtype), st["exp_avg_sq"].to(state_dtype)
+            if state_dtype == torch.float32 and dtype != torch.float32:  # fp32 bits a bf16 copy cannot hold
+                st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"] * (1 + 2 ** -12), st["exp_avg_sq"] * (1 + 2 ** -12)
     return model, named, state
 
 

@@ -364,17 +364,22 @@ def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]],
             new_id += 1
         remapped["param_groups"].append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
     optimizer.load_state_dict(remapped)
-    # load_state_dict casts the moments to each parameter's dtype (fp32 moments of a bf16 parameter would lose 16
-    # bits): put the saved tensors back in their own dtype, on the parameter's device. `step` stays a CPU tensor.
-    low = set()
+    # load_state_dict casts the moments to each parameter's dtype. An exact cast (fp32 moments of a float64 probe) is
+    # kept; a lossy one (fp32 moments of a bf16 parameter would lose 16 bits) is undone: the saved tensor goes back
+    # in its own dtype, on the parameter's device. `step` stays a CPU tensor.
+    low, saved_dtypes = set(), set()
     for pid in ordered_ids:
         param = by_name[name_of_id[pid]]
         saved, live = sd["state"][pid], optimizer.state[param]
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            if isinstance(saved.get(key), torch.Tensor):
-                live[key] = saved[key].detach().to(device=param.device, copy=True)
-                if live[key].is_floating_point() and torch.finfo(live[key].dtype).bits < 32:
-                    low.add(str(live[key].dtype).replace("torch.", ""))
+            value = saved.get(key)
+            if not isinstance(value, torch.Tensor):
+                continue
+            saved_dtypes.add(str(value.dtype).replace("torch.", ""))
+            if not torch.equal(live[key].detach().cpu().to(value.dtype), value.detach().cpu()):
+                live[key] = value.detach().to(device=param.device, copy=True)
+            if value.is_floating_point() and torch.finfo(value.dtype).bits < 32:
+                low.add(str(value.dtype).replace("torch.", ""))
     if low:
         log.warning("the optimizer state in %s is stored in %s: the moments were rounded when saved, so u carries "
                     "that rounding (the probe computes u in float64 from the saved values)", path, ", ".join(sorted(low)))
@@ -382,8 +387,7 @@ def load_optimizer(path: Path, trainable: list[tuple[str, torch.nn.Parameter]],
                            [], path)
     coverage = {"params": len(ordered_ids), "with_state": len(ordered_ids) - len(problems),
                 "numel": sum(by_name[n].numel() for n in saved_names),
-                "state_dtypes": sorted({str(optimizer.state[by_name[n]]["exp_avg"].dtype).replace("torch.", "")
-                                        for n in saved_names}),
+                "state_dtypes": sorted(saved_dtypes),
                 "naming": blob.get("naming", "saved names")}
     return optimizer, coverage
 
