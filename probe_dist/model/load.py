@@ -1,9 +1,10 @@
 """Load base + LoRA adapter + AdamW state, remapped by parameter name, with guards that fail early and clearly.
 
-Checkpoint directory layout (what `python -m probe_dist.toy build` writes, and what HF Trainer LoRA checkpoints
-almost are):  base/  tokenizer/  adapter_config.json  adapter_model.safetensors  optimizer.pt
-              training_args.json  trainer_state.json
-optimizer.pt holds {"optimizer_class": "AdamW", "param_names": [...], "state_dict": optimizer.state_dict()}.
+probe_dist's own checkpoint layout (what `python -m probe_dist.toy build` writes; `resolve_paths`):
+    base/  tokenizer/  adapter_config.json  adapter_model.safetensors  optimizer.pt  training_args.json
+optimizer.pt holds {"optimizer_class": "AdamW", "param_names": [...], "state_dict": optimizer.state_dict()}, or a
+bare state_dict whose names `name_optimizer_blob` rebuilds. The other formats (HF Trainer / TRL, accelerate,
+DeepSpeed) are opened by `probe_dist.model.sources` and end in the same functions here.
 
 No code runs from a checkpoint: optimizer.pt and any pickle weight file (*.bin) are read with
 torch.load(weights_only=True), and a file that would need arbitrary code is refused (`model.checks.UnsafeCheckpointError`);
