@@ -324,6 +324,19 @@ def test_zero_checkpoint_gives_the_u_of_the_same_state_in_probe_layout(zero_chec
     print(f"ZeRO-{stage}: relative L2 |u_zero - u_layout| / |u_layout| = {(num / den) ** 0.5:.3g}")
     assert den > 0 and (num / den) ** 0.5 <= 1e-6, (num / den) ** 0.5
 
+    # As HF Trainer + DeepSpeed lays out checkpoint-N: the adapter and tokenizer files next to global_stepN/;
+    # then the path alone suffices (the base from adapter_config.json).
+    trainer_like = tmp_path / "checkpoint-2"
+    shutil.copytree(out / "ds", trainer_like)
+    for f in (out / "ds" / "adapter").iterdir():
+        shutil.copy(f, trainer_like / f.name)
+    for f in (toy_checkpoint / "tokenizer").iterdir():
+        shutil.copy(f, trainer_like / f.name)
+    proc = run_cli([f"checkpoint.path={trainer_like}", f"output.dir={tmp_path / 'trainer'}", *common])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    u_trainer = load_file(str(tmp_path / "trainer" / "update_vector.safetensors"))
+    assert all(torch.equal(u_trainer[k], u_zero[k]) for k in u_zero)
+
 
 def test_zero_checkpoint_that_would_run_code_is_refused(zero_checkpoint, toy_checkpoint, tmp_path):
     """DeepSpeed's own loaders use torch.load(weights_only=False); through the probe every one is weights_only with
