@@ -123,7 +123,7 @@ def build_probe(cfg: ProbeConfig, rt):
                                                            ref_adapter=source.ref_adapter,
                                                            has_adapter=paths.adapter is not None)
     eta_train = _eta_train(source, cfg)
-    if eta_train and cfg.estimators.eta_train and eta_train not in cfg.estimators.etas:
+    if eta_train is not None and eta_train > 0 and cfg.estimators.eta_train and eta_train not in cfg.estimators.etas:
         cfg = replace(cfg, estimators=replace(cfg.estimators, etas=sorted([*cfg.estimators.etas, eta_train])))
     if rt.is_main:
         log.info("training recipe (config > checkpoint %s > default):\n%s", paths.training_args_path or "(none)",
@@ -158,6 +158,10 @@ def build_probe(cfg: ProbeConfig, rt):
     optimizer_blob = name_optimizer_blob(optimizer_blob, model, paths.optimizer)
     optimizer, coverage = load_optimizer(paths.optimizer, trainable, blob=optimizer_blob)
     lr_ratios = set_lr_ratios(optimizer, source.scheduler.base_lrs if source.scheduler else None)
+    inconsistent = source.consistency_warnings(optimizer, coverage["naming"])
+    if inconsistent and rt.is_main:
+        log.warning("the checkpoint's pieces may come from different saves: %s. Check that optimizer, scheduler and "
+                    "trainer state are from the same checkpoint.", "; ".join(inconsistent))
     if cfg.update.route == "real_step":
         _check_real_step_dtypes(optimizer, trainable)
     by_id = {id(p): (n, p) for n, p in trainable}
@@ -191,6 +195,7 @@ def build_probe(cfg: ProbeConfig, rt):
                        "provenance/settings": settings, "provenance/recipe_overrides": overrides,
                        "provenance/recipe_notes": recipe_notes(paths.training_args, cfg),
                        "provenance/checkpoint_source": source.provenance(), "provenance/lr_ratios": lr_ratios,
+                       "provenance/checkpoint_inconsistencies": inconsistent,
                        "eta_train": eta_train,
                        "provenance/memory_plan": {k: memory_plan[k] for k in ("peak_bytes", "peak_phase", "fits",
                                                                               "proposal")} if memory_plan else None}

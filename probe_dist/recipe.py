@@ -283,6 +283,13 @@ def resolve_recipe(cfg, recorded: dict, *, explicit: frozenset[str], kind: str, 
             origins["sampling.bos"] = "checkpoint (task)"
     if cfg.update.max_len is None:  # dr_grpo's L_max defaults to the response cap
         cfg = _set(cfg, {"update.max_len": cfg.sampling.max_new_tokens})
+    if cfg.precision.dtype == "float64" and cfg.update.autocast != "none":
+        origin = "the config" if "update.autocast" in explicit else "the checkpoint's recipe (bf16 training)"
+        raise RecipeError(
+            f"precision.dtype=float64 with update.autocast={cfg.update.autocast} (from {origin}) would mix an exact "
+            "float64 model with a bf16-rounded head: the gradient would match neither training nor exact math. Set "
+            "update.autocast=none for an exact float64 gradient, or precision.dtype=float32 to reproduce the bf16 "
+            "training gradient.")
     if not has_adapter and cfg.update.kl_coef > 0:
         origin = "the config" if "update.kl_coef" in explicit else "the checkpoint's recipe"
         raise RecipeError(

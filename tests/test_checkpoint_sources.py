@@ -467,3 +467,61 @@ def test_names_rebuilt_only_when_a_rule_fits(tmp_path):
     with pytest.raises(CheckpointError, match="cannot be rebuilt from the model.*no known way"):
         name_optimizer_blob({"optimizer_class": None, "param_names": None, "state_dict": three}, model,
                             tmp_path / "optimizer.pt")
+
+
+def test_scheduler_values_are_checked(tmp_path, caplog):
+    """A scheduler lr that is not a finite number >= 0 is refused (it would enter the sweep as eta_train or flip a
+    group's update); a file without scheduler keys is ignored with a warning."""
+    from probe_dist.model.load import CheckpointError
+    from probe_dist.model.sources import read_scheduler
+
+    path = tmp_path / "scheduler.pt"
+    for bad in ([-1.0, 1e-3], [float("nan"), 1e-3]):
+        torch.save({"base_lrs": [1e-3, 1e-3], "_last_lr": bad}, str(path))
+        with pytest.raises(CheckpointError, match="_last_lr=.*not a list of finite learning rates >= 0"):
+            read_scheduler(path)
+    torch.save({"base_lrs": [1e-3, -16e-3], "_last_lr": [0.0, 0.0]}, str(path))
+    with pytest.raises(CheckpointError, match="base_lrs"):
+        read_scheduler(path)
+    torch.save({"foo": 1}, str(path))
+    with caplog.at_level("WARNING", logger="probe_dist"):
+        assert read_scheduler(path) is None
+    assert "not a torch lr scheduler" in caplog.text
+    torch.save({"base_lrs": [1e-3, 4e-3], "_last_lr": [5e-4, 2e-3]}, str(path))
+    state = read_scheduler(path)
+    assert (state.base_lrs, state.next_lrs) == ([1e-3, 4e-3], [5e-4, 2e-3])
+
+
+def test_pieces_from_different_saves_are_warned_about(tmp_path):
+    """AdamW's step vs trainer_state's global step, group lrs vs the scheduler's, the decay group's weight decay vs
+    the recipe: each mismatch is named; a consistent checkpoint gives none."""
+    from probe_dist.model.load import CheckpointPaths, load_optimizer
+    from probe_dist.model.sources import CheckpointSource, SchedulerState
+
+    model, named, state = _two_group_optimizer()
+    path = tmp_path / "optimizer.pt"
+    torch.save({"optimizer_class": "AdamW", "param_names": [n for n, _ in named], "state_dict": state}, str(path))
+    optimizer, _ = load_optimizer(path, named)
+
+    def source(global_step, next_lrs, decay):
+        paths = CheckpointPaths(base=tmp_path, adapter=None, optimizer=path, tokenizer=tmp_path,
+                                training_args={"weight_decay": decay})
+        return CheckpointSource("hf_trainer", paths, scheduler=SchedulerState(path, next_lrs=next_lrs),
+                                trainer_state={"global_step": global_step})
+
+    assert source(1, [1e-3, 16e-3], 0.01).consistency_warnings(optimizer, "HF Trainer (decay, no-decay)") == []
+    found = source(3, [5e-4, 16e-3], 0.1).consistency_warnings(optimizer, "HF Trainer (decay, no-decay)")
+    assert len(found) == 3 and "global step 3" in found[0] and "scheduler" in found[1] and "0.1" in found[2]
+
+
+def test_planner_reads_the_checkpoint_shape_and_recipe(trl_checkpoint):
+    """The planner plans a checkpoint without an adapter as a full fine-tune, and U's group size from the recipe."""
+    from probe_dist.config import load_config
+    from probe_dist.plan import plan_memory
+
+    variant, ckpt = trl_checkpoint
+    if variant == "loraplus":
+        pytest.skip("two variants suffice")
+    plan = plan_memory(load_config(None, [f"checkpoint.path={ckpt}"]), 2 * 2 ** 30)
+    assert plan["inputs"]["G_U"] == trl_args(ckpt).num_generations
+    assert (plan["lora"]["r"] == 0) == (variant == "full")

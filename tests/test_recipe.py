@@ -272,6 +272,9 @@ def test_recipe_refusals_name_the_setting(tmp_path):
     assert "fp16" in refusal({**base, "fp16": True})
     message = refusal({**base, "beta": 0.04}, has_adapter=False)
     assert "full fine-tune" in message and "update.kl_coef=0" in message
+    with pytest.raises(RecipeError, match="precision.dtype=float64 with update.autocast=bfloat16.*autocast=none"):
+        resolve_recipe(load_config(None, ["precision.dtype=float64"]), {**base, "bf16": True}, explicit=frozenset(),
+                       kind="trl", source=None)
     message = refusal({"loss_type": "grpo"})
     assert "sampling.temperature, sampling.max_new_tokens are not set" in message
     _, _, overrides, _ = resolve_recipe(load_config(None, ["update.adv_eps=1e-6"]), base,

@@ -404,7 +404,7 @@ def set_lr_ratios(optimizer: torch.optim.Optimizer, base_lrs: list[float] | None
 
     def ratios(lrs):
         lrs = [float(x) if x is not None else None for x in lrs]
-        if len(lrs) == len(groups) and all(x is not None and math.isfinite(x) for x in lrs) and lrs[0] > 0:
+        if len(lrs) == len(groups) and all(x is not None and math.isfinite(x) and x >= 0 for x in lrs) and lrs[0] > 0:
             return [x / lrs[0] for x in lrs], True
         return None, False
 

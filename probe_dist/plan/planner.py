@@ -72,11 +72,29 @@ def _checkpoint(cfg, *, model_given: bool, notes: list[str]) -> CheckpointPaths 
         return open_checkpoint(ck).paths  # any format: probe_dist, HF Trainer/TRL, accelerate, DeepSpeed
     except CheckpointError as exc:
         if not model_given:
-            raise PlanError(f"{exc} Pass --model-config PATH_OR_NAME (e.g. qwen2.5-1.5b) to plan without the "
+            raise PlanError(f"{str(exc).rstrip()} Pass --model-config PATH_OR_NAME (e.g. qwen2.5-1.5b) to plan without the "
                             "checkpoint.") from exc
         notes.append(f"checkpoint not read: {exc} Planned without its adapter_config.json and training_args.json "
                      "(LoRA from --lora-* or the defaults, max_new_tokens from sampling.max_new_tokens).")
         return None
+
+
+def _with_recipe_sizes(cfg, recorded: dict):
+    """cfg with U's group size and the KL term from the recorded recipe where the config leaves them to it (the
+    settings that change memory; `probe_dist.recipe` resolves them so at run time)."""
+    from dataclasses import replace
+
+    from probe_dist.recipe import explicit_keys, is_number
+
+    explicit = explicit_keys(cfg)
+    sampling, update = {}, {}
+    generations = recorded.get("num_generations")
+    if "sampling.G_U" not in explicit and is_number(generations) and generations >= 2:
+        sampling["G_U"] = int(generations)
+    beta = recorded.get("kl_coef", recorded.get("beta"))
+    if "update.kl_coef" not in explicit and is_number(beta) and beta >= 0:
+        update["kl_coef"] = float(beta)
+    return replace(cfg, sampling=replace(cfg.sampling, **sampling), update=replace(cfg.update, **update))
 
 
 def _resolve_model(model_config, paths: CheckpointPaths | None) -> tuple[object, str]:
@@ -148,7 +166,12 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
         raise PlanError(f"margin must be in [0, 1), got {margin}")
     paths = _checkpoint(cfg, model_given=model_config is not None, notes=notes)
     mc, name = _resolve_model(model_config, paths)
+    if paths is not None and paths.adapter is None and lora_r is None and not lora_targets:
+        lora_r = 0  # the checkpoint has no adapter: the probe trains the whole model (a full fine-tune)
+        notes.append("the checkpoint has no adapter: planned as a full fine-tune (every parameter trainable)")
     lora = resolve_lora(paths.adapter if paths else None, name, r=lora_r, alpha=lora_alpha, targets=lora_targets)
+    if paths is not None:  # the sizes the run will use: the recipe's where the config does not set them
+        cfg = _with_recipe_sizes(cfg, paths.training_args)
     shape = model_shape(mc, lora, name)
     if adapter_params is not None:
         shape.adapter_params = int(adapter_params)

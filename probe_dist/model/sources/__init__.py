@@ -66,6 +66,28 @@ class CheckpointSource:
         tensors were set (0: none to set)."""
         return 0
 
+    def consistency_warnings(self, optimizer: torch.optim.Optimizer, naming: str) -> list[str]:
+        """Cheap cross-checks of the optimizer state against the rest of the checkpoint (pieces from different
+        saves): AdamW's step vs trainer_state's global step, the groups' lrs vs the scheduler's, the decay group's
+        weight decay vs the recorded one. Each mismatch is one sentence."""
+        out = []
+        steps = {float(st["step"]) for st in optimizer.state.values() if "step" in st}
+        global_step = self.trainer_state.get("global_step")
+        if isinstance(global_step, int) and steps and max(steps) != global_step:
+            out.append(f"the optimizer state has taken {max(steps):g} steps but trainer_state.json records global "
+                       f"step {global_step}")
+        lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        nxt = self.scheduler.next_lrs if self.scheduler else None
+        if nxt and len(nxt) == len(lrs) and any(abs(a - b) > 1e-9 * max(abs(a), abs(b), 1e-30)
+                                                for a, b in zip(lrs, nxt)):
+            out.append(f"the optimizer's group lrs {lrs} differ from the saved scheduler's next lrs {nxt}")
+        decay = self.paths.training_args.get("weight_decay")
+        if naming.startswith("HF Trainer") and isinstance(decay, int | float) and optimizer.param_groups and (
+                optimizer.param_groups[0]["params"]) and float(optimizer.param_groups[0]["weight_decay"]) != decay:
+            out.append(f"the optimizer's decay group has weight_decay {optimizer.param_groups[0]['weight_decay']} "
+                       f"but the recorded training used {decay}")
+        return out
+
     def provenance(self) -> dict:
         info = {"format": self.format, "base": str(self.paths.base), "optimizer": str(self.paths.optimizer),
                 "adapter": str(self.paths.adapter) if self.paths.adapter else None,
@@ -155,12 +177,31 @@ def read_scheduler(path: Path) -> SchedulerState | None:
         raise CheckpointError(f"lr scheduler state {str(path)!r} is not a scheduler state_dict (a dict). Remove it or "
                               "copy it again from the training run.")
 
-    def floats(key):
-        v = state.get(key)
-        return [float(x) for x in v] if isinstance(v, list | tuple) and all(
-            isinstance(x, int | float) and not isinstance(x, bool) for x in v) else None
+    return scheduler_state(state, path)
 
-    return SchedulerState(path=path, base_lrs=floats("base_lrs"), next_lrs=floats("_last_lr"))
+
+def scheduler_state(state: dict, path: Path) -> SchedulerState | None:
+    """base_lrs and _last_lr of a torch scheduler's state_dict; None (with a warning) when it holds neither.
+    Raises CheckpointError when an lr is not a finite number >= 0."""
+    import math
+
+    lists = {}
+    for key in ("base_lrs", "_last_lr"):
+        v = state.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, list | tuple) and all(isinstance(x, int | float) and not isinstance(x, bool)
+                                                 and math.isfinite(x) and x >= 0 for x in v)
+        if not ok:
+            raise CheckpointError(f"lr scheduler state {str(path)!r}: {key}={v!r} is not a list of finite learning "
+                                  "rates >= 0. Copy the file again from the training run, or remove it (then no "
+                                  "eta_train, and the group lr ratios come from the optimizer's own lrs).")
+        lists[key] = [float(x) for x in v]
+    if not lists:
+        log.warning("%s holds no base_lrs or _last_lr: not a torch lr scheduler's state_dict; ignored (no eta_train)",
+                    path)
+        return None
+    return SchedulerState(path=path, base_lrs=lists.get("base_lrs"), next_lrs=lists.get("_last_lr"))
 
 
 def read_trainer_state(root: Path) -> dict:

@@ -34,6 +34,7 @@ from probe_dist.model.sources import (
     read_recipe,
     read_scheduler,
     read_trainer_state,
+    scheduler_state,
 )
 
 log = logging.getLogger("probe_dist")
@@ -235,9 +236,4 @@ def _deepspeed_scheduler(tag_dir: Path) -> SchedulerState | None:
     sched = states.get("lr_scheduler") if isinstance(states, dict) else None
     if not isinstance(sched, dict):
         return None
-
-    def floats(key):
-        v = sched.get(key)
-        return [float(x) for x in v] if isinstance(v, list | tuple) else None
-
-    return SchedulerState(path=files[0], base_lrs=floats("base_lrs"), next_lrs=floats("_last_lr"))
+    return scheduler_state(sched, files[0])
