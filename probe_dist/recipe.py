@@ -126,6 +126,14 @@ SETTINGS = (
 )
 
 
+def recorded_value(name: str, recorded: dict):
+    """The value the recorded recipe gives config key `name` ("section.key"), by the same keys and parsing as the
+    run (`SETTINGS`); None when it records none or an unusable one."""
+    setting = next(s for s in SETTINGS if s.name == name)
+    found = next((k for k in setting.keys if recorded.get(k) is not None), None)
+    return setting.parse(recorded[found]) if found is not None else None
+
+
 def _get(cfg, name: str):
     section, key = name.split(".")
     return getattr(getattr(cfg, section), key)
@@ -148,7 +156,7 @@ def _reshapes_sampling(key: str, value, temperature) -> bool:
         return is_number(value) and value < 1
     if key in ("top_k", "min_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size"):
         return is_number(value) and value > 0
-    if key in ("repetition_penalty", "length_penalty_in_sampling"):
+    if key == "repetition_penalty":
         return is_number(value) and value != 1
     if key == "temperature":
         return value != temperature

@@ -98,15 +98,24 @@ def resolve_paths(checkpoint_cfg) -> CheckpointPaths:
     args, args_path = {}, None
     for cand in ([root / "training_args.json"] if root else []) + [optimizer.parent / "training_args.json"]:
         if cand.is_file():
-            fix = ("Fix the file (one JSON object: loss, temperature, max_new_tokens, grad_clip, ...), or remove it "
-                   "and set sampling.temperature, sampling.max_new_tokens, update.loss and update.grad_clip explicitly.")
-            args, args_path = read_json(cand, "training settings file", fix), cand
-            if not isinstance(args, dict):
-                kind = {list: "a list", str: "a string", type(None): "null"}.get(type(args), type(args).__name__)
-                raise CheckpointError(f"training settings file {str(cand)!r} holds {kind}, not a JSON object. {fix}")
+            args, args_path = read_training_args_json(cand), cand
             break
     return CheckpointPaths(base=base, adapter=adapter, optimizer=optimizer, tokenizer=tokenizer, training_args=args,
                            training_args_path=args_path, tokenizer_source=tokenizer_source)
+
+
+def read_training_args_json(path: Path) -> dict:
+    """probe_dist's recorded training recipe (training_args.json) as a dict. Raises CheckpointError when the file is
+    not valid UTF-8 JSON or not an object."""
+    from probe_dist.validate import read_json
+
+    fix = ("Fix the file (one JSON object: loss, temperature, max_new_tokens, grad_clip, ...), or remove it and set "
+           "sampling.temperature, sampling.max_new_tokens, update.loss and update.grad_clip explicitly.")
+    args = read_json(path, "training settings file", fix)
+    if not isinstance(args, dict):
+        kind = {list: "a list", str: "a string", type(None): "null"}.get(type(args), type(args).__name__)
+        raise CheckpointError(f"training settings file {str(path)!r} holds {kind}, not a JSON object. {fix}")
+    return args
 
 
 def load_tokenizer(path: Path, source: str = ""):
@@ -264,9 +273,9 @@ def check_optimizer_blob(blob, path: Path) -> dict:
                               "'state_dict' an optimizer state dict ({'state': {id: {...}}, 'param_groups': "
                               f"[{{..., 'params': [ids]}}]}}). {resave}")
     ids = [i for g in groups for i in g["params"]]
-    label = (lambda k, pid: names[k] if k < len(names) else f"parameter id {pid}") if names is not None else (
-        lambda k, pid: f"parameter id {pid}")
-    check_optimizer_values(((label(k, pid), state[pid]) for k, pid in enumerate(ids) if pid in state), groups, path)
+    known = names or []  # None until rebuilt from the model: ids name the parameters in messages
+    check_optimizer_values(((known[k] if k < len(known) else f"parameter id {pid}", state[pid])
+                            for k, pid in enumerate(ids) if pid in state), groups, path)
     return blob
 
 

@@ -80,21 +80,19 @@ def _checkpoint(cfg, *, model_given: bool, notes: list[str]) -> CheckpointPaths 
 
 
 def _with_recipe_sizes(cfg, recorded: dict):
-    """cfg with U's group size and the KL term from the recorded recipe where the config leaves them to it (the
-    settings that change memory; `probe_dist.recipe` resolves them so at run time)."""
+    """cfg with the memory-relevant settings (response cap, U's group size, KL term) taken from the recorded recipe
+    where the config leaves them to it, as `probe_dist.recipe` resolves them at run time."""
     from dataclasses import replace
 
-    from probe_dist.recipe import explicit_keys, is_number
+    from probe_dist.recipe import explicit_keys, recorded_value
 
-    explicit = explicit_keys(cfg)
-    sampling, update = {}, {}
-    generations = recorded.get("num_generations")
-    if "sampling.G_U" not in explicit and is_number(generations) and generations >= 2:
-        sampling["G_U"] = int(generations)
-    beta = recorded.get("kl_coef", recorded.get("beta"))
-    if "update.kl_coef" not in explicit and is_number(beta) and beta >= 0:
-        update["kl_coef"] = float(beta)
-    return replace(cfg, sampling=replace(cfg.sampling, **sampling), update=replace(cfg.update, **update))
+    explicit, sections = explicit_keys(cfg), {}
+    for name in ("sampling.max_new_tokens", "sampling.G_U", "update.kl_coef"):
+        value = recorded_value(name, recorded)
+        if name not in explicit and value is not None:
+            section, key = name.split(".")
+            sections.setdefault(section, {})[key] = value
+    return replace(cfg, **{sec: replace(getattr(cfg, sec), **kv) for sec, kv in sections.items()})
 
 
 def _resolve_model(model_config, paths: CheckpointPaths | None) -> tuple[object, str]:
@@ -176,8 +174,7 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
     if adapter_params is not None:
         shape.adapter_params = int(adapter_params)
     notes.extend(shape.notes)
-    targs = paths.training_args if paths else {}
-    max_new = cfg.sampling.max_new_tokens or targs.get("max_new_tokens") or targs.get("max_completion_length")
+    max_new = cfg.sampling.max_new_tokens  # the recipe's when the config leaves it (_with_recipe_sizes)
     if max_new is None and not (cfg.checkpoint.path or cfg.checkpoint.base):
         from probe_dist.data.toy_task import MAX_ANSWER_TOKENS
 

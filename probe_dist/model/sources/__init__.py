@@ -294,9 +294,9 @@ def read_recipe(root: Path, explicit_optimizer: str | None = None) -> tuple[dict
         return fields, binary, kind, cls
     text = root / "training_args.json"
     if text.is_file():
-        fix = ("Fix the file (one JSON object: loss, temperature, max_new_tokens, grad_clip, ...), or remove it and set "
-               "sampling.temperature, sampling.max_new_tokens, update.loss and update.grad_clip explicitly.")
-        return read_json_object(text, "training settings file", fix), text, "probe_dist", None
+        from probe_dist.model.load import read_training_args_json
+
+        return read_training_args_json(text), text, "probe_dist", None
     return {}, None, "none", None
 
 

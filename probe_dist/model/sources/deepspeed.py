@@ -29,7 +29,6 @@ import torch
 from probe_dist.model.load import CheckpointError, CheckpointPaths, canonical_name
 from probe_dist.model.sources import (
     CheckpointSource,
-    SchedulerState,
     pick_tokenizer,
     read_recipe,
     read_scheduler,
@@ -89,10 +88,11 @@ def tag_folder(root: Path) -> Path:
     return tags[0]
 
 
-def read_zero(tag_dir: Path) -> tuple[dict, list[dict]]:
+def read_zero(tag_dir: Path, param_shapes: list[dict]) -> tuple[dict, list[dict]]:
     """({name: {"fp32", "exp_avg", "exp_avg_sq", "step", "group"}}, param groups) of a ZeRO checkpoint's trainable
-    parameters, merged by deepspeed.checkpoint.ds_to_universal. Tensors are float32 in the parameter's shape; each
-    group is the saved torch param group without "params", plus "names" in the saved order.
+    parameters, merged by deepspeed.checkpoint.ds_to_universal. param_shapes: the model states' "param_shapes" (one
+    {name: shape} per flat group, `read_model_states`). Tensors are float32 in the parameter's shape; each group is
+    the saved torch param group without "params", plus "names" in the saved order.
     Raises CheckpointError (deepspeed missing, unreadable or code-bearing files)."""
     try:
         import deepspeed.checkpoint.ds_to_universal as ds_to_universal
@@ -111,7 +111,6 @@ def read_zero(tag_dir: Path) -> tuple[dict, list[dict]]:
                                       inject_missing_state=True)  # ZeRO-1/2 files lack universal_checkpoint_info
             with contextlib.redirect_stdout(None):
                 ds_to_universal.main(args)
-            model_states = load(sorted(tag_dir.glob("*_model_states.pt"))[0])
             optimizer_state = load(out / "zero" / "optimizer_state.pt")
             stage = int(optimizer_state["zero_stage"])
             saved_groups = optimizer_state["param_groups"]
@@ -120,7 +119,7 @@ def read_zero(tag_dir: Path) -> tuple[dict, list[dict]]:
                           if stage == 3 else {})
             groups = [{**{k: v for k, v in g.items() if k != "params"}, "names": []} for g in saved_groups]
             params = {}
-            for fi, shapes in enumerate(model_states["param_shapes"]):
+            for fi, shapes in enumerate(param_shapes):
                 gi = flat_to_group[fi]
                 for name, shape in shapes.items():
                     folder = out / "zero" / name
@@ -146,12 +145,13 @@ def read_zero(tag_dir: Path) -> tuple[dict, list[dict]]:
 
 class DeepSpeedSource(CheckpointSource):
     tag_dir: Path
+    param_shapes: list[dict]
     masters: dict | None = None
 
     def read_optimizer(self) -> dict:
         from probe_dist.model.load import check_optimizer_blob
 
-        params, groups = read_zero(self.tag_dir)
+        params, groups = read_zero(self.tag_dir, self.param_shapes)
         self.masters = {canonical_name(n): e["fp32"] for n, e in params.items()}
         state, out_groups, names, pid = {}, [], [], 0
         for g in groups:
@@ -209,19 +209,23 @@ def open_deepspeed(ck, root: Path) -> DeepSpeedSource:
     recipe, recipe_path, kind, cls = read_recipe(model_root)
     paths = CheckpointPaths(base=base, adapter=adapter, optimizer=tag_dir, tokenizer=tokenizer, training_args=recipe,
                             training_args_path=recipe_path, tokenizer_source=tokenizer_source)
+    model_states = read_model_states(tag_dir)
     scheduler = read_scheduler(model_root / "scheduler.pt")
+    if scheduler is None and isinstance(model_states.get("lr_scheduler"), dict):  # a DeepSpeed-managed scheduler
+        scheduler = scheduler_state(model_states["lr_scheduler"], tag_dir)
     ref = model_root / "ref"  # TRL's KL-reference adapter, as in hf_trainer
     source = DeepSpeedSource("deepspeed", paths, recipe_kind=kind, recipe_class=cls, scheduler=scheduler,
                              trainer_state=read_trainer_state(model_root),
                              ref_adapter=ref if (ref / "adapter_config.json").is_file() else None)
-    source.tag_dir = tag_dir
-    if scheduler is None:
-        source.scheduler = _deepspeed_scheduler(tag_dir)
+    source.tag_dir, source.param_shapes = tag_dir, model_states["param_shapes"]
     return source
 
 
-def _deepspeed_scheduler(tag_dir: Path) -> SchedulerState | None:
-    """The lr scheduler DeepSpeed saved in its model states (a torch scheduler's state_dict), if any."""
+def read_model_states(tag_dir: Path) -> dict:
+    """The rank-0 model states of a ZeRO checkpoint (param_shapes, lr_scheduler, ...), read once with the guarded
+    weights_only loads. Raises CheckpointError when missing, unreadable or code-bearing."""
+    from probe_dist.model.checks import is_unsafe_pickle_error, load_error_text, unsafe_pickle_error
+
     files = sorted(tag_dir.glob("*_model_states.pt"))
     if not files:
         raise CheckpointError(f"no *_model_states.pt in the DeepSpeed checkpoint folder {str(tag_dir)!r}: copy the "
@@ -231,9 +235,12 @@ def _deepspeed_scheduler(tag_dir: Path) -> SchedulerState | None:
             states = torch.load(str(files[0]), map_location="cpu", weights_only=True)
     except ImportError:
         raise CheckpointError(f"{str(tag_dir)!r} is a DeepSpeed checkpoint: {INSTALL}.") from None
-    except Exception:  # noqa: BLE001 - read_zero reports an unreadable file with its reason
-        return None
-    sched = states.get("lr_scheduler") if isinstance(states, dict) else None
-    if not isinstance(sched, dict):
-        return None
-    return scheduler_state(sched, files[0])
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's to fix
+        if is_unsafe_pickle_error(exc):
+            raise unsafe_pickle_error(f"the DeepSpeed model states {str(files[0])!r}", exc) from None
+        raise CheckpointError(f"could not read the DeepSpeed model states {str(files[0])!r}: {load_error_text(exc)}. "
+                              "Copy the whole global_stepN folder again.") from None
+    if not isinstance(states, dict) or not isinstance(states.get("param_shapes"), list):
+        raise CheckpointError(f"{str(files[0])!r} is not a ZeRO checkpoint's model states (no param_shapes): probe a "
+                              "checkpoint written by DeepSpeed's engine.save_checkpoint with ZeRO stage 1-3.")
+    return states
