@@ -278,6 +278,73 @@ def preset_part(args, device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------------- GRADE part
+def grade_case(*, vocab: int, hidden: int, layers: int, rows: int, prompt_len: int, steps: int, top_k: int,
+               efficient: bool) -> dict:
+    """Peak bytes saved for backward (SavedTensorsMeter) over one GRADE microbatch: relaxed rollout of `rows` rows,
+    reward, β·KL, backward. efficient: the probe's path (KV cache with gradient, per-step checkpointing, sparse
+    top-k tokens, checkpointed reward model); else the dense formulation — the same math with full-vocabulary soft
+    tokens, no checkpointing (every step's activations, policy and reference logits [rows, V] kept for backward)
+    and the dense [rows, V]·E reward input."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+
+    from probe_dist.model.policy import PolicyModel
+    from probe_dist.model.reward_model import RewardModel
+    from probe_dist.plan.meter import SavedTensorsMeter
+    from probe_dist.update.grade import GradeSpec, SoftRolloutRunner, row_keys
+    from probe_dist.update.loss import grade_loss_per_sequence
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=prompt_len + steps + 8,
+                      tie_word_embeddings=True)
+    model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                   "o_proj"]))
+    model.eval()
+    rm_cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=prompt_len + steps + 8,
+                         num_labels=1, pad_token_id=0)
+    rm = RewardModel(Qwen2ForSequenceClassification(rm_cfg).eval().requires_grad_(False),
+                     "auto" if efficient else "dense")
+    spec = GradeSpec(steps=steps, temperature=1.0, tau_g=1.0, top_k=top_k if efficient else 0,
+                     straight_through=False, kl_coef=0.05)
+    run = SoftRolloutRunner(PolicyModel(model), model.disable_adapter, spec)
+    prompt = torch.arange(1, prompt_len + 1) % vocab
+    keys = row_keys(0, "U", 0, range(rows))
+    start = time.perf_counter()
+    with SavedTensorsMeter() as meter:
+        roll = run.rollout(prompt, keys, checkpoint_steps=efficient)
+        reward = rm(prompt, roll.tokens) if efficient else rm._reward(rm.soft_inputs(prompt, roll.tokens))
+        loss = grade_loss_per_sequence(reward, roll.kl, kl_coef=spec.kl_coef, num_rows=rows).sum()
+        loss.backward()
+    return {"efficient": efficient, "vocab": vocab, "hidden": hidden, "layers": layers, "rows": rows,
+            "prompt_len": prompt_len, "steps": steps, "top_k": spec.top_k or vocab,
+            "peak_saved_bytes": meter.peak_bytes, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def grade_part(args) -> dict:
+    """GRADE's peak saved bytes vs k and T against the dense formulation (one process, CPU)."""
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = dict(vocab=args.grade_vocab, hidden=args.grade_hidden, layers=2, rows=args.grade_rows, prompt_len=16)
+    cases = []
+    try:
+        for steps in args.grade_steps:
+            cases.append(grade_case(**shape, steps=steps, top_k=0, efficient=False))
+            for k in args.grade_top_k:
+                cases.append(grade_case(**shape, steps=steps, top_k=k, efficient=True))
+    finally:
+        torch.set_num_threads(threads)
+    dense = {c["steps"]: c["peak_saved_bytes"] for c in cases if not c["efficient"]}
+    for c in cases:
+        c["vs_dense"] = round(c["peak_saved_bytes"] / dense[c["steps"]], 4)
+    return {"shape": shape, "cases": cases,
+            "note": "peak bytes saved for backward over one microbatch (forward + backward); dense = no "
+                    "checkpointing, full-vocabulary soft tokens, dense reward input, same KV cache"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_cpu.json"), help="JSON output path")
@@ -302,9 +369,21 @@ def parse_args(argv=None):
     p.add_argument("--gpu-workdir", default=None, help="where the random checkpoint goes (default: a temp dir)")
     p.add_argument("--keep-workdir", action="store_true")
     p.add_argument("--skip-cpu", action="store_true", help="only the GPU part")
+    p.add_argument("--grade-only", action="store_true", help="only the GRADE cases (default --out: "
+                                                                "bench/results/memory_grade_cpu.json)")
+    p.add_argument("--skip-grade", action="store_true", help="skip the GRADE cases")
+    p.add_argument("--grade-vocab", type=int, default=32768, help="GRADE cases: vocabulary size")
+    p.add_argument("--grade-hidden", type=int, default=256, help="GRADE cases: hidden size")
+    p.add_argument("--grade-rows", type=int, default=4, help="GRADE cases: rows per microbatch")
+    p.add_argument("--grade-steps", default="16,32,64", help="GRADE cases: relaxed tokens T")
+    p.add_argument("--grade-top-k", default="16,256,0", help="GRADE cases: top-k (0: the whole vocabulary)")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
+    args.grade_steps = [int(s) for s in str(args.grade_steps).split(",") if s]
+    args.grade_top_k = [int(s) for s in str(args.grade_top_k).split(",") if s]
+    if args.grade_only and args.out == str(REPO / "bench" / "results" / "memory_cpu.json"):
+        args.out = str(REPO / "bench" / "results" / "memory_grade_cpu.json")
     from probe_dist.plan import parse_bytes
 
     args.gpu_mem = parse_bytes(args.gpu_mem)
@@ -317,6 +396,10 @@ def main(argv=None) -> int:
         print(json.dumps(run_one_size(args)))
         return 0
     result = {"benchmark": "memory", "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if not args.skip_grade:
+        result["grade"] = grade_part(args)
+    if args.grade_only:
+        args.skip_cpu, args.no_gpu = True, True
     if not args.skip_cpu:
         result["cpu"] = cpu_part(args)
     if args.preset_on_cpu:
@@ -324,7 +407,7 @@ def main(argv=None) -> int:
     elif torch.cuda.is_available() and not args.no_gpu:
         print("[bench/memory] GPU: building the random checkpoint and running the preset ...", file=sys.stderr)
         result["gpu"] = preset_part(args, torch.device("cuda", 0))
-    else:
+    elif not args.grade_only:
         result["gpu"] = {"skipped": "no CUDA device" if not torch.cuda.is_available() else "--no-gpu"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

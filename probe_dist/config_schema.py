@@ -59,8 +59,9 @@ class SamplingConfig:
 class UpdateConfig:
     route: str = _f("update_vector", choices=("update_vector", "real_step"),
                     help="how θ' is reached: exact AdamW update vector θ+ηu, or a real optimizer.step()")
-    loss: str | None = _f(None, choices=("grpo", "bnpo", "dr_grpo", "dapo", "cispo"),
-                          help="loss aggregation (TRL's loss_type; default: checkpoint's)")
+    loss: str | None = _f(None, choices=("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "grade", "grade_st"),
+                          help="loss aggregation (TRL's loss_type; default: checkpoint's), or GRADE's pathwise "
+                               "objective through a Gumbel-softmax rollout (grade; grade_st: straight-through)")
     scale_rewards: str | None = _f(None, choices=("group", "batch", "none"),
                                    help="advantage std: per group, over the batch, or none (default: none for "
                                         "dr_grpo, group otherwise; TRL's default is group for every loss)")
@@ -84,6 +85,14 @@ class UpdateConfig:
     grad_clip: float | None = _f(None, ge=0.0, help="max grad norm as in training; 0 disables (default: checkpoint's)")
     adv_eps: float = _f(1e-6, gt=0.0, help="ε in GRPO advantages (r − mean)/(std + ε) (verl 1e-6; TRL 1e-4)")
     max_len: int | None = _f(None, ge=1, help="L_max for dr_grpo normalisation (default: max_new_tokens)")
+    reward_model: str | None = _f(None, help="GRADE: reward model folder (a one-label *ForSequenceClassification "
+                                             "over the policy's vocabulary; default: <checkpoint.path>/reward_model)")
+    grade_tau: float = _f(1.0, gt=0.0, help="GRADE: Gumbel-softmax temperature τ_g of the relaxed tokens")
+    grade_top_k: int = _f(256, ge=0, help="GRADE: relax over the top-k tokens of each step (0: the whole "
+                                          "vocabulary, exact)")
+    grade_embed: str = _f("auto", choices=("auto", "sparse", "dense"),
+                          help="GRADE: soft tokens to embeddings by an embedding_bag over the k ids (sparse), a "
+                               "[rows, V] matmul (dense), or whichever is smaller (auto)")
 
 
 @dataclass(frozen=True)

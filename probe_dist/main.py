@@ -137,6 +137,7 @@ def build_probe(cfg: ProbeConfig, rt):
             log.info("eta_train = %g: the lr the saved scheduler gives the next training step (%s)%s", eta_train,
                      source.scheduler.path, "" if eta_train > 0 else "; the schedule has ended (lr 0), so it adds "
                      "no sweep point")
+    reward_folder = validate.check_grade(cfg, rt.world_size, rt.is_main)  # GRADE: refusals, its reward model
     validate.note_prompt_repeats(len(prompts), cfg.sampling, cfg.estimators.mode, prompt_source, rt.is_main)
     validate.note_fixed_prompt_coverage(len(prompts), cfg.sampling, cfg.estimators.se, prompt_source, rt.is_main)
     torch.set_float32_matmul_precision(cfg.precision.matmul)
@@ -178,11 +179,20 @@ def build_probe(cfg: ProbeConfig, rt):
         sizes = rt.broadcast_object(proposed_sizes(memory_plan))
         if sizes:
             cfg = replace(cfg, memory=replace(cfg.memory, **sizes))
+    reward_model = None
+    if reward_folder is not None:
+        from probe_dist.model.reward_model import RewardModel
+
+        causal = unwrap_causal_lm(model)
+        reward_model = RewardModel.load(reward_folder, dtype=dtype, device=rt.device,
+                                        vocab_size=causal.get_output_embeddings().weight.shape[0],
+                                        embed=cfg.update.grade_embed)
     strategy = build_strategy(cfg, rt, model)
     runner = PolicyRunner(model=model, strategy=strategy, trainable=ordered, device=rt.device,
                           temperature=cfg.sampling.temperature,
                           sizes=MicrobatchSizes(score=cfg.memory.microbatch_score, grad=cfg.memory.microbatch_grad),
-                          accumulator_device=cfg.memory.accumulator_device, auto_microbatch=cfg.memory.auto_microbatch)
+                          accumulator_device=cfg.memory.accumulator_device, auto_microbatch=cfg.memory.auto_microbatch,
+                          reward_model=reward_model)
     try:
         eos_ids = response_eos_ids(tokenizer, getattr(unwrap_causal_lm(model), "generation_config", None))
     except ValueError as exc:

@@ -28,12 +28,13 @@ from probe_dist.plan.meter import PhaseMemoryRecorder, merge_phase_records
 from probe_dist.prediction.delta_h1 import predict_delta_h1
 from probe_dist.prediction.ustat import SingleBatchUStatistic
 from probe_dist.results import ProbeResult, UpdateGradient
-from probe_dist.rollout.sample import sample_batch
+from probe_dist.rollout.sample import prompt_batch, sample_batch
 from probe_dist.runtime import signals
 from probe_dist.runtime.signals import StopRequested
 from probe_dist.runtime.snapshot import restore_snapshot, take_snapshot
 from probe_dist.scoring.consistency import TOLERANCE, sampler_scorer_gap
 from probe_dist.scoring.score import base_entropy, score_batch
+from probe_dist.update.grade import GRADE_FAMILIES, GradeObjective, GradeSpec
 from probe_dist.update.gradient import update_gradient
 from probe_dist.update.step import real_step, set_theta, update_parts
 
@@ -96,12 +97,20 @@ class Probe:
         self.tokenizer, self.optimizer, self.eos_ids = tokenizer, optimizer, eos_ids
         self.clock = PhaseClock(rank=rt.rank, fault=cfg.debug.fault, signal=cfg.debug.signal,
                                 profile=cfg.memory.profile, device=rt.device)
+        self.grade = None  # GRADE's objective (update.loss grade/grade_st): U is prompts, the rollouts relaxed
+        if cfg.update.loss in GRADE_FAMILIES:
+            self.grade = GradeObjective(spec=GradeSpec.from_config(cfg.update, temperature=cfg.sampling.temperature,
+                                                                   max_new_tokens=cfg.sampling.max_new_tokens),
+                                        reward_model=runner.reward_model, seed=cfg.sampling.seed)
 
     def check_stop(self) -> None:
         if self.rt.any_flag(signals.requested()):
             raise StopRequested()
 
     def sample(self, name: str, num_prompts: int, group_size: int):
+        if name == "U" and self.grade is not None:  # GRADE generates U's relaxed rollouts in the gradient pass
+            return prompt_batch(self.rt, self.tokenizer, name, sampling=self.cfg.sampling, num_prompts=num_prompts,
+                                group_size=group_size)
         return sample_batch(self.rt, self.runner.decoder, self.tokenizer, name, sampling=self.cfg.sampling,
                             num_prompts=num_prompts, group_size=group_size, loss_family=self.cfg.update.loss,
                             adv_eps=self.cfg.update.adv_eps, scale_rewards=self.cfg.update.scale_rewards,
@@ -137,9 +146,10 @@ class Probe:
             try:
                 res.explain_e = explain_e(self.rt, self.runner, res.batch_e, res.scores_e, base=res.base,
                                           u=res.update.u, delta_h1=res.delta_h1, est=self.cfg.estimators)
-                res.explain_u = explain_u(self.rt, self.runner, res.batch_u, update=res.update,
-                                          grad_entropy=res.delta_h1.grad_entropy, per_eta=res.delta_h1.per_eta,
-                                          update_cfg=self.cfg.update)
+                if self.grade is None:  # U's per-sequence decomposition needs sampled sequences and their ℓ
+                    res.explain_u = explain_u(self.rt, self.runner, res.batch_u, update=res.update,
+                                              grad_entropy=res.delta_h1.grad_entropy, per_eta=res.delta_h1.per_eta,
+                                              update_cfg=self.cfg.update)
             except ForwardModeUnavailable as err:
                 res.explain_e = res.explain_u = None
                 res.explain_skipped = (f"skipped: the model has an operation without a forward-mode derivative "
@@ -169,7 +179,7 @@ class Probe:
                 warn_if_few_groups(res.base.num_groups)
             self.check_stop()
             with self.clock.phase(phases.UPDATE_GRADIENT):
-                grad, grad_norm, clip_coef, norm = update_gradient(rt, runner, res.batch_u, cfg.update)
+                grad, grad_norm, clip_coef, norm = update_gradient(rt, runner, res.batch_u, cfg.update, grade=self.grade)
                 res.update = UpdateGradient(grad=grad, grad_norm=grad_norm, clip_coef=clip_coef, normalisers=norm,
                                             parts=update_parts(self.optimizer, self.trainable, grad))
             self.check_stop()

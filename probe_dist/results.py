@@ -55,7 +55,7 @@ class UpdateGradient:
     grad: list[torch.Tensor]
     grad_norm: float        # ‖g‖ before clipping
     clip_coef: float        # min(1, max_norm/(‖g‖ + 1e-6)), 1.0 without clipping
-    normalisers: LossNormalisers
+    normalisers: LossNormalisers  # or, for GRADE, update.grade.GradeStats
     parts: list[UpdateParts]
 
     @property
@@ -250,6 +250,9 @@ class ProbeResult:
         if self.update is not None:
             out.update({"update/grad_norm": self.update.grad_norm, "update/clip_coef": self.update.clip_coef,
                         "update/u_norm": self.update.u_norm})
+            stats = self.update.normalisers
+            if hasattr(stats, "reward_mean"):  # GRADE: its relaxed rollouts of U (update.grade.GradeStats)
+                out.update({"update/grade_reward_mean": stats.reward_mean, "update/grade_kl_mean": stats.kl_mean})
         if self.delta_h1 is not None:  # set once the δH₁ phase finished, so an interrupted run keeps it
             out["delta_h1/per_eta"] = self.delta_h1.per_eta
             out["delta_h1/per_eta_se"] = self.delta_h1_per_eta_se()

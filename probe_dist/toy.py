@@ -1,4 +1,5 @@
-"""The built-in toy RL checkpoint: a tiny Qwen2 that learned short additions, then LoRA + real GRPO steps.
+"""The built-in toy RL checkpoint: a tiny Qwen2 that learned short additions, then LoRA + real GRPO steps, and a
+reward model for GRADE (reward_model/, trained from the base to score answers; probe_dist/toy_reward.py).
 
     python -m probe_dist.toy build --out DIR [--seed N]
 
@@ -30,7 +31,7 @@ from probe_dist.update.loss import LossNormalisers, LossSpec, row_coefficients, 
 
 log = logging.getLogger("probe_dist")
 
-TOY_FORMAT_VERSION = 1
+TOY_FORMAT_VERSION = 2  # 2: reward_model/ (GRADE's r_φ)
 COMPLETE_MARKER = "BUILD_COMPLETE"
 
 # The training recipe recorded in training_args.json; the probe's defaults come from here.
@@ -109,9 +110,13 @@ def _build(out: Path, seed: int, start: float) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from probe_dist.toy_base import sample_stats, train_base
+    from probe_dist.toy_reward import train_reward_model
 
     base, tokenizer, base_stats = train_base(seed)
     base.save_pretrained(str(out / "base"))
+    reward_model, reward_stats = train_reward_model(tokenizer, seed, base)  # own RNGs: the rest is unchanged
+    reward_model.save_pretrained(str(out / "reward_model"))
+    tokenizer.save_pretrained(str(out / "reward_model"))
     tokenizer.save_pretrained(str(out / "tokenizer"))
     args = dict(TRAINING_ARGS)
     torch.manual_seed(seed + 1)
@@ -132,7 +137,7 @@ def _build(out: Path, seed: int, start: float) -> dict:
     (out / "training_args.json").write_text(json.dumps({**args, "seed": seed, "task": "toy_addition",
                                                         "optimizer": "torch.optim.AdamW"}, indent=2))
     state = {"global_step": args["grpo_steps"], "grpo_history": history, "base_stats": base_stats,
-             "final_sampled_accuracy": final["accuracy"], "final_token_entropy": final["token_entropy"],
+             "final_sampled_accuracy": final["accuracy"], "reward_model": reward_stats, "final_token_entropy": final["token_entropy"],
              "format_version": TOY_FORMAT_VERSION, "build_seconds": time.perf_counter() - start}
     (out / "trainer_state.json").write_text(json.dumps(state, indent=2))
     (out / COMPLETE_MARKER).write_text("ok\n")

@@ -185,3 +185,39 @@ def check_prompts_fit(prompts: list[tuple[int, dict]], tokenizer, *, max_new_tok
                     "model sees %r instead of those characters (e.g. %s). Check the prompts' language/encoding "
                     "against the tokenizer, or ignore this if it is intended.", count, len(hits), len(prompts),
                     source, tokenizer.unk_token, tokenizer.unk_token, "; ".join(examples))
+
+
+def check_grade(cfg, world_size: int, is_main: bool) -> Path | None:
+    """GRADE (update.loss grade / grade_st): refuse what it cannot run with, name settings that do not apply, and
+    return the reward model's folder (None for the other loss families).
+
+    Raises ConfigError for distributed.strategy=fsdp2 with more than one rank (the relaxed rollout calls the
+    decoder step by step outside the sharded root) and for estimators.mode=single_batch (U holds no sampled
+    sequences to reuse as E); RewardModelError when no reward model folder is given or found."""
+    from probe_dist.config import ConfigError
+    from probe_dist.model.reward_model import RewardModelError
+    from probe_dist.update.grade import GRADE_FAMILIES
+
+    up = cfg.update
+    if up.loss not in GRADE_FAMILIES:
+        return None
+    if cfg.distributed.strategy == "fsdp2" and world_size > 1:
+        raise ConfigError(f"update.loss={up.loss} runs with distributed.strategy=ddp or none, not fsdp2: the relaxed "
+                          "rollout steps the decoder with its own KV cache outside FSDP2's sharded root. Use "
+                          "distributed.strategy=ddp (the adapter's gradients are reduced the same way).")
+    if cfg.estimators.mode == "single_batch":
+        raise ConfigError(f"update.loss={up.loss} cannot use estimators.mode=single_batch: a GRADE update reads "
+                          "relaxed rollouts of U's prompts, not sampled sequences that E could reuse. Use "
+                          "estimators.mode=two_batch.")
+    folder = Path(up.reward_model) if up.reward_model else Path(cfg.checkpoint.path or "") / "reward_model"
+    if not up.reward_model and not (folder / "config.json").is_file():
+        raise RewardModelError(f"update.loss={up.loss} needs a reward model that reads soft tokens: set "
+                               "update.reward_model=<folder of a one-label *ForSequenceClassification model over the "
+                               f"policy's vocabulary> (none given, and {str(folder)!r} does not exist).")
+    ignored = [f"{k}={getattr(up, k)}" for k, default in (("top_entropy_quantile", 1.0), ("entropy_coef", 0.0),
+                                                          ("mask_truncated", False), ("epsilon_high", 0.2))
+               if getattr(up, k) != default]
+    if ignored and is_main:
+        log.warning("update.loss=%s: %s do not apply to GRADE's objective (−r_φ + β·KL over relaxed rollouts) and "
+                    "are ignored", up.loss, ", ".join(ignored))
+    return folder

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from probe_dist.config import ConfigError, config_hash, load_config
 from probe_dist.data.prompts import load_prompts, select_prompts
+from probe_dist.toy import TOY_FORMAT_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_CPU = REPO / "configs" / "toy_cpu.yaml"
@@ -208,7 +209,7 @@ def test_help_config_console_script():
 def test_default_checkpoint_is_the_cached_toy(tmp_path, toy_checkpoint):
     """No checkpoint given → the toy checkpoint in $PROBE_DIST_CACHE (pre-seeded here, so nothing is rebuilt)."""
     cache = tmp_path / "cache"
-    cached = cache / "toy-v1-seed0"
+    cached = cache / f"toy-v{TOY_FORMAT_VERSION}-seed0"
     shutil.copytree(toy_checkpoint, cached)
     before = {p.relative_to(cache): p.stat().st_mtime_ns for p in cache.rglob("*")}
     out = tmp_path / "out"

@@ -148,3 +148,27 @@ def test_accelerate_launch_matches_torchrun(toy_checkpoint, reference, tmp_path)
     s = summary(out)
     assert s["provenance/world_size"] == 2  # `--cpu` would silently run one process (measured)
     assert_same_numbers(reference[0], s)
+
+
+@pytest.mark.slow
+def test_grade_world_size_invariance(toy_checkpoint, tmp_path):
+    """A GRADE update (relaxed rollouts of U, reward model, β·KL) gives the same numbers at W = 1 and W = 2 and 3
+    (DDP), U's rounded ids and rewards included, and every rank restores."""
+    grade = ["update.loss=grade", "update.kl_coef=0.05", "update.grade_top_k=8", "memory.microbatch_grad=3"]
+    outs = {}
+    for n in (1, 2, 3):
+        out = tmp_path / f"grade{n}"
+        res = torchrun(n, out, toy_checkpoint, *grade, *(["distributed.strategy=ddp"] if n > 1 else []))
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs[n] = summary(out), [json.loads(line) for line in (out / "sequences.jsonl").read_text().splitlines()]
+        assert outs[n][0]["restore/verified_ranks"] == [True] * n
+    ref, ref_rows = outs[1]
+    assert ref["provenance/loss"] == "grade" and ref["update/grade_kl_mean"] > 0
+    for n in (2, 3):
+        s, rows = outs[n]
+        assert_same_numbers(ref, s)
+        assert s["update/grad_norm"] == ref["update/grad_norm"]  # the float64-summed gradient, bit for bit
+        assert [(r["batch"], r["prompt_index"], r["token_ids"], r["reward"]) for r in rows] == \
+            [(r["batch"], r["prompt_index"], r["token_ids"], r["reward"]) for r in ref_rows]
+    u_rows = [r for r in ref_rows if r["batch"] == "U"]
+    assert len(u_rows) == B_U * 4 and all(len(r["token_ids"]) == ref["provenance/max_new_tokens"] for r in u_rows)

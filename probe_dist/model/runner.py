@@ -27,6 +27,7 @@ class PolicyRunner:
     sizes: MicrobatchSizes                               # rows per pass, as actually used
     accumulator_device: str = "cpu"                      # where param-sized float64 accumulators live
     auto_microbatch: bool = False                        # halve sizes and rerun on OOM (all ranks together)
+    reward_model: object = None                          # GRADE's r_φ (model.reward_model.RewardModel), frozen
 
     @classmethod
     def single_process(cls, model: torch.nn.Module, *, temperature: float, rows: int,

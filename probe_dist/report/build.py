@@ -75,7 +75,9 @@ def provenance(cfg, rt, result: ProbeResult) -> dict:
             "provenance/route": cfg.update.route, "provenance/loss": cfg.update.loss,
             "provenance/loss_options": {k: getattr(cfg.update, k) for k in (
                 "scale_rewards", "adv_eps", "kl_coef", "kl_bias_correction", "epsilon_high", "mask_truncated",
-                "top_entropy_quantile", "entropy_coef", "loss_block_rows", "autocast", "grad_clip", "max_len")},
+                "top_entropy_quantile", "entropy_coef", "loss_block_rows", "autocast", "grad_clip", "max_len")
+                + (("reward_model", "grade_tau", "grade_top_k", "grade_embed") if cfg.update.loss in ("grade", "grade_st")
+                   else ())},
             "provenance/prompt_bos": cfg.sampling.bos, "provenance/reward": cfg.sampling.reward,
             "provenance/temperature": cfg.sampling.temperature, "provenance/max_new_tokens": cfg.sampling.max_new_tokens}
 

@@ -85,6 +85,8 @@ def _num(x, spec: str) -> str:
 # Scalars shown under the entropy line when present, in this order: (key, label, SE key or None, format).
 _SCALARS = (
     ("update/grad_norm", "update: |grad L|", None, ".4g"),
+    ("update/grade_reward_mean", "update: GRADE mean reward r_phi", None, ".4g"),
+    ("update/grade_kl_mean", "update: GRADE mean sequence KL", None, ".4g"),
     ("update/u_norm", "update: |u|", None, ".4g"),
     ("delta_h1/per_eta", "dH1/eta", "delta_h1/per_eta_se", ".6g"),
     ("delta_h1/ustat_per_eta", "dH1/eta (U-statistic)", None, ".6g"),

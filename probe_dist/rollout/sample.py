@@ -145,3 +145,28 @@ def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig,
 
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def prompt_batch(rt, tokenizer, name: str, *, sampling: SamplingConfig, num_prompts: int,
+                 group_size: int) -> RolloutBatch:
+    """This rank's shard of batch `name` as prompts only — what a GRADE update reads (its rollouts are relaxed and
+    generated inside the gradient pass): the same seeded prompt order, sharding and zero-weight padding as
+    `sample_batch`, each group with its prompt ids, `group_size` rows and no sampled tokens (responses [G, 0]).
+    Raises ValueError (or FileNotFoundError) for a bad prompt source/split."""
+    prompts = load_prompts(sampling.prompts, sampling.split, require_answer=not is_plugin_spec(sampling.reward))
+    chosen = select_prompts(prompts, num_prompts, sampling.seed, name)
+    mine = shard_groups(num_prompts, rt.world_size, rt.rank)
+    padded = mine + [mine[-1] if mine else 0] * (max_groups_per_rank(num_prompts, rt.world_size) - len(mine))
+    groups = []
+    for slot, pos in enumerate(padded):
+        prompt = chosen[pos][1]
+        groups.append(Group(prompt_index=pos, prompt_ids=prompt_token_ids(tokenizer, prompt["prompt"],
+                                                                         sampling.bos or "always"),
+                            responses=torch.zeros(group_size, 0, dtype=torch.long),
+                            lengths=torch.zeros(group_size, dtype=torch.long),
+                            rewards=torch.full((group_size,), float("nan"), dtype=torch.float64),
+                            advantages=torch.zeros(group_size, dtype=torch.float64),
+                            answer=str(prompt.get("answer", "")), weight=1.0 if slot < len(mine) else 0.0,
+                            prompt_text=prompt_text(prompt)))
+    return RolloutBatch(name=name, groups=groups)
+

@@ -15,6 +15,7 @@ import torch
 from probe_dist.config_schema import UpdateConfig
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.rollout.batch import Group, RolloutBatch
+from probe_dist.update.grade import GRADE_FAMILIES, GradeObjective, GradeStats, group_grade_backward
 from probe_dist.update.loss import LossNormalisers, LossSpec, row_coefficients, update_loss
 
 log = logging.getLogger("probe_dist")
@@ -140,25 +141,42 @@ def group_loss_backward(runner: PolicyRunner, group: Group, *, norm: LossNormali
         runner.drain_grads_into(accumulator)
 
 
-def update_gradient(rt, runner: PolicyRunner, batch: RolloutBatch,
-                    update: UpdateConfig) -> tuple[list[torch.Tensor], float, float, LossNormalisers]:
+def update_gradient(rt, runner: PolicyRunner, batch: RolloutBatch, update: UpdateConfig, *,
+                    grade: GradeObjective | None = None,
+                    ) -> tuple[list[torch.Tensor], float, float, LossNormalisers | GradeStats]:
     """g = ∇L_U over U (float64, CPU, all-reduced), clipped as in training.
 
-    Returns (g, ‖g‖ before clipping, clip coefficient, the normalisers). The clip coefficient is
-    min(1, max_norm/(‖g‖ + 1e-6)) as torch.nn.utils.clip_grad_norm_. `update` is the resolved section (L_max set).
+    Returns (g, ‖g‖ before clipping, clip coefficient, the normalisers — for GRADE its rollout statistics). The
+    clip coefficient is min(1, max_norm/(‖g‖ + 1e-6)) as torch.nn.utils.clip_grad_norm_. `update` is the resolved
+    section (L_max set). GRADE families (update.loss grade, grade_st) need `grade` and use only U's prompts.
     """
-    norm = loss_normalisers(rt, batch, update=update, runner=runner)
+    if update.loss in GRADE_FAMILIES:
+        if grade is None:
+            raise ValueError(f"update.loss={update.loss} needs the GRADE objective (reward model, spec, seed)")
+        local_rows = float(sum(g.size for g in batch.real_groups))
+        num_rows = int(rt.sum_f64(torch.tensor([local_rows], dtype=torch.float64))[0])
+        sums = torch.zeros(2, dtype=torch.float64)
+
+        def step(_index: int, group: Group, accumulator: list[torch.Tensor]) -> None:
+            with training_autocast(runner, update):
+                group_grade_backward(runner, group, objective=grade, num_rows=num_rows, accumulator=accumulator,
+                                     sums=sums)
+    else:
+        norm = loss_normalisers(rt, batch, update=update, runner=runner)
+
+        def step(_index: int, group: Group, accumulator: list[torch.Tensor]) -> None:
+            group_loss_backward(runner, group, norm=norm, update=update, accumulator=accumulator)
 
     def start() -> list[torch.Tensor]:
         runner.zero_grads()
         return runner.new_accumulator()
 
-    def step(_index: int, group: Group, accumulator: list[torch.Tensor]) -> None:
-        group_loss_backward(runner, group, norm=norm, update=update, accumulator=accumulator)
-
     with runner.no_sync():
         accumulator = runner.run_groups(rt, "grad", batch.groups, start=start, step=step)
     grad = rt.sum_f64_vectors([a.cpu() for a in accumulator])
+    if update.loss in GRADE_FAMILIES:
+        total = rt.sum_f64_vectors([sums])[0]
+        norm = GradeStats(num_rows=num_rows, reward_mean=float(total[0]) / num_rows, kl_mean=float(total[1]) / num_rows)
     total_norm = math.sqrt(sum(float((x * x).sum()) for x in grad))
     coef = 1.0
     if update.grad_clip and update.grad_clip > 0:

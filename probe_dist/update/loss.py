@@ -205,3 +205,15 @@ def update_loss_per_sequence(token_logp: torch.Tensor, token_h: torch.Tensor | N
                                     token_ref_logp=token_ref_logp)
     return torch.zeros(num_rows, dtype=terms.dtype, device=terms.device).index_add(0, token_row.to(terms.device),
                                                                                     terms)
+
+
+def grade_loss_per_sequence(rewards: torch.Tensor, kl: torch.Tensor, *, kl_coef: float, num_rows: int) -> torch.Tensor:
+    """GRADE's objective per relaxed rollout (update/grade.py): L_i = (−r_i + β·Σ_t KL_{i,t}) / (B·G).
+
+    rewards: [n] float64 r_φ of each row's relaxed rollout; kl: [n, T] float64 per-step KL(π_θ‖π_ref) at the same
+    position; num_rows: B·G of the whole batch U (all ranks), so the rows' shares add up to the batch mean.
+    Returns [n] float64, differentiable through both. Raises ValueError if num_rows < 1.
+    """
+    if num_rows < 1:
+        raise ValueError("GRADE's loss needs at least one row")
+    return (-rewards.double() + kl_coef * kl.double().sum(dim=-1)) / num_rows
