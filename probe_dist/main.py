@@ -187,6 +187,9 @@ def build_probe(cfg: ProbeConfig, rt):
         reward_model = RewardModel.load(reward_folder, dtype=dtype, device=rt.device,
                                         vocab_size=causal.get_output_embeddings().weight.shape[0],
                                         embed=cfg.update.grade_embed)
+        if hasattr(model, "disable_adapter") and reward_model.share_base(causal, model.disable_adapter) and rt.is_main:
+            log.info("the reward model's backbone is the frozen base: rewards are read off the reference's pass "
+                     "(one base in memory for reference and reward model)")
     strategy = build_strategy(cfg, rt, model)
     runner = PolicyRunner(model=model, strategy=strategy, trainable=ordered, device=rt.device,
                           temperature=cfg.sampling.temperature,
@@ -207,6 +210,8 @@ def build_probe(cfg: ProbeConfig, rt):
                        "provenance/checkpoint_source": source.provenance(), "provenance/lr_ratios": lr_ratios,
                        "provenance/checkpoint_inconsistencies": inconsistent,
                        "eta_train": eta_train,
+                       "provenance/reward_model": ({"path": str(reward_folder), "shared_base": reward_model.shared}
+                                                   if reward_model is not None else None),
                        "provenance/memory_plan": {k: memory_plan[k] for k in ("peak_bytes", "peak_phase", "fits",
                                                                               "proposal")} if memory_plan else None}
     if rt.is_main:

@@ -271,7 +271,7 @@ GRADE_SMALL = ["sampling.B_E=6", "sampling.G_E=4", "sampling.B_U=3", "sampling.G
                "update.kl_coef=0.05", "update.grade_tau=0.7", "update.grade_top_k=8"]
 
 
-def _direct_grade_gradient(probe) -> list[torch.Tensor]:
+def _direct_grade_gradient(probe, rm=None) -> list[torch.Tensor]:
     """∇L_U of GRADE by a second path: the whole-prefix recompute rollout over every U prompt at once per group,
     the reward model called directly, one float64-accumulated backward per group (no cache, no checkpointing)."""
     from probe_dist.update.loss import grade_loss_per_sequence
@@ -284,7 +284,7 @@ def _direct_grade_gradient(probe) -> list[torch.Tensor]:
     for group in batch.real_groups:
         keys = row_keys(cfg.sampling.seed, "U", group.prompt_index, range(group.size))
         roll = run.rollout(group.prompt_ids, keys, use_cache=False)
-        rm = objective.reward_model
+        rm = rm or objective.reward_model
         reward = rm._reward(rm.soft_inputs(group.prompt_ids, roll.tokens))
         loss = grade_loss_per_sequence(reward, roll.kl, kl_coef=objective.spec.kl_coef,
                                        num_rows=cfg.sampling.B_U * cfg.sampling.G_U).sum()
@@ -400,3 +400,59 @@ def test_toy_reward_model_prefers_correct_answers(toy_checkpoint):
                 wins += right > score(prompt, answer + d)
                 total += 1
     assert wins / total > 0.6, wins / total  # 0.69 for seed 0 (chance: 0.5, SE 0.03): a weak but real verifier
+
+
+def test_reward_model_on_the_frozen_base_is_shared_with_the_reference():
+    """A reward model whose backbone is the base itself: `share_base` detects it and drops its backbone; the reward
+    read off the reference's pass over the rollout equals the separate model's reward on the soft inputs, and so
+    do the gradients. A backbone one weight away is not shared."""
+    model = tiny_policy()
+    causal = model.get_base_model()
+    cfg = Qwen2Config(**{**causal.config.to_dict(), "num_labels": 1, "pad_token_id": 0})
+    torch.manual_seed(8)
+    seq = Qwen2ForSequenceClassification(cfg).double().eval()
+    with model.disable_adapter():
+        base_state = {k.replace(".base_layer", ""): v for k, v in causal.model.state_dict().items() if "lora_" not in k}
+    seq.model.load_state_dict(base_state)
+    separate = RewardModel(seq, "sparse")
+    shared = RewardModel(seq, "sparse")
+    assert shared.share_base(causal, model.disable_adapter) and shared.backbone is None
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = {}
+    for name, rm in (("separate", separate), ("shared", shared)):
+        run = SoftRolloutRunner(PolicyModel(model), model.disable_adapter,
+                                GradeSpec(steps=5, temperature=0.9, tau_g=0.7, top_k=6, straight_through=False,
+                                          kl_coef=0.0), reward_head=rm.score if rm.shared else None)
+        roll = run.rollout(PROMPT, KEYS)
+        reward = roll.reward if rm.shared else rm(PROMPT, roll.tokens)
+        out[name] = (reward.detach(), torch.cat([g.flatten() for g in torch.autograd.grad(reward.sum(), params)]))
+    torch.testing.assert_close(out["shared"][0], out["separate"][0], rtol=1e-9, atol=1e-12)
+    rel = float((out["shared"][1] - out["separate"][1]).norm() / out["separate"][1].norm())
+    assert rel < 1e-6, rel
+    other = Qwen2ForSequenceClassification(cfg).double().eval()
+    base_state["layers.1.mlp.up_proj.weight"] = base_state["layers.1.mlp.up_proj.weight"] + 1e-3
+    other.model.load_state_dict(base_state)
+    assert not RewardModel(other).share_base(causal, model.disable_adapter)
+
+
+def test_probe_with_a_reward_model_on_the_frozen_base(toy_checkpoint, tmp_path):
+    """A reward model = the toy base + a score head: the run shares the base (provenance says so) and its GRADE
+    gradient equals the direct path with the reward model kept separate."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(toy_checkpoint / "base")
+    cfg = Qwen2Config(**{**base.config.to_dict(), "tie_word_embeddings": False, "num_labels": 1})
+    torch.manual_seed(9)
+    seq = Qwen2ForSequenceClassification(cfg)
+    seq.model.load_state_dict(base.model.state_dict())
+    seq.save_pretrained(tmp_path / "rm")
+    probe = make_probe(toy_checkpoint, [*GRADE_SMALL, f"update.reward_model={tmp_path / 'rm'}",
+                                        "estimators.etas=[0.0,1e-3]", "precision.dtype=float64",
+                                        "estimators.explain=false"])
+    assert probe.load_info["provenance/reward_model"]["shared_base"] is True
+    result = probe.run()
+    assert result.summary()["restore/verified"] is True
+    separate = RewardModel.load(tmp_path / "rm", dtype=torch.float64, device=torch.device("cpu"), vocab_size=16)
+    direct = torch.cat([g.flatten() for g in _direct_grade_gradient(probe, separate)])
+    ours = torch.cat([g.flatten() for g in result.update.grad]) / result.update.clip_coef
+    assert float((ours - direct).norm() / direct.norm()) < 1e-6

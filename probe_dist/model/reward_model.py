@@ -23,11 +23,39 @@ class RewardModelError(UserInputError):
 
 
 class RewardModel:
+    """r_φ over relaxed tokens. `shared`: its backbone is the policy's frozen base itself (same class, same
+    weights, same outputs), so only its score head is kept and the reward is read off the reference's pass
+    over the rollout (update/grade.py) — one frozen base for reference and reward model."""
+
     def __init__(self, model: torch.nn.Module, embed: str = "auto"):
-        self.model, self.embed = model, embed
+        self.model, self.embed, self.shared = model, embed, False
         self.backbone = model.base_model
         self.score = model.score
         self.embedding = model.get_input_embeddings()
+
+    def share_base(self, causal_lm: torch.nn.Module, reference) -> bool:
+        """Drop this model's backbone when it is the policy's base: `causal_lm` the policy's (peft-injected)
+        *ForCausalLM, `reference()` the context that disables the adapter. The test is exact: same backbone
+        class, and bit-identical hidden states on a probe input under the reference. Returns `shared`."""
+        backbone = getattr(causal_lm, "base_model", None) if not hasattr(causal_lm, "get_decoder") else \
+            causal_lm.get_decoder()
+        if backbone is None or type(backbone) is not type(self.backbone):
+            return False
+        ids = torch.arange(min(8, self.embedding.weight.shape[0]), device=self.embedding.weight.device).unsqueeze(0)
+        with torch.no_grad(), reference():
+            try:
+                theirs = backbone(input_ids=ids, use_cache=False).last_hidden_state
+            except Exception:  # noqa: BLE001 - any mismatch means "not the same model"
+                return False
+        with torch.no_grad():
+            ours = self.backbone(input_ids=ids, use_cache=False).last_hidden_state
+        base_embedding = backbone.get_input_embeddings().weight
+        if ours.shape != theirs.shape or not torch.equal(ours, theirs) or \
+                base_embedding.shape != self.embedding.weight.shape or \
+                not torch.equal(base_embedding, self.embedding.weight):
+            return False
+        self.shared, self.model, self.backbone, self.embedding = True, None, None, None
+        return True
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype, device: torch.device, vocab_size: int,

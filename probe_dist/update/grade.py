@@ -58,11 +58,13 @@ class GradeSpec:
 @dataclass
 class SoftRollout:
     """Rows' relaxed rollouts: tokens[t] a SoftToken ([n, k] weights with gradient), kl [n, T] float64 per-step
-    KL(π_θ‖π_ref) with gradient (zeros when β = 0), hard [n, T] long (the ids the relaxation rounds to)."""
+    KL(π_θ‖π_ref) with gradient (zeros when β = 0), hard [n, T] long (the ids the relaxation rounds to), and with
+    a shared reward head the reward [n] float64."""
 
     tokens: list[SoftToken]
     kl: torch.Tensor
     hard: torch.Tensor
+    reward: torch.Tensor | None = None  # [n] float64 r_φ when the reward head shares the frozen base
 
 
 def row_keys(seed: int, batch: str, prompt_index: int, rows: range) -> torch.Tensor:
@@ -73,19 +75,22 @@ def row_keys(seed: int, batch: str, prompt_index: int, rows: range) -> torch.Ten
 class SoftRolloutRunner:
     """Runs relaxed rollouts of one PolicyModel (and its reference: `reference()` disables the adapter)."""
 
-    def __init__(self, policy: PolicyModel, reference, spec: GradeSpec):
-        self.policy, self.reference, self.spec = policy, reference, spec
+    def __init__(self, policy: PolicyModel, reference, spec: GradeSpec, reward_head: torch.nn.Module | None = None):
+        """reward_head: the score head of a reward model whose backbone IS the frozen base (RewardModel.shared):
+        the reward is then read off the reference's own pass over the relaxed rollout (one more reference step
+        after the last token), with no second backbone in memory."""
+        self.policy, self.reference, self.spec, self.reward_head = policy, reference, spec, reward_head
         causal = unwrap_causal_lm(policy.lm)
         self.config = causal.config
         self.embedding = causal.get_input_embeddings()
-        self.num_layers = None  # set by the first cached forward
+        self.track_reference = bool(spec.kl_coef) or reward_head is not None
 
     # -- one forward of the decoder over new inputs, with the past given as per-step tensors ---------------------
 
     def _forward(self, e_in: torch.Tensor, past: list[list[torch.Tensor]], start: int, ref: bool):
         """Decoder over e_in [n, L, H] at positions start.. with `past` = per step a flat [k₀, v₀, k₁, v₁, …] list.
 
-        Returns (z [n, V] last-position logits/τ, the new flat k/v of these L positions, cloned off the cache)."""
+        Returns (last-position hidden state [n, H], the new flat k/v of these L positions, cloned off the cache)."""
         from transformers import DynamicCache
 
         n, length = e_in.shape[0], e_in.shape[1]
@@ -99,72 +104,79 @@ class SoftRolloutRunner:
         positions = torch.arange(start, start + length, device=e_in.device).unsqueeze(0).expand(n, -1)
         with self.reference() if ref else nullcontext():
             hidden = self.policy.decoder(inputs_embeds=e_in, past_key_values=cache, position_ids=positions,
-                                         use_cache=True).last_hidden_state
-            logits = self.policy.logit_transform(self.policy.head(hidden[:, -1]))
-        z = (logits if logits.dtype == torch.float64 else logits.float()) / self.spec.temperature
+                                         use_cache=True).last_hidden_state[:, -1]
         new = []
         for layer in cache.layers:
             if getattr(layer, "keys", None) is None:
                 raise RuntimeError("the model's KV cache has a layer without keys/values (a recurrent or hybrid "
                                    "architecture): GRADE's cached soft rollout supports attention layers only")
             new += [layer.keys[:, :, -length:].clone(), layer.values[:, :, -length:].clone()]
-        return z, new
+        return hidden, new
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """z = the model's logits / τ at one position, [n, V] (float32, or float64 for a float64 model)."""
+        logits = self.policy.logit_transform(self.policy.head(hidden))
+        return (logits if logits.dtype == torch.float64 else logits.float()) / self.spec.temperature
 
     def _step(self, t: int, keys: torch.Tensor, start: int, num_past: int, e_in: torch.Tensor, *flat):
-        """One relaxed step (checkpointed): forward(s), KL, relaxation, next input embedding, new k/v."""
+        """One relaxed step (checkpointed): forward(s), KL, relaxation, next input embedding, new k/v; at the last
+        step with a shared reward head, the reference's pass over the last token and the reward."""
         width = len(flat) // num_past if num_past else 0
         per_step = [list(flat[s * width:(s + 1) * width]) for s in range(num_past)]
-        half = width // 2 if self.spec.kl_coef else width
+        half = width // 2 if self.track_reference else width
         past_p = [p[:half] for p in per_step]
         past_r = [p[half:] for p in per_step]
-        z, new_p = self._forward(e_in, past_p, start, ref=False)
+        hidden, new_p = self._forward(e_in, past_p, start, ref=False)
+        z = self._logits(hidden)
         kl, new_r = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device), []
-        if self.spec.kl_coef:
-            z_ref, new_r = self._forward(e_in, past_r, start, ref=True)
-            kl = token_kl(z, z_ref)
+        if self.track_reference:
+            hidden_ref, new_r = self._forward(e_in, past_r, start, ref=True)
+            if self.spec.kl_coef:
+                kl = token_kl(z, self._logits(hidden_ref))
         tok = relaxed_token(z, keys, t, tau_g=self.spec.tau_g, top_k=self.spec.top_k,
                             straight_through=self.spec.straight_through)
-        e_next = soft_embedding(tok, self.embedding.weight, self.spec.embed).unsqueeze(1)
-        return (kl, tok.weights, tok.ids, tok.hard, e_next.to(e_in.dtype), *new_p, *new_r)
+        e_next = soft_embedding(tok, self.embedding.weight, self.spec.embed).unsqueeze(1).to(e_in.dtype)
+        reward = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+        if self.reward_head is not None and t == self.spec.steps - 1:
+            last, _ = self._forward(e_next, [*past_r, new_r], start + e_in.shape[1], ref=True)
+            reward = self.reward_head(last).squeeze(-1).double()
+        return (kl, reward, tok.weights, tok.ids, tok.hard, e_next, *new_p, *new_r)
 
     def rollout(self, prompt_ids: torch.Tensor, keys: torch.Tensor, *, use_cache: bool = True,
                 checkpoint_steps: bool = True) -> SoftRollout:
         """Relaxed rollouts of len(keys) rows of one prompt (prompt_ids [P] long), T = spec.steps steps.
 
         use_cache=False: every step recomputes the whole prefix (the O(T²) reference path). Runs with gradient
-        when grad mode is on. Returns a SoftRollout.
+        when grad mode is on. Returns a SoftRollout (its reward set only with a shared reward head).
         """
         dev = self.embedding.weight.device
         n = keys.shape[0]
         keys = keys.to(dev)
         e_prompt = self.embedding(prompt_ids.to(dev).unsqueeze(0).expand(n, -1))
         tokens, kls, hard = [], [], []
-        if not use_cache:
-            e_seq = e_prompt
-            for t in range(self.spec.steps):
-                kl, w, ids, h, e_next, *_ = self._step(t, keys, 0, 0, e_seq)
-                tokens.append(SoftToken(w, ids, h))
-                kls.append(kl)
-                hard.append(h)
-                e_seq = torch.cat([e_seq, e_next], dim=1)
-            return SoftRollout(tokens, torch.stack(kls, dim=1), torch.stack(hard, dim=1))
         past: list[tuple[torch.Tensor, ...]] = []
         e_in, start = e_prompt, 0
         for t in range(self.spec.steps):
-            flat = [x for p in past for x in p]
-            args = (t, keys, start, len(past), e_in, *flat)
-            if checkpoint_steps and torch.is_grad_enabled():
+            if use_cache:
+                args = (t, keys, start, len(past), e_in, *[x for p in past for x in p])
+            else:  # the whole prefix again, no past
+                args = (t, keys, 0, 0, e_in)
+            if use_cache and checkpoint_steps and torch.is_grad_enabled():
                 out = checkpoint(self._step, *args, use_reentrant=False)
             else:
                 out = self._step(*args)
-            kl, w, ids, h, e_next, *new = out
+            kl, reward, w, ids, h, e_next, *new = out
             tokens.append(SoftToken(w, ids, h))
             kls.append(kl)
             hard.append(h)
-            past.append(tuple(new))
-            start += e_in.shape[1]
-            e_in = e_next
-        return SoftRollout(tokens, torch.stack(kls, dim=1), torch.stack(hard, dim=1))
+            if use_cache:
+                past.append(tuple(new))
+                start += e_in.shape[1]
+                e_in = e_next
+            else:
+                e_in = torch.cat([e_in, e_next], dim=1)
+        return SoftRollout(tokens, torch.stack(kls, dim=1), torch.stack(hard, dim=1),
+                           reward if self.reward_head is not None else None)
 
 
 @dataclass(frozen=True)
@@ -197,14 +209,16 @@ def group_grade_backward(runner, group, *, objective: GradeObjective, num_rows: 
     (argmax of each relaxed token), lengths T, rewards r_φ (float64)."""
     from probe_dist.update.loss import grade_loss_per_sequence
 
-    rollout = SoftRolloutRunner(runner.strategy.policy, runner.reference, objective.spec)
+    rm = objective.reward_model
+    rollout = SoftRolloutRunner(runner.strategy.policy, runner.reference, objective.spec,
+                                reward_head=rm.score if rm.shared else None)
     group.responses = torch.zeros(group.size, objective.spec.steps, dtype=torch.long)
     group.lengths = torch.full((group.size,), objective.spec.steps, dtype=torch.long)
     for start in range(0, group.size, runner.sizes.grad):
         rows = range(start, min(start + runner.sizes.grad, group.size))
         keys = row_keys(objective.seed, "U", group.prompt_index, rows)
         soft = rollout.rollout(group.prompt_ids, keys)
-        rewards = objective.reward_model(group.prompt_ids, soft.tokens)
+        rewards = soft.reward if rm.shared else rm(group.prompt_ids, soft.tokens)
         per_row = grade_loss_per_sequence(rewards, soft.kl, kl_coef=objective.spec.kl_coef, num_rows=num_rows)
         (per_row.sum() * group.weight).backward()
         runner.drain_grads_into(accumulator)
