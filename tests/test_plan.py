@@ -276,3 +276,39 @@ def test_auto_microbatch_plan_proposes_the_sizes_and_leaves_the_config_alone():
     assert (prop["microbatch_score"], prop["microbatch_grad"], prop["logits_chunk"]) == (8, 8, 4096)
     assert proposed_sizes(plan) == {"microbatch_score": 8, "microbatch_grad": 8, "logits_chunk": 4096}
     assert cfg == before  # the caller applies the sizes (main.py, with dataclasses.replace)
+
+
+@pytest.mark.parametrize("top_k,steps,rows", [(16, 12, 3), (64, 24, 2)])
+def test_grade_kept_bytes_match_saved_tensors(top_k, steps, rows):
+    """GRADE's update pass: the planner's kept bytes (per-step KV with gradient for policy and reference, relaxed
+    tokens, the reward model's input) equal what SavedTensorsMeter holds across a real rollout + reward + backward;
+    the recomputation transients come on top (not visible to the meter: checkpointing saves them by itself)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2ForCausalLM, Qwen2ForSequenceClassification
+
+    from probe_dist.model.policy import PolicyModel
+    from probe_dist.model.reward_model import RewardModel
+    from probe_dist.plan.bytes import Settings, grade_pass
+    from probe_dist.plan.meter import SavedTensorsMeter
+    from probe_dist.update.grade import GradeSpec, SoftRolloutRunner, row_keys
+
+    torch.manual_seed(0)
+    config = _tiny_config(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=6)
+    lm = get_peft_model(Qwen2ForCausalLM(config).eval(),
+                        LoraConfig(r=8, lora_alpha=16, target_modules=list(ALL_PROJECTIONS))).eval()
+    rm_config = type(config)(**{**config.to_dict(), "num_labels": 1, "pad_token_id": 0, "tie_word_embeddings": False})
+    rm = RewardModel(Qwen2ForSequenceClassification(rm_config).eval().requires_grad_(False))
+    spec = GradeSpec(steps=steps, temperature=1.0, tau_g=1.0, top_k=top_k, straight_through=False, kl_coef=0.1)
+    prompt = torch.arange(3, 12)
+    with SavedTensorsMeter() as meter:
+        roll = SoftRolloutRunner(PolicyModel(lm), lm.disable_adapter, spec).rollout(prompt, row_keys(0, "U", 0,
+                                                                                                  range(rows)))
+        (rm(prompt, roll.tokens).sum() + roll.kl.sum()).backward()
+    shape = model_shape(config, LoraSpec(r=8, targets=tuple(ALL_PROJECTIONS)))
+    s = Settings(dtype_bytes=4, world_size=1, strategy="none", prompt_tokens=prompt.numel(), max_new_tokens=steps,
+                 group_e=4, group_u=rows, single_batch=False, kl=True, real_step=False, amsgrad=False,
+                 accumulators_on_device=False, grade_top_k=top_k)
+    parts = grade_pass(shape, s, rows)
+    kept = parts["grade_kv_cache"] + parts["grade_soft_tokens"] + parts["grade_reward_input"]
+    assert kept == pytest.approx(meter.peak_bytes, rel=0.03), (parts, meter.peak_bytes)
+    assert parts["grade_recompute"] > 0

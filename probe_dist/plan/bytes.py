@@ -22,6 +22,8 @@ every row of a microbatch belongs to one prompt group, so n ≤ G):
               measured) and one layer's backward workspace (b·(1.5·I + h) per token); no-grad passes: the residual
               stream plus one layer's temporaries (b·(2h + max(4I + 2h, 8h)) per token, and the mask), or at the
               head the last hidden states + response hidden states + 4 float32 [chunk, V] buffers.
+  GRADE       (update.loss grade/grade_st) the update pass is `grade_pass`: its kept KV cache, relaxed tokens and
+              reward input, plus the largest recomputation in backward.
   generation  KV cache 2·ℓ·kv·d·g·L·b for g = min(memory.microbatch_generate, G) rows of one prompt decoded
               together, plus one layer's cache copy, and the larger of the prefill temporaries and the per-step
               float32 logits/probabilities (3·g·V·4).
@@ -61,6 +63,7 @@ class Settings:
     accumulators_on_device: bool
     rows_generate: int = 8  # memory.microbatch_generate: responses of one prompt decoded together
     explain: bool = False   # estimators.explain (and not fsdp2): the forward-mode explanation pass runs
+    grade_top_k: int | None = None  # GRADE (update.loss grade/grade_st): relaxation support k (0: V); None: not GRADE
 
     @property
     def seq_len(self) -> int:
@@ -160,6 +163,36 @@ def _sample(shape: ModelShape, s: Settings) -> dict[str, int]:
     return {"kv_cache": kv, "generation_transient": per_token_layer * g * s.seq_len + max(prefill, step)}
 
 
+def grade_pass(shape: ModelShape, s: Settings, n: int) -> dict[str, int]:
+    """Peak of one GRADE microbatch (update/grade.py) of n rows, T = max_new_tokens relaxed tokens, L = P + T.
+
+    Kept until backward: each step's new k/v per layer with gradient, for the policy and (β > 0 or a shared reward
+    head: assumed) the reference, 2·ℓ·kv·d·b per token and model; the k relaxed weights (float32) and ids (int64),
+    the hard id, the next input embedding (b·h) and the KL (float64) per step; the reward model's input [n, L, h]
+    (its hidden size taken as the policy's). Transient, one at a time in backward: the prompt's recomputed forward
+    (both models), or a step's recomputation — the concatenated past of both models, one token's activations and
+    the [n, V] logits, softmax and float64 KL buffers (≈ 5 float32 + 4 float64 per entry) — or the reward
+    model's recomputed forward (taken as the policy's shape without LoRA), whichever is largest.
+    """
+    b, h, v = s.dtype_bytes, shape.hidden, shape.vocab
+    big_t, length = s.max_new_tokens, s.seq_len
+    k = min(s.grade_top_k or v, v)
+    models = 2
+    kv_token = 2 * shape.num_layers * shape.kv_heads * shape.head_dim * b
+    kept = models * kv_token * n * length
+    ids = 8 * k * (n if k < v else 1)  # with k = V the ids are one arange viewed per row
+    tokens = big_t * (n * (4 * k + 8 + b * h + 8) + ids)
+    reward_input = n * length * b * h
+    prefill = models * saved_activation_bytes(shape, n, s.prompt_tokens, 0, dtype_bytes=b, padded=False)
+    step = (models * kv_token * n * length + models * saved_activation_bytes(shape, n, 1, 0, dtype_bytes=b,
+                                                                           padded=False)
+            + n * v * (5 * 4 + 4 * 8))
+    bare = ModelShape(**{**shape.__dict__, "lora_modules": {}, "notes": []})
+    reward = saved_activation_bytes(bare, n, length, 0, dtype_bytes=b, padded=False)
+    return {"grade_kv_cache": kept, "grade_soft_tokens": tokens, "grade_reward_input": reward_input,
+            "grade_recompute": max(prefill, step, reward)}
+
+
 def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: int, chunk: int) -> dict[str, dict]:
     """Predicted peak bytes per GPU of every phase, for these microbatch sizes and logits chunk.
 
@@ -180,7 +213,9 @@ def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: i
     out = {SAMPLE: total({**static, **_sample(shape, s)}),
            SCORE_BASE: total({**static, **_nograd_forward(shape, s, rs_e, chunk)})}
     update = {**static, **grads, **_grad_pass(shape, s, rg_u, chunk)}
-    if s.kl:  # reference log-probs: a no-grad forward with microbatch_grad rows and the adapter disabled
+    if s.grade_top_k is not None:  # GRADE: relaxed rollouts instead of a teacher-forced loss pass
+        update = {**static, **grads, **grade_pass(shape, s, rg_u)}
+    elif s.kl:  # reference log-probs: a no-grad forward with microbatch_grad rows and the adapter disabled
         update = best(update, {**static, **grads, **_nograd_forward(shape, s, rg_u, chunk)})
     out[UPDATE_GRADIENT] = total(update)
     d1 = {**static, **grads, **_grad_pass(shape, s, rg_e, chunk)}

@@ -195,7 +195,8 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
                  kl=bool(cfg.update.kl_coef), real_step=cfg.update.route == "real_step", amsgrad=False,
                  accumulators_on_device=cfg.memory.accumulator_device == "model",
                  rows_generate=cfg.memory.microbatch_generate,
-                 explain=cfg.estimators.explain and strategy != "fsdp2")
+                 explain=cfg.estimators.explain and strategy != "fsdp2",
+                 grade_top_k=cfg.update.grade_top_k if cfg.update.loss in ("grade", "grade_st") else None)
     available = int(gpu_mem_bytes * (1.0 - margin) - reserve_bytes)
     m = cfg.memory
     configured = phase_peaks(shape, s, rows_score=m.microbatch_score, rows_grad=m.microbatch_grad,
@@ -215,7 +216,7 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
                    "dtype": cfg.precision.dtype, "prompt_tokens": s.prompt_tokens,
                    "max_new_tokens": s.max_new_tokens, "seq_len": s.seq_len, "G_E": s.group_e, "G_U": s.group_u,
                    "microbatch_score": m.microbatch_score, "microbatch_grad": m.microbatch_grad,
-                   "logits_chunk": m.logits_chunk},
+                   "logits_chunk": m.logits_chunk, "grade": s.grade_top_k is not None},
         "phases": configured,
         "peak_bytes": peak,
         "peak_phase": worst,
@@ -304,8 +305,9 @@ def _message(plan: dict) -> str:
         tail = (f" Does not fit at all: even microbatch 1 and logits_chunk {MIN_LOGITS_CHUNK} need "
                 f"{_gib(prop['peak_bytes'])} (static part: "
                 + ", ".join(f"{k} {_gib(v)}" for k, v in static.items())
-                + "). Options: distributed.strategy=fsdp2 (shards the base weights over the GPUs), "
-                  "precision.dtype=bfloat16 (halves weights and activations, but bf16 quantises the tiny-η "
+                + "). Options: "
+                + ("" if inp.get("grade") else "distributed.strategy=fsdp2 (shards the base weights over the GPUs), ")
+                + "precision.dtype=bfloat16 (halves weights and activations, but bf16 quantises the tiny-η "
                   "log-prob changes the probe measures), a shorter sampling.max_new_tokens or smaller G, "
                   "or a GPU with more memory.")
     return head + tail
