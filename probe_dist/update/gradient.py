@@ -169,6 +169,8 @@ def update_gradient(rt, runner: PolicyRunner, batch: RolloutBatch, update: Updat
 
     def start() -> list[torch.Tensor]:
         runner.zero_grads()
+        if update.loss in GRADE_FAMILIES:
+            sums.zero_()  # an out-of-memory retry starts the phase over
         return runner.new_accumulator()
 
     with runner.no_sync():
