@@ -398,6 +398,11 @@ def main(argv=None) -> int:
     result = {"benchmark": "memory", "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if not args.skip_grade:
         result["grade"] = grade_part(args)
+        print("GRADE peak bytes saved for backward (one microbatch):\n   T      k   MiB     vs dense", file=sys.stderr)
+        for c in result["grade"]["cases"]:
+            label = "dense" if not c["efficient"] else str(c["top_k"])
+            print(f"{c['steps']:4d} {label:>6} {c['peak_saved_bytes'] / 2**20:8.2f} {c['vs_dense']:8.4f}",
+                  file=sys.stderr)
     if args.grade_only:
         args.skip_cpu, args.no_gpu = True, True
     if not args.skip_cpu:

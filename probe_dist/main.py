@@ -137,7 +137,9 @@ def build_probe(cfg: ProbeConfig, rt):
             log.info("eta_train = %g: the lr the saved scheduler gives the next training step (%s)%s", eta_train,
                      source.scheduler.path, "" if eta_train > 0 else "; the schedule has ended (lr 0), so it adds "
                      "no sweep point")
-    reward_folder = validate.check_grade(cfg, rt.world_size, rt.is_main)  # GRADE: refusals, its reward model
+    reward_folder = validate.check_grade(cfg, rt.world_size, rt.is_main, explicit)  # GRADE: refusals, reward model
+    if reward_folder is not None:
+        cfg = replace(cfg, update=replace(cfg.update, reward_model=str(reward_folder)))  # recorded as used
     validate.note_prompt_repeats(len(prompts), cfg.sampling, cfg.estimators.mode, prompt_source, rt.is_main)
     validate.note_fixed_prompt_coverage(len(prompts), cfg.sampling, cfg.estimators.se, prompt_source, rt.is_main)
     torch.set_float32_matmul_precision(cfg.precision.matmul)
@@ -151,6 +153,10 @@ def build_probe(cfg: ProbeConfig, rt):
     validate.check_prompts_fit(prompts, tokenizer, max_new_tokens=cfg.sampling.max_new_tokens,
                                max_positions=validate.model_max_positions(paths.base), source=prompt_source,
                                config_file=paths.base / "config.json", is_main=rt.is_main, bos=cfg.sampling.bos)
+    if reward_folder is not None and (reward_folder / "config.json").is_file():  # GRADE's reward model reads P + T
+        validate.check_prompts_fit(prompts, tokenizer, max_new_tokens=cfg.sampling.max_new_tokens,
+                                   max_positions=validate.model_max_positions(reward_folder), source=prompt_source,
+                                   config_file=reward_folder / "config.json", is_main=False, bos=cfg.sampling.bos)
     optimizer_blob = source.read_optimizer()  # weights_only; finite state, before the model loads
     model = load_model(paths, dtype, rt.device)  # complete weight files, finite weights
     source.load_weights(model)  # trainable weights a format keeps outside the model folders (fp32 masters)
@@ -187,9 +193,13 @@ def build_probe(cfg: ProbeConfig, rt):
         reward_model = RewardModel.load(reward_folder, dtype=dtype, device=rt.device,
                                         vocab_size=causal.get_output_embeddings().weight.shape[0],
                                         embed=cfg.update.grade_embed)
-        if hasattr(model, "disable_adapter") and reward_model.share_base(causal, model.disable_adapter) and rt.is_main:
-            log.info("the reward model's backbone is the frozen base: rewards are read off the reference's pass "
-                     "(one base in memory for reference and reward model)")
+        shared = hasattr(model, "disable_adapter") and reward_model.share_base(causal, model.disable_adapter)
+        if rt.is_main:
+            up = cfg.update
+            log.info("GRADE (%s): reward model %s%s; τ_g=%g, top-k=%s, soft embeddings %s, β=%g, T=%d relaxed tokens",
+                     up.loss, reward_folder, " (its backbone is the frozen base: rewards read off the reference's "
+                     "pass)" if shared else "", up.grade_tau, up.grade_top_k or "all", up.grade_embed, up.kl_coef,
+                     cfg.sampling.max_new_tokens)
     strategy = build_strategy(cfg, rt, model)
     runner = PolicyRunner(model=model, strategy=strategy, trainable=ordered, device=rt.device,
                           temperature=cfg.sampling.temperature,

@@ -180,7 +180,11 @@ class ProbeResult:
         if zero and zero[0].delta_h_true != 0.0:
             out.append(f"η = 0 gave ΔH_true = {zero[0].delta_h_true!r}, not exactly 0: S(θ) was not reproduced "
                        "bit for bit at θ' = θ, so small ΔH_true values cannot be trusted on this setup")
-        if self.update is not None and self.update.grad_norm == 0.0:
+        if self.update is not None and self.update.grad_norm == 0.0 and hasattr(self.update.normalisers,
+                                                                                 "reward_mean"):
+            out.append("the GRADE gradient is exactly 0: neither r_φ nor the KL term moves with θ on these relaxed "
+                       "rollouts (check update.reward_model and update.kl_coef): u is momentum and weight decay only")
+        elif self.update is not None and self.update.grad_norm == 0.0:
             out.append("the update gradient is exactly 0 (every U group's rewards are equal, so every advantage is 0): "
                        "u is momentum and weight decay only; sample more or larger U groups to measure a learning step")
         if self.explain_e is not None and not self.curvature_resolved():

@@ -187,7 +187,7 @@ def check_prompts_fit(prompts: list[tuple[int, dict]], tokenizer, *, max_new_tok
                     source, tokenizer.unk_token, tokenizer.unk_token, "; ".join(examples))
 
 
-def check_grade(cfg, world_size: int, is_main: bool) -> Path | None:
+def check_grade(cfg, world_size: int, is_main: bool, explicit: frozenset[str] = frozenset()) -> Path | None:
     """GRADE (update.loss grade / grade_st): refuse what it cannot run with, name settings that do not apply, and
     return the reward model's folder (None for the other loss families).
 
@@ -205,6 +205,10 @@ def check_grade(cfg, world_size: int, is_main: bool) -> Path | None:
         raise ConfigError(f"update.loss={up.loss} runs with distributed.strategy=ddp or none, not fsdp2: the relaxed "
                           "rollout steps the decoder with its own KV cache outside FSDP2's sharded root. Use "
                           "distributed.strategy=ddp (the adapter's gradients are reduced the same way).")
+    if up.grade_top_k == 1:
+        raise ConfigError(f"update.loss={up.loss} with update.grade_top_k=1: a relaxation over one token is a constant "
+                          "one-hot, so no gradient flows through the rollout. Use update.grade_top_k ≥ 2, or 0 for "
+                          "the whole vocabulary.")
     if cfg.estimators.mode == "single_batch":
         raise ConfigError(f"update.loss={up.loss} cannot use estimators.mode=single_batch: a GRADE update reads "
                           "relaxed rollouts of U's prompts, not sampled sequences that E could reuse. Use "
@@ -214,9 +218,11 @@ def check_grade(cfg, world_size: int, is_main: bool) -> Path | None:
         raise RewardModelError(f"update.loss={up.loss} needs a reward model that reads soft tokens: set "
                                "update.reward_model=<folder of a one-label *ForSequenceClassification model over the "
                                f"policy's vocabulary> (none given, and {str(folder)!r} does not exist).")
-    ignored = [f"{k}={getattr(up, k)}" for k, default in (("top_entropy_quantile", 1.0), ("entropy_coef", 0.0),
-                                                          ("mask_truncated", False), ("epsilon_high", 0.2))
-               if getattr(up, k) != default]
+    defaults = (("top_entropy_quantile", 1.0), ("entropy_coef", 0.0), ("mask_truncated", False),
+                ("epsilon_high", 0.2), ("kl_bias_correction", False), ("loss_block_rows", None))
+    token_level = ("scale_rewards", "adv_eps", "max_len")  # resolved from defaults/recipe: named only if given
+    ignored = [f"{k}={getattr(up, k)}" for k, default in defaults if getattr(up, k) != default]
+    ignored += [f"{k}={getattr(up, k)}" for k in token_level if f"update.{k}" in explicit]
     if ignored and is_main:
         log.warning("update.loss=%s: %s do not apply to GRADE's objective (−r_φ + β·KL over relaxed rollouts) and "
                     "are ignored", up.loss, ", ".join(ignored))

@@ -294,7 +294,7 @@ def _direct_grade_gradient(probe, rm=None) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("loss", ["grade", "grade_st"])
-def test_probe_measures_a_grade_step(toy_checkpoint, loss):
+def test_probe_measures_a_grade_step(toy_checkpoint, loss, tmp_path):
     """The probe's GRADE gradient (cached, checkpointed, microbatched) = a direct recompute of ∇L_U; u is AdamW of
     it; η = 0 is exact, the training state is restored, U's rows carry the rounded ids and r_φ."""
     probe = make_probe(toy_checkpoint, [*GRADE_SMALL, f"update.loss={loss}", "memory.microbatch_grad=2",
@@ -314,6 +314,13 @@ def test_probe_measures_a_grade_step(toy_checkpoint, loss):
     assert all(g.responses.shape == (3, probe.cfg.sampling.max_new_tokens) for g in rows)
     assert all(bool(torch.isfinite(g.rewards).all()) for g in rows)
     assert summary["explain/sum_contrib_e"] is not None and "explain/sum_contrib_u" not in summary
+    from probe_dist.report.html import write_report
+
+    page = write_report(tmp_path, {**summary, "provenance/loss": loss,
+                                   "provenance/loss_options": {"grade_tau": 0.7, "grade_top_k": 8, "kl_coef": 0.05},
+                                   "provenance/reward_model": probe.load_info["provenance/reward_model"]}, [])
+    text = page.read_text()
+    assert "GRADE" in text and "reward_model" in text
 
 
 def test_grade_same_sample_limit_is_linear_in_eta(toy_checkpoint):
@@ -342,8 +349,14 @@ def test_grade_refusals(toy_checkpoint, tmp_path):
         check_grade(cfg("distributed.strategy=fsdp2"), 2, True)
     with pytest.raises(ConfigError, match="two_batch"):
         check_grade(cfg("estimators.mode=single_batch"), 1, True)
+    with pytest.raises(ConfigError, match="grade_top_k=1"):
+        check_grade(cfg("update.grade_top_k=1"), 1, True)
     with pytest.raises(RewardModelError, match="update.reward_model"):
         check_grade(load_config(None, [f"checkpoint.path={tmp_path}", "update.loss=grade"]), 1, True)
+    with pytest.raises(RewardModelError, match="does not exist"):
+        RewardModel.load(tmp_path / "missing", dtype=torch.float32, device=torch.device("cpu"), vocab_size=16)
+    with pytest.raises(RewardModelError, match="Qwen2ForCausalLM, not a"):
+        RewardModel.load(toy_checkpoint / "base", dtype=torch.float32, device=torch.device("cpu"), vocab_size=16)
     # Reward model folders that cannot be used: none there, pickled weights only, wrong vocabulary, two labels.
     with pytest.raises(RewardModelError, match="config.json"):
         RewardModel.load(tmp_path, dtype=torch.float32, device=torch.device("cpu"), vocab_size=16)

@@ -68,14 +68,28 @@ class RewardModel:
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
         folder = Path(path)
+        if not folder.is_dir():
+            raise RewardModelError(f"update.reward_model {str(folder)!r} does not exist or is not a folder; point it "
+                                   "at a transformers sequence-classification model folder (save_pretrained of a "
+                                   "reward model with one label).")
         if not (folder / "config.json").is_file():
             raise RewardModelError(f"update.reward_model {str(folder)!r} holds no config.json; point it at a "
                                    "transformers sequence-classification model folder (save_pretrained of a reward "
                                    "model with one label, e.g. TRL's RewardTrainer output).")
+        try:
+            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        except (ValueError, OSError) as exc:
+            raise RewardModelError(f"update.reward_model {str(folder)!r}: its config.json cannot be read ({exc}); "
+                                   "re-save the reward model with save_pretrained.") from None
+        architectures = list(getattr(config, "architectures", None) or [])
+        if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise RewardModelError(f"update.reward_model {str(folder)!r} is a {', '.join(architectures)}, not a "
+                                   "*ForSequenceClassification model: a reward model maps a sequence to one score "
+                                   "(e.g. TRL's RewardTrainer output, or AutoModelForSequenceClassification with "
+                                   "num_labels=1).")
         if not any(folder.glob("*.safetensors")):
             raise RewardModelError(f"update.reward_model {str(folder)!r} has no *.safetensors weights; the probe never "
                                    "unpickles weights. Re-save it with save_pretrained(safe_serialization=True).")
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         if getattr(config, "num_labels", None) != 1:
             raise RewardModelError(f"update.reward_model {str(folder)!r} has num_labels={config.num_labels}; a "
                                    "reward model has one scalar output (num_labels=1).")

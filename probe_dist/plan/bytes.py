@@ -42,7 +42,7 @@ GRAD_LOGITS_FACTOR = 5   # float32 [chunk, V] buffers alive in a checkpointed he
 NOGRAD_LOGITS_FACTOR = 4  # ... in a no-grad chunk (logits, z/τ, exp temporaries, probs, probs·z)
 MIN_LOGITS_CHUNK = 64
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
-STATIC_COMPONENTS = ("weights", "adapter", "optimizer_state", "ddp_buckets", "accumulators")
+STATIC_COMPONENTS = ("weights", "adapter", "optimizer_state", "ddp_buckets", "accumulators", "reward_model")
 
 
 @dataclass(kw_only=True)
@@ -64,6 +64,7 @@ class Settings:
     rows_generate: int = 8  # memory.microbatch_generate: responses of one prompt decoded together
     explain: bool = False   # estimators.explain (and not fsdp2): the forward-mode explanation pass runs
     grade_top_k: int | None = None  # GRADE (update.loss grade/grade_st): relaxation support k (0: V); None: not GRADE
+    reward_model_params: int = 0    # GRADE: the reward model's parameters (its weights stay on the device)
 
     @property
     def seq_len(self) -> int:
@@ -124,6 +125,8 @@ def _static(shape: ModelShape, s: Settings) -> dict[str, int]:
         out["fsdp_unsharded_layers"] = 2 * shape.layer_params * b
     if s.accumulators_on_device:
         out["accumulators"] = 4 * shape.adapter_params * 8
+    if s.reward_model_params:
+        out["reward_model"] = s.reward_model_params * b
     return out
 
 

@@ -186,6 +186,8 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
         tok_dir = paths.tokenizer if paths else (Path(cfg.checkpoint.tokenizer) if cfg.checkpoint.tokenizer else None)
         prompt_tokens = _prompt_tokens(cfg, tok_dir, notes)
     strategy = cfg.distributed.strategy
+    grade = cfg.update.loss in ("grade", "grade_st")
+    reward_params = _grade_notes(cfg, notes) if grade else 0
     if world_size is None:
         env = os.environ.get("WORLD_SIZE")
         world_size = int(env) if env else (8 if strategy in ("ddp", "fsdp2") else 1)
@@ -196,7 +198,7 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
                  accumulators_on_device=cfg.memory.accumulator_device == "model",
                  rows_generate=cfg.memory.microbatch_generate,
                  explain=cfg.estimators.explain and strategy != "fsdp2",
-                 grade_top_k=cfg.update.grade_top_k if cfg.update.loss in ("grade", "grade_st") else None)
+                 grade_top_k=cfg.update.grade_top_k if grade else None, reward_model_params=reward_params)
     available = int(gpu_mem_bytes * (1.0 - margin) - reserve_bytes)
     m = cfg.memory
     configured = phase_peaks(shape, s, rows_score=m.microbatch_score, rows_grad=m.microbatch_grad,
@@ -226,6 +228,31 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
     }
     plan["message"] = _message(plan)
     return plan
+
+
+def _grade_notes(cfg, notes: list[str]) -> int:
+    """GRADE: what the probe would refuse, and the reward model's parameter count (from its safetensors headers;
+    0 with a note when its folder is not found)."""
+    if cfg.distributed.strategy == "fsdp2":
+        notes.append(f"update.loss={cfg.update.loss} runs with distributed.strategy=ddp or none: the probe refuses "
+                     "fsdp2 with more than one rank")
+    if cfg.estimators.mode == "single_batch":
+        notes.append(f"update.loss={cfg.update.loss} needs estimators.mode=two_batch: the probe refuses single_batch")
+    folder = Path(cfg.update.reward_model) if cfg.update.reward_model else (
+        Path(cfg.checkpoint.path) / "reward_model" if cfg.checkpoint.path else None)
+    files = sorted(folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []
+    if not files:
+        notes.append("the reward model's weights are not counted (no update.reward_model folder with safetensors "
+                     "found); add them to the update_gradient peak")
+        return 0
+    from safetensors import safe_open
+
+    count = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                count += math.prod(handle.get_slice(key).get_shape())
+    return count
 
 
 def _round_up(n: int) -> int:

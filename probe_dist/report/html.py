@@ -71,7 +71,8 @@ def write_report(out_dir: Path, summary: dict, rows: list[dict]) -> Path | None:
         "<h2>Explanation: curvature, decompositions, covariance proxy</h2>",
         _guarded("scalars table", lambda: _scalars_table(summary)),
         "<h2>Sequences that moved entropy most</h2>",
-        _guarded("top sequences", lambda: _top_sequences(rows)),
+        _guarded("top sequences", lambda: _top_sequences(rows, grade=True)
+                 if summary.get("provenance/loss") in ("grade", "grade_st") else _top_sequences(rows)),
         "<h2>Prompts of E</h2>",
         _guarded("per-prompt table", lambda: _prompt_table(rows)),
     ]
@@ -180,6 +181,19 @@ def _header(summary: dict) -> str:
         out.append(f"<li>prompt groups behind every SE: {_e(_fmt(groups, 'g'))}{_e(rough)}</li>")
     if "restore/verified" in summary:
         out.append(f"<li>restore verified on all ranks: {_e(summary['restore/verified'])}</li>")
+    loss = summary.get("provenance/loss")
+    if loss in ("grade", "grade_st"):
+        options = summary.get("provenance/loss_options") if isinstance(summary.get("provenance/loss_options"), dict) \
+            else {}
+        rm = summary.get("provenance/reward_model") if isinstance(summary.get("provenance/reward_model"), dict) else {}
+        out.append(f"<li>update: GRADE ({'straight-through' if loss == 'grade_st' else 'Gumbel-softmax'}) through "
+                   f"relaxed rollouts of U, τ_g = {_e(_fmt(options.get('grade_tau'), 'g'))}, top-k = "
+                   f"{_e(_fmt(options.get('grade_top_k'), 'g'))} (0: all), β = {_e(_fmt(options.get('kl_coef'), 'g'))}; "
+                   f"mean r_φ = {_e(_fmt(summary.get('update/grade_reward_mean'), '.4g'))}, mean sequence KL = "
+                   f"{_e(_fmt(summary.get('update/grade_kl_mean'), '.4g'))}; reward model <code>{_e(rm.get('path', ''))}"
+                   f"</code>{' (shares the frozen base)' if rm.get('shared_base') else ''}</li>")
+    elif loss is not None:
+        out.append(f"<li>update: loss <code>{_e(loss)}</code></li>")
     for key, label in (("provenance/checkpoint", "checkpoint"), ("provenance/config_hash", "config hash")):
         if summary.get(key) is not None:
             out.append(f"<li>{label}: <code>{_e(summary[key])}</code></li>")
@@ -350,7 +364,7 @@ def _scalars_table(summary: dict) -> str:
     return "\n".join(out)
 
 
-def _top_sequences(rows: list[dict]) -> str:
+def _top_sequences(rows: list[dict], grade: bool = False) -> str:
     if not rows:
         return _note("no per-sequence rows (the run stopped before sampling)")
     out = []
@@ -376,6 +390,9 @@ def _top_sequences(rows: list[dict]) -> str:
                             _int_cell(r.get("response")), _num_cell(r.get("reward")),
                             _num_cell(r.get("advantage")), _int_cell(r.get("T")), _num_cell(r["contrib_u"], ".6g"),
                             _num_cell(r.get("cov_contrib"), ".4g"), _text_cell(r)] for r in u_rows[:TOP_SEQUENCES]]))
+    elif grade:
+        out.append(_note("no update-batch contributions d_j: a GRADE update has no sampled U sequences to decompose "
+                         "(its U rows hold the ids the relaxed tokens round to and r_φ)"))
     else:
         out.append(_note("no update-batch contributions d_j in the rows (explanation not run, or the run stopped before it finished)"))
     return "\n".join(out)
