@@ -45,7 +45,7 @@ class ScriptedPolicy:
         self.scripts = scripts
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def decode(self, input_ids, past_key_values=None, position_ids=None):
+    def decode(self, input_ids, past_key_values=None, position_ids=None, attention_mask=None):
         step = 0 if past_key_values is None else past_key_values
         assert input_ids.shape[0] == len(self.scripts)
         self.calls.append((input_ids.clone(), position_ids.clone()))
@@ -246,3 +246,26 @@ def test_decode_response_stops_at_any_eos():
 
     assert decode_response(Tok(), [1, 2, 6, 3], eos_ids=[7, 6]) == "12"
     assert decode_response(Tok(), [1, 2, 7, 3]) == "12"
+
+
+def test_inverse_cdf_sampling_draws_the_distribution():
+    """Counter-based inverse-CDF draws follow softmax(z) (chi-square over 40k rows), never pick a zero-probability
+    id, and are a pure function of (key, step): the same row alone or in a batch draws the same token."""
+    from scipy import stats
+
+    from probe_dist.rollout.generate import inverse_cdf_sample
+
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.25, 0.05, 0.6, 0.0, 0.0], dtype=torch.float32)
+    keys = torch.arange(40000, dtype=torch.int64) * 2654435761 % (1 << 62)
+    for step in (0, 5):
+        tokens = inverse_cdf_sample(probs.expand(keys.numel(), -1), keys, step)
+        counts = torch.bincount(tokens, minlength=V).double()
+        assert float(counts[probs == 0].sum()) == 0.0
+        support = probs > 0
+        expected = probs[support].double() * keys.numel()
+        chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
+        assert chi2 < stats.chi2.isf(1e-4, int(support.sum()) - 1), chi2
+        alone = inverse_cdf_sample(probs.unsqueeze(0), keys[123:124], step)
+        assert int(alone[0]) == int(tokens[123])
+    with pytest.raises(RuntimeError, match="invalid sampling distribution"):
+        inverse_cdf_sample(torch.full((1, V), float("nan")), keys[:1], 0)

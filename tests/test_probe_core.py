@@ -135,15 +135,18 @@ def test_negated_advantages_flip_the_prediction(toy_checkpoint):
 
 
 def test_samples_do_not_depend_on_generation_chunking(toy_checkpoint):
-    """Each response has its own seeded generator: decoding rows 1 at a time or all together gives the same."""
+    """Each response has its own counter-based stream: decoding rows 1 at a time, 3 at a time, or whole groups of
+    different prompts together (left-padded blocks: 8 rows = 2 groups) gives the same samples (float64: the
+    logits differ only at 1e-16, far from any CDF boundary), and the same real groups in the same order."""
     tokens = []
     for rows in (1, 3, 8):
-        probe = make_probe(toy_checkpoint, SMALL + [f"memory.microbatch_generate={rows}"])
+        probe = make_probe(toy_checkpoint, SMALL + [f"memory.microbatch_generate={rows}", "precision.dtype=float64"])
         batch = probe.sample("E", 3, 4)
-        tokens.append([(g.responses.tolist(), g.lengths.tolist()) for g in batch.groups])
+        assert batch.block_size == {1: 1, 3: 1, 8: 2}[rows]
+        tokens.append([(g.prompt_index, g.responses.tolist(), g.lengths.tolist()) for g in batch.real_groups])
     assert tokens[0] == tokens[1] == tokens[2]
     other_seed = make_probe(toy_checkpoint, SMALL + ["sampling.seed=99"]).sample("E", 3, 4)
-    assert [(g.responses.tolist(), g.lengths.tolist()) for g in other_seed.groups] != tokens[0]
+    assert [(g.prompt_index, g.responses.tolist(), g.lengths.tolist()) for g in other_seed.groups] != tokens[0]
 
 
 def test_output_overwrite_false_refuses_existing_results(toy_checkpoint, tmp_path):

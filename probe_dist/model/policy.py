@@ -45,8 +45,9 @@ class PolicyModel(nn.Module):
         return chunked_logp_entropy(self.head, pred_hidden, targets, temperature=temperature,
                                     chunk=self.logits_chunk, transform=self.logit_transform)
 
-    def decode(self, input_ids: torch.Tensor, past_key_values=None, position_ids=None):
-        """One generation step: float32 logits of the last position and the updated KV cache."""
+    def decode(self, input_ids: torch.Tensor, past_key_values=None, position_ids=None, attention_mask=None):
+        """One generation step: float32 logits of the last position and the updated KV cache. attention_mask
+        [n, past + new] marks left padding (None: no padding)."""
         out = self.lm(input_ids=input_ids, past_key_values=past_key_values, position_ids=position_ids,
-                      use_cache=True, logits_to_keep=1)
+                      attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float(), out.past_key_values

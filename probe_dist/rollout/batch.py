@@ -3,6 +3,7 @@ every model pass uses (docs/method.md §2)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -12,7 +13,8 @@ import torch
 
 @dataclass(frozen=True)
 class Microbatch:
-    """Rows of one prompt group laid out for teacher forcing: ``[prompt | response (right-padded)]``.
+    """Rows of one prompt group — or of several, `block_microbatches` — laid out for teacher forcing:
+    ``[prompt (left-padded) | response (right-padded)]``.
 
     input_ids, attention_mask: [n, P + W] long (CPU); response_mask: [n, W] bool, True at the T_i scored positions
     of row i (its response tokens through EOS); response_start = P. Scoring returns per-token values flat over the
@@ -20,11 +22,13 @@ class Microbatch:
     per row in float64.
     """
 
-    rows: slice                      # which of the group's responses these are
+    rows: slice                      # which of the group's responses these are (a block's: all its rows)
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
     response_start: int
+    row_group: tuple[int, ...] | None = None   # rows of several groups (`block_microbatches`): each row's group
+    row_index: tuple[int, ...] | None = None   # ... and its response index within that group
 
     @property
     def num_rows(self) -> int:
@@ -92,10 +96,53 @@ class Group:
                           response_mask=response_mask, response_start=p)
 
 
+def block_microbatches(groups: list[Group], rows: int) -> Iterator[Microbatch]:
+    """The rows of a block of groups, `rows` at a time in (group, response) order, each chunk one Microbatch:
+    prompts left-padded to the chunk's longest (masked out; the scorer's positions count real tokens), responses
+    right-padded to the largest group-wide width among the chunk's groups. The layout depends on the block and
+    `rows` only, so every forward is the same whatever the world size. With one group this is
+    `Group.microbatches` (no prompt padding)."""
+    order = [(j, r) for j, g in enumerate(groups) for r in range(g.size)]
+    for start in range(0, len(order), rows):
+        part = order[start:start + rows]
+        members = sorted({j for j, _ in part})
+        if len(members) == 1:
+            j = members[0]
+            mb = groups[j].layout(slice(part[0][1], part[-1][1] + 1))
+            yield dataclasses.replace(mb, row_group=(j,) * len(part), row_index=tuple(r for _, r in part))
+            continue
+        width = max(max(int(groups[j].lengths.max()), 1) for j in members)
+        p_max = max(int(groups[j].prompt_ids.shape[0]) for j in members)
+        n = len(part)
+        input_ids = torch.zeros(n, p_max + width, dtype=torch.long)
+        attention_mask = torch.zeros(n, p_max + width, dtype=torch.long)
+        response_mask = torch.zeros(n, width, dtype=torch.bool)
+        for i, (j, r) in enumerate(part):
+            g = groups[j]
+            p = g.prompt_ids.shape[0]
+            length = int(g.lengths[r])
+            input_ids[i, p_max - p:p_max] = g.prompt_ids
+            attention_mask[i, p_max - p:p_max] = 1
+            w = min(width, g.responses.shape[1])
+            input_ids[i, p_max:p_max + w] = g.responses[r, :w]
+            response_mask[i, :length] = True
+            attention_mask[i, p_max:p_max + length] = 1
+        yield Microbatch(rows=slice(0, n), input_ids=input_ids, attention_mask=attention_mask,
+                         response_mask=response_mask, response_start=p_max,
+                         row_group=tuple(j for j, _ in part), row_index=tuple(r for _, r in part))
+
+
 @dataclass
 class RolloutBatch:
     name: str                          # "E" or "U"
     groups: list[Group]                # this rank's groups (plus zero-weight padding)
+    block_size: int = 1                # groups decoded (and scored) together: consecutive runs of this many
+
+    def blocks(self) -> list[list[Group]]:
+        """This rank's groups as its blocks (every block full: the batch's last one is padded with zero-weight
+        copies), in order."""
+        k = max(self.block_size, 1)
+        return [self.groups[i:i + k] for i in range(0, len(self.groups), k)]
 
     @property
     def real_groups(self) -> list[Group]:

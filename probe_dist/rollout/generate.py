@@ -1,9 +1,17 @@
-"""Per-prompt seeded sampling from softmax(z/τ) with full support (top_p = 1, top_k = 0).
+"""Batched, seeded sampling from softmax(z/τ) with full support (top_p = 1, top_k = 0).
 
 Our own decoding loop rather than `generate()`: no logits processors can silently truncate the support
-(generation_config's default top_k = 50), no per-step scores are kept, and every response comes from a generator
-seeded by (run seed, batch name, global prompt index, response index) — so the batch is identical for any world
-size and any generation chunking.
+(generation_config's default top_k = 50) and no per-step scores are kept. A block of rows — the responses of
+several prompts, left-padded to one width with an attention mask and position ids — is decoded together with a
+KV cache; rows finish independently (their later tokens are padding). Every response draws from its own
+counter-based stream keyed by (run seed, batch name, global prompt index, response index): at step t its uniform
+is a hash of (key, t) (`update.relax.counter_uniform`) and the token is the inverse CDF of softmax(z/τ) at it, so
+all rows draw at once, with no generator state.
+
+Invariances: the samples do not depend on the world size or on which rank decodes a block (blocks are fixed by the
+global prompt order and memory.microbatch_generate). Decoding the same rows in another block (another
+microbatch_generate) changes the logits only by float rounding, so a token changes only where a row's uniform
+falls within that rounding of a CDF boundary (probability ~1e-7 per token in float32).
 """
 
 from __future__ import annotations
@@ -13,64 +21,66 @@ from collections.abc import Sequence
 
 import torch
 
+from probe_dist.update.relax import counter_uniform
+
+SAMPLER_STREAM = 0xFFFFFFFF  # the counter's token slot for sampling: no token id, so GRADE's noise never coincides
+
 
 def response_seed(seed: int, batch_name: str, prompt_index: int, response_index: int) -> int:
+    """The 63-bit stream key of one response: SHA-256 of (seed, batch, prompt index, response index)."""
     digest = hashlib.sha256(f"{seed}:{batch_name}:{prompt_index}:{response_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def inverse_cdf_sample(probs: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
+    """One token per row from probs [n, V] (rows need not be normalised) at the row's counter uniform for `step`.
+
+    The token is the first id whose cumulative probability (float64) reaches u·total: an id of zero probability is
+    never drawn, every other id with probability proportional to its mass. keys: [n] int64. Returns [n] long.
+    Raises RuntimeError when a row is not a valid distribution (NaN/inf or no mass, e.g. temperature 0).
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    if not bool(torch.isfinite(cdf).all()) or not bool((total > 0).all()):
+        raise RuntimeError("invalid sampling distribution: the logits give NaN/inf or no probability mass "
+                           "(check the model's weights and sampling.temperature > 0)")
+    ids = torch.full((keys.shape[0], 1), SAMPLER_STREAM, dtype=torch.long, device=keys.device)
+    u = counter_uniform(keys, step, ids).to(cdf.device) * total
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_max(probs.shape[-1] - 1)
+
+
 @torch.no_grad()
-def sample_responses(policy, prompt_ids: torch.Tensor, num_responses: int, *, max_new_tokens: int,
-                     temperature: float, eos_ids: Sequence[int], pad_id: int, seed_key: tuple[int, str, int],
-                     device: torch.device, rows_per_chunk: int | None = None,
-                     lockstep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample G responses to one prompt. Returns (responses [G, max_new_tokens] CPU long, lengths [G]).
+def sample_rows(policy, prompts: Sequence[torch.Tensor], row_prompt: Sequence[int], keys: torch.Tensor, *,
+                max_new_tokens: int, temperature: float, eos_ids: Sequence[int], pad_id: int,
+                device: torch.device, lockstep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode one block: row i continues prompts[row_prompt[i]] drawing from stream keys[i].
 
-    Response r draws from its own generator seeded by (seed, batch, prompt index, r), so the samples are the same
-    whatever the world size and however the rows are chunked (`rows_per_chunk` bounds the KV cache).
-    `policy.decode(input_ids, past_key_values, position_ids)` gives last-position float32 logits and the cache.
-    With `lockstep` every call runs exactly max_new_tokens steps (FSDP2 ranks must run the same forwards).
-    A response ends at the first token in `eos_ids` (every id the model's generation_config and the tokenizer
-    name as EOS), which is counted in its length T and scored.
-    prompt_ids: [P] long (any device); unfinished rows have length max_new_tokens, padding after EOS is pad_id.
-    Raises RuntimeError (from torch.multinomial) if the logits give an invalid distribution (NaN/inf, temperature 0).
+    prompts: [P_j] long token ids (any device); keys: [n] int64 stream keys (`response_seed`). Prompts are
+    left-padded with pad_id to the longest, masked out, and positions count real tokens only.
+    `policy.decode(input_ids, past_key_values, position_ids, attention_mask)` gives last-position float32 logits
+    and the cache. With `lockstep` every call runs exactly max_new_tokens steps (FSDP2 ranks must run the same
+    forwards). A response ends at the first token in `eos_ids`, which is counted in its length T and scored.
+    Returns (responses [n, max_new_tokens] CPU long, pad after the end; lengths [n] CPU long, max_new_tokens for
+    unfinished rows). Raises RuntimeError on an invalid distribution (NaN/inf logits, temperature 0).
     """
-    chunk = rows_per_chunk or num_responses
-    outs, lens = [], []
-    for start in range(0, num_responses, chunk):
-        rows = range(start, min(start + chunk, num_responses))
-        gens = []
-        for r in rows:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(response_seed(*seed_key, r))
-            gens.append(gen)
-        o, n = _decode_rows(policy, prompt_ids, gens, max_new_tokens=max_new_tokens, temperature=temperature,
-                            eos_ids=eos_ids, pad_id=pad_id, device=device, lockstep=lockstep)
-        outs.append(o)
-        lens.append(n)
-    return torch.cat(outs), torch.cat(lens)
-
-
-def _decode_rows(policy, prompt_ids, gens, *, max_new_tokens, temperature, eos_ids, pad_id, device, lockstep):
-    """Decode len(gens) rows of prompt_ids [P] long, row i drawing from gens[i] on `device`.
-
-    Returns (out [rows, max_new_tokens] CPU long, lengths [rows] CPU long). Raises RuntimeError (torch.multinomial)
-    on an invalid distribution.
-    """
-    n_rows = len(gens)
-    ids = prompt_ids.to(device).unsqueeze(0).expand(n_rows, -1).contiguous()
-    p = ids.shape[1]
-    out = torch.full((n_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    lengths = torch.full((n_rows,), max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    n = len(row_prompt)
+    width = max(int(prompts[j].numel()) for j in set(row_prompt))
+    ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(n, width, dtype=torch.long, device=device)
+    for i, j in enumerate(row_prompt):
+        p = prompts[j].to(device)
+        ids[i, width - p.numel():] = p
+        mask[i, width - p.numel():] = 1
+    keys = keys.to(device)
+    out = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
     eos = torch.tensor(sorted({int(e) for e in eos_ids}), dtype=torch.long, device=device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache, step_input = None, ids
-    positions = torch.arange(p, device=device).unsqueeze(0).expand(n_rows, -1)
     for t in range(max_new_tokens):
-        logits, cache = policy.decode(step_input, past_key_values=cache, position_ids=positions)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        # One draw per row from its own generator, also for finished rows: a fixed use of each stream.
-        token = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i]) for i in range(n_rows)])
+        logits, cache = policy.decode(step_input, past_key_values=cache, position_ids=positions, attention_mask=mask)
+        token = inverse_cdf_sample(torch.softmax(logits / temperature, dim=-1), keys, t)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         out[:, t] = token
         newly_done = (~done) & torch.isin(token, eos)
@@ -79,5 +89,25 @@ def _decode_rows(policy, prompt_ids, gens, *, max_new_tokens, temperature, eos_i
         if bool(done.all()) and not lockstep:
             break
         step_input = token.unsqueeze(1)
-        positions = torch.full((n_rows, 1), p + t, dtype=torch.long, device=device)
+        positions = positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones(n, 1, dtype=torch.long, device=device)], dim=1)
     return out.cpu(), lengths.cpu()
+
+
+def sample_responses(policy, prompt_ids: torch.Tensor, num_responses: int, *, max_new_tokens: int,
+                     temperature: float, eos_ids: Sequence[int], pad_id: int, seed_key: tuple[int, str, int],
+                     device: torch.device, rows_per_chunk: int | None = None,
+                     lockstep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """G responses to one prompt (prompt_ids [P] long), `rows_per_chunk` rows decoded together; response r
+    draws from the stream response_seed(*seed_key, r). Returns (responses [G, max_new_tokens], lengths [G]) on CPU;
+    see `sample_rows`."""
+    chunk = rows_per_chunk or num_responses
+    outs, lens = [], []
+    for start in range(0, num_responses, chunk):
+        rows = range(start, min(start + chunk, num_responses))
+        keys = torch.tensor([response_seed(*seed_key, r) for r in rows], dtype=torch.int64)
+        o, n = sample_rows(policy, [prompt_ids], [0] * len(rows), keys, max_new_tokens=max_new_tokens,
+                           temperature=temperature, eos_ids=eos_ids, pad_id=pad_id, device=device, lockstep=lockstep)
+        outs.append(o)
+        lens.append(n)
+    return torch.cat(outs), torch.cat(lens)

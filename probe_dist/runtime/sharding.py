@@ -18,3 +18,20 @@ def shard_groups(num_groups: int, world_size: int, rank: int) -> list[int]:
 def max_groups_per_rank(num_groups: int, world_size: int) -> int:
     """Every rank runs this many group-steps (padding with zero-weight work) so collectives stay in lockstep."""
     return -(-num_groups // world_size)
+
+
+def groups_per_block(rows_per_forward: int, group_size: int, num_groups: int | None = None) -> int:
+    """Prompt groups decoded together: as many whole groups as fit in `rows_per_forward` rows, at least one; with
+    `num_groups`, evened out over the blocks that needs (ceil(B / ceil(B / K))) so the last block is nearly full —
+    it is padded with zero-weight copies (every rank runs the same passes). Depends on B, G and the rows only."""
+    most = max(1, rows_per_forward // max(group_size, 1))
+    if not num_groups:
+        return most
+    blocks = -(-num_groups // most)
+    return -(-num_groups // blocks)
+
+
+def block_ranges(num_groups: int, per_block: int) -> list[range]:
+    """The fixed blocks of consecutive group indices [0, num_groups), `per_block` each (the last may be shorter):
+    a function of the global order and the block size only, never of the world size."""
+    return [range(start, min(start + per_block, num_groups)) for start in range(0, num_groups, per_block)]

@@ -24,27 +24,33 @@ TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 1e-1, tor
 def decode_logps(runner: PolicyRunner, group: Group, rows: int, steps: int, pad_id: int) -> tuple[torch.Tensor, ...]:
     """Teacher-forced log-probs of the first `rows` responses of `group`, through the sampler's decoding path.
 
-    One `decode` call for the prompt, then one per response token with the KV cache, exactly as
-    `rollout.generate` samples; `steps` (≥ the group's width) decode calls in all, so FSDP2 ranks stay in lockstep.
-    Returns (decode log-probs [M], scorer log-probs [M]) over the scored positions, float64 CPU.
+    As `rollout.generate.sample_rows` decodes a block: the prompts are left-padded with two pad tokens (masked
+    out; positions count real tokens), one `decode` call for the prompts, then one per response token with the
+    KV cache; `steps` (≥ the group's width) decode calls in all, so FSDP2 ranks stay in lockstep. So a model that
+    mishandles left padding or position ids fails the check too. Returns (decode log-probs [M], scorer log-probs
+    [M]) over the scored positions, float64 CPU.
     """
     mb = group.layout(slice(0, min(rows, group.size)))
     scored, _ = runner.forward(mb, grad=False)
     device, n, start = runner.device, mb.num_rows, mb.response_start
     width = mb.response_mask.shape[1]
     responses = mb.input_ids[:, start:].to(device)
-    step_input = mb.input_ids[:, :start].to(device)
-    positions = torch.arange(start, device=device).unsqueeze(0).expand(n, -1)
+    pads = 2  # left padding in front of every row, as a block with a longer prompt has
+    step_input = torch.cat([torch.full((n, pads), pad_id, dtype=torch.long), mb.input_ids[:, :start]], 1).to(device)
+    mask = torch.cat([torch.zeros(n, pads, dtype=torch.long), torch.ones(n, start, dtype=torch.long)], 1).to(device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache, columns = None, []
     for t in range(max(steps, width)):
-        logits, cache = runner.decoder.decode(step_input, past_key_values=cache, position_ids=positions)
+        logits, cache = runner.decoder.decode(step_input, past_key_values=cache, position_ids=positions,
+                                              attention_mask=mask)
         if t < width:
             logp = torch.log_softmax(logits.float() / runner.temperature, dim=-1)
             columns.append(logp.gather(-1, responses[:, t:t + 1]).squeeze(-1))
             step_input = responses[:, t:t + 1]
         else:
             step_input = torch.full((n, 1), pad_id, dtype=torch.long, device=device)
-        positions = torch.full((n, 1), start + t, dtype=torch.long, device=device)
+        positions = positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones(n, 1, dtype=torch.long, device=device)], dim=1)
     decoded = torch.stack(columns, dim=1)[mb.response_mask.to(device)]
     return decoded.double().cpu(), scored.double().cpu()
 

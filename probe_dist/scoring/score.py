@@ -14,7 +14,7 @@ from probe_dist.estimators.entropy import (
 )
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.results import BaseEntropy, SequenceScores
-from probe_dist.rollout.batch import Group, RolloutBatch
+from probe_dist.rollout.batch import Group, RolloutBatch, block_microbatches
 
 
 def score_group(runner: PolicyRunner, group: Group) -> SequenceScores:
@@ -30,11 +30,27 @@ def score_group(runner: PolicyRunner, group: Group) -> SequenceScores:
     return SequenceScores(S=torch.cat(logp_parts), h_rb=torch.cat(rb_parts), T=group.lengths.clone())
 
 
+def score_block(runner: PolicyRunner, groups: list[Group]) -> list[SequenceScores]:
+    """score_group for a block of groups scored together: microbatches of `runner.sizes.score` rows that may span
+    groups (left-padded prompts, `rollout.batch.block_microbatches`); the layout depends on the block alone."""
+    s = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
+    h = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
+    for mb in block_microbatches(groups, runner.sizes.score):
+        token_logp, token_h = runner.forward(mb, grad=False)
+        logp_rows, h_rows = mb.row_sums(token_logp), mb.row_sums(token_h)
+        for i, (j, r) in enumerate(zip(mb.row_group, mb.row_index)):
+            s[j][r], h[j][r] = logp_rows[i], h_rows[i]
+    return [SequenceScores(S=s[j], h_rb=h[j], T=g.lengths.clone()) for j, g in enumerate(groups)]
+
+
 def score_batch(rt, runner: PolicyRunner, batch: RolloutBatch) -> list[SequenceScores]:
-    """Scores of every group of this rank (padding included), with a safe point after each group (stop signals,
-    the lockstep OOM retry). Raises StopRequested on every rank when a stop was requested."""
-    return runner.run_groups(rt, "score", batch.groups, start=list,
-                             step=lambda _i, group, out: out.append(score_group(runner, group)))
+    """Scores of every group of this rank (padding included), block by block (`RolloutBatch.blocks`: G ≥
+    microbatch_score means one group at a time), with a safe point after each block (stop signals, the lockstep
+    OOM retry). Raises StopRequested on every rank when a stop was requested."""
+    blocks = batch.blocks()
+    out = runner.run_groups(rt, "score", blocks, start=list,
+                            step=lambda _i, block, acc: acc.append(score_block(runner, block)))
+    return [sc for block in out for sc in block]
 
 
 def base_entropy(rt, batch: RolloutBatch, scores: list[SequenceScores], *, payload: str,
