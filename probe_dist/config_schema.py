@@ -114,7 +114,8 @@ class EstimatorsConfig:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    microbatch_generate: int = _f(8, ge=1, help="responses of one prompt decoded together (bounds the KV cache)")
+    microbatch_generate: int = _f(8, ge=1, help="rows decoded together: whole prompt groups per block (at least "
+                                                 "one; bounds the KV cache)")
     microbatch_score: int = _f(8, ge=1, help="sequences per no-grad scoring forward")
     microbatch_grad: int = _f(4, ge=1, help="sequences per forward+backward")
     logits_chunk: int = _f(1024, ge=1, help="response positions per logits/entropy chunk")

@@ -1,9 +1,9 @@
 """The probe, top to bottom: sample → score → update → predict (δH₁) → measure (ΔH_true) → restore → report.
 
 Each step lives in the module its folder names and receives only the config section it needs; this file keeps
-the order, the phase clock, the stop points and the snapshot. Every forward runs on rows of one prompt group
-(layout fixed by the group alone) and every global quantity is a float64 sum all-reduced by the runtime, so
-results do not depend on the world size or the partition.
+the order, the phase clock, the stop points and the snapshot. Every forward runs on rows of one block of prompt
+groups, or of one group in the gradient passes (layout fixed by the block or group alone), and every global
+quantity is a float64 sum all-reduced by the runtime, so results do not depend on the world size or the partition.
 """
 
 from __future__ import annotations

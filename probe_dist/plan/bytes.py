@@ -2,7 +2,7 @@
 
 Memory model (b = bytes of precision.dtype; n rows × L = prompt + max_new_tokens tokens per microbatch;
 M = n × max_new_tokens scored positions; h hidden, I intermediate, H heads, d head dim, V vocabulary, ℓ layers;
-every row of a microbatch belongs to one prompt group, so n ≤ G):
+a gradient microbatch's rows belong to one prompt group, so n ≤ G; a scoring microbatch's to one block of groups):
 
   static      weights (b each; FSDP2 shards the frozen base: ÷ world size, plus two unsharded decoder layers),
               adapter (b) and AdamW exp_avg/exp_avg_sq on the device in the parameter dtype (replicated),
@@ -24,9 +24,9 @@ every row of a microbatch belongs to one prompt group, so n ≤ G):
               head the last hidden states + response hidden states + 4 float32 [chunk, V] buffers.
   GRADE       (update.loss grade/grade_st) the update pass is `grade_pass`: its kept KV cache, relaxed tokens and
               reward input, plus the largest recomputation in backward.
-  generation  KV cache 2·ℓ·kv·d·g·L·b for g = min(memory.microbatch_generate, G) rows of one prompt decoded
-              together, plus one layer's cache copy, and the larger of the prefill temporaries and the per-step
-              float32 logits/probabilities (3·g·V·4).
+  generation  KV cache 2·ℓ·kv·d·g·L·b for the g ≤ memory.microbatch_generate rows of a block of whole groups
+              decoded together (left-padded to the longest prompt), plus one layer's cache copy, and the larger of
+              the prefill temporaries and the per-step float32 logits/probabilities (3·g·V·4).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Settings:
     real_step: bool
     amsgrad: bool
     accumulators_on_device: bool
-    rows_generate: int = 8  # memory.microbatch_generate: responses of one prompt decoded together
+    rows_generate: int = 8  # memory.microbatch_generate: rows of a block of whole groups decoded together
     explain: bool = False   # estimators.explain (and not fsdp2): the forward-mode explanation pass runs
     grade_top_k: int | None = None  # GRADE (update.loss grade/grade_st): relaxation support k (0: V); None: not GRADE
     reward_model_params: int = 0    # GRADE: the reward model's parameters (its weights stay on the device)
@@ -155,9 +155,15 @@ def _grad_pass(shape: ModelShape, s: Settings, n: int, chunk: int) -> dict[str, 
             "layer_workspace": layer if layer > head else 0}
 
 
+def block_rows(rows_generate: int, group: int) -> int:
+    """Rows of one decode call: whole groups up to memory.microbatch_generate rows (at most that many), or a chunk
+    of one larger group (runtime.sharding.groups_per_block with the batch size unknown: an upper bound)."""
+    return min(rows_generate, group) if group >= rows_generate else (rows_generate // group) * group
+
+
 def _sample(shape: ModelShape, s: Settings) -> dict[str, int]:
     b = s.dtype_bytes
-    g = min(s.rows_generate, max(s.group_e, s.group_u))  # rows of one prompt decoded together
+    g = max(block_rows(s.rows_generate, s.group_e), block_rows(s.rows_generate, s.group_u))  # rows decoded together
     per_token_layer = 2 * shape.kv_heads * shape.head_dim * b
     kv = shape.num_layers * per_token_layer * g * s.seq_len
     prefill = g * s.prompt_tokens * b * (2 * shape.hidden + max(4 * shape.intermediate + 2 * shape.hidden,
@@ -205,7 +211,9 @@ def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: i
     """
     static = _static(shape, s)
     grads = {"adapter_grads": shape.adapter_params * s.dtype_bytes}
-    rs_e, rg_e, rg_u = min(rows_score, s.group_e), min(rows_grad, s.group_e), min(rows_grad, s.group_u)
+    # Scoring forwards span the groups of a block; gradient passes stay within one group.
+    rs_e = min(rows_score, block_rows(s.rows_generate, s.group_e))
+    rg_e, rg_u = min(rows_grad, s.group_e), min(rows_grad, s.group_u)
 
     def total(parts: dict) -> dict:
         return {"peak_bytes": int(sum(parts.values())), "components": {k: int(v) for k, v in parts.items()}}
