@@ -109,15 +109,16 @@ def test_real_step_matches_update_vector(toy_checkpoint, dtype):
 
 def test_same_sample_limit_is_linear_in_eta(toy_checkpoint):
     """ΔH_true(η)/η → δH₁/η on one batch, with error shrinking linearly in η (docs/method.md §5.1)."""
-    # float64 and η ≤ 1e-3: off the fp32 floor (some layers compute in fp32 whatever the model dtype) and inside the linear regime.
-    etas = [1e-5, 1e-4, 1e-3]
+    # float64 and 1e-5 ≤ η ≤ 3e-4: off the fp32 floor (some layers compute in fp32 whatever the model dtype; below
+    # ~1e-5 it shows) and inside the linear regime (at 1e-3 higher orders already bend the error on some toys).
+    etas = [1e-5, 1e-4, 3e-4]
     probe = make_probe(toy_checkpoint, SMALL + [f"estimators.etas={etas}", "precision.dtype=float64"])
     summary = probe.run().summary()
     per_eta = summary["delta_h1/per_eta"]
     errors = [abs(s["delta_h_true"] / s["eta"] - per_eta) for s in summary["sweep"]]
-    for small, big in zip(errors, errors[1:]):
-        ratio = big / small
-        assert 4.0 < ratio < 25.0, (errors, per_eta)  # ×10 in η → ×~10 in the error
+    for (small, eta_small), (big, eta_big) in zip(zip(errors, etas), zip(errors[1:], etas[1:])):
+        factor = eta_big / eta_small
+        assert factor / 2.5 < big / small < factor * 2.5, (errors, per_eta)  # ×f in η → ×~f in the error
     assert errors[0] < 0.05 * abs(per_eta)
 
 
