@@ -39,7 +39,7 @@ from probe_dist.plan.shape import ModelShape
 
 GiB = 1 << 30
 GRAD_LOGITS_FACTOR = 5   # float32 [chunk, V] buffers alive in a checkpointed head chunk's backward (measured: 4.95)
-NOGRAD_LOGITS_FACTOR = 4  # ... in a no-grad chunk (logits, shifted z, exp(z): 3 measured; 4 kept as a margin)
+NOGRAD_LOGITS_FACTOR = 4  # ... in a no-grad chunk (logits, shifted z, exp(z) at once; one more as a margin)
 MIN_LOGITS_CHUNK = 64
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
 STATIC_COMPONENTS = ("weights", "adapter", "optimizer_state", "ddp_buckets", "accumulators", "reward_model")
