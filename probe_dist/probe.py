@@ -8,6 +8,7 @@ quantity is a float64 sum all-reduced by the runtime, so results do not depend o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal as signal_module
@@ -25,7 +26,7 @@ from probe_dist.measurement.sweep import scores_at_eta, snis_point, sweep_point
 from probe_dist.model.load import CheckpointError
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.plan.meter import PhaseMemoryRecorder, merge_phase_records
-from probe_dist.prediction.delta_h1 import predict_delta_h1
+from probe_dist.prediction.delta_h1 import entropy_gradient, predict_delta_h1
 from probe_dist.prediction.ustat import SingleBatchUStatistic
 from probe_dist.results import ProbeResult, UpdateGradient
 from probe_dist.rollout.sample import prompt_batch, sample_batch
@@ -147,6 +148,9 @@ class Probe:
                 res.explain_e = explain_e(self.rt, self.runner, res.batch_e, res.scores_e, base=res.base,
                                           u=res.update.u, delta_h1=res.delta_h1, est=self.cfg.estimators)
                 if self.grade is None:  # U's per-sequence decomposition needs sampled sequences and their ℓ
+                    if res.delta_h1.grad_entropy is None:  # δH₁ ran in forward mode: ∇Ĥ by one backward pass
+                        res.delta_h1 = dataclasses.replace(res.delta_h1, grad_entropy=entropy_gradient(
+                            self.rt, self.runner, res.batch_e, base=res.base, est=self.cfg.estimators))
                     res.explain_u = explain_u(self.rt, self.runner, res.batch_u, update=res.update,
                                               grad_entropy=res.delta_h1.grad_entropy, per_eta=res.delta_h1.per_eta,
                                               update_cfg=self.cfg.update)

@@ -73,7 +73,7 @@ class DeltaH1:
 
     per_eta: float
     per_eta_se: float                     # delta-method SE over E's groups, conditional on u
-    grad_entropy: list[torch.Tensor]      # ∇Ĥ (float64, CPU, all-reduced)
+    grad_entropy: list[torch.Tensor] | None  # ∇Ĥ (float64, CPU, all-reduced); None until needed (forward mode)
     ustat_per_eta: float | None = None    # single_batch mode: the U-statistic (§5.3) that the sweep reports
     ustat_units: int | None = None
 

@@ -160,3 +160,35 @@ def test_output_overwrite_false_refuses_existing_results(toy_checkpoint, tmp_pat
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "output.overwrite=false" in res.stderr
     assert (tmp_path / "summary.json").read_text() == "{}"
+
+
+def test_delta_h1_forward_and_reverse_mode_agree(toy_checkpoint):
+    """δH₁/η and its SE by one jvp per block microbatch (the default) equal the reverse-mode path (one forward and
+    two backward passes per group microbatch), both estimators; ∇Ĥ by one backward equals the reverse path's."""
+    import dataclasses
+
+    from probe_dist.prediction.delta_h1 import _forward_mode, _reverse_mode, entropy_gradient
+    from probe_dist.scoring.score import base_entropy, score_batch
+    from probe_dist.update.step import update_parts
+
+    probe = make_probe(toy_checkpoint, SMALL + ["precision.dtype=float64", "memory.microbatch_generate=8",
+                                                "memory.microbatch_grad=3"])
+    probe.model.eval()
+    cfg, rt, runner = probe.cfg, probe.rt, probe.runner
+    batch = probe.sample("E", 6, 4)
+    assert batch.block_size == 2  # microbatches of 3 rows span groups
+    scores = score_batch(rt, runner, batch)
+    base = base_entropy(rt, batch, scores, payload="rb", normalize="per_token")
+    grad, *_ = update_gradient(rt, runner, probe.sample("U", 4, 4), cfg.update)
+    u = [p.u for p in update_parts(probe.optimizer, probe.trainable, grad)]
+    for method in ("snis_derivative", "causal_rb"):
+        est = dataclasses.replace(cfg.estimators, delta_h1=method)
+        fwd = _forward_mode(rt, runner, batch, scores, base=base, u=u, est=est)
+        rev = _reverse_mode(rt, runner, batch, scores, base=base, u=u, est=est)
+        assert fwd.grad_entropy is None
+        assert abs(fwd.per_eta - rev.per_eta) <= 1e-6 * abs(rev.per_eta), (method, fwd, rev)
+        assert abs(fwd.per_eta_se - rev.per_eta_se) <= 1e-6 * rev.per_eta_se, (method, fwd, rev)
+    ge = entropy_gradient(rt, runner, batch, base=base, est=cfg.estimators)
+    rev = _reverse_mode(rt, runner, batch, scores, base=base, u=u, est=cfg.estimators)
+    for a, b in zip(ge, rev.grad_entropy):
+        assert torch.equal(a, b)

@@ -36,7 +36,10 @@ class PolicyModel(nn.Module):
         Returns flat float32 tensors over the True entries of response_mask, row-major.
         """
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+        mask = attention_mask
+        if self._eager_attention() and not bool(attention_mask.bool().all()):
+            mask = eager_padding_mask(attention_mask, self.head.weight.dtype)
+        hidden = self.decoder(input_ids=input_ids, attention_mask=mask,
                               position_ids=position_ids, use_cache=False).last_hidden_state
         width = response_mask.shape[1]
         # Position t−1 predicts token t: hidden states of the positions just before each response token.
@@ -45,9 +48,29 @@ class PolicyModel(nn.Module):
         return chunked_logp_entropy(self.head, pred_hidden, targets, temperature=temperature,
                                     chunk=self.logits_chunk, transform=self.logit_transform)
 
+    def _eager_attention(self) -> bool:
+        config = getattr(unwrap_causal_lm(self.lm), "config", None)
+        return getattr(config, "_attn_implementation", None) == "eager"
+
     def decode(self, input_ids: torch.Tensor, past_key_values=None, position_ids=None, attention_mask=None):
         """One generation step: float32 logits of the last position and the updated KV cache. attention_mask
         [n, past + new] marks left padding (None: no padding)."""
         out = self.lm(input_ids=input_ids, past_key_values=past_key_values, position_ids=position_ids,
                       attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float(), out.past_key_values
+
+
+def eager_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[n, 1, L, L] additive causal + padding mask for eager attention (the forward-mode passes), with the masked
+    value float32's minimum even for a float64 model: transformers' eager attention takes its softmax in float32,
+    where float64's minimum becomes −inf and a query row with no visible key (a left-padding position) turns NaN —
+    and 0 · NaN reaches every later position through the values. With a finite value such a row is uniform and
+    stays finite; it is masked out as a key everywhere else, so real positions are unaffected.
+
+    attention_mask: [n, L] (1 = real token). Returns a tensor in `dtype`."""
+    length = attention_mask.shape[-1]
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=attention_mask.device))
+    allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min).unsqueeze(1)
+

@@ -1,32 +1,125 @@
-"""Predict: δH₁(η) = η ∇Ĥ·u by one streamed backward pass over E (docs/method.md §5, §5.4).
+"""Predict: δH₁(η) = η ∇Ĥ·u over E (docs/method.md §5, §5.4).
 
-Per microbatch the surrogates of `estimators.delta_h1` are backpropagated; each gradient is dotted with u at
-once, so nothing param-sized is held per group. Group totals give the value and its delta-method SE.
+By forward mode along u (one jvp per microbatch of a block's rows: every token's directional derivative, no
+backward) or, where that is unavailable, by streamed backward passes whose gradients are dotted with u at once.
+Group totals give the value and its delta-method SE.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from probe_dist.config_schema import EstimatorsConfig
 from probe_dist.estimators.delta_h1 import delta_h1_influence, surrogate_coefficients, surrogate_terms
 from probe_dist.estimators.entropy import normaliser_lengths, se_from_influence
+from probe_dist.explain.directional import (
+    ForwardModeUnavailable,
+    eager_attention,
+    parameter_names,
+    token_derivatives,
+)
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.prediction.ustat import SingleBatchUStatistic, vector_dot
 from probe_dist.results import BaseEntropy, DeltaH1, SequenceScores
-from probe_dist.rollout.batch import RolloutBatch
+from probe_dist.rollout.batch import RolloutBatch, block_microbatches
+
+log = logging.getLogger("probe_dist")
 
 
 def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores], *,
                      base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig,
                      ustat: SingleBatchUStatistic | None = None) -> DeltaH1:
-    """δH₁/η, its SE over E's prompt groups (conditional on u) and ∇Ĥ (float64, CPU, all-reduced).
+    """δH₁/η, its SE over E's prompt groups (conditional on u) and, on the reverse-mode path, ∇Ĥ (float64, CPU,
+    all-reduced).
 
+    Two exact paths. Forward mode (two-batch mode; DDP and FSDP2 alike): one jvp along u per microbatch of a block's
+    rows gives every token's ℓ' and H', hence each group's ∇surrogate₁·u and Σ∇surrogate₂·u — no backward pass; ∇Ĥ
+    is left None (`entropy_gradient` computes it when the explanation needs it). Reverse mode (single_batch, or a
+    model with an operation without a forward-mode rule): per group microbatch one forward and two backward passes,
+    ∇Ĥ kept.
     u: the update vector (float64 tensors in optimizer order, param-shaped). With `ustat` (single_batch mode) each
     E group's ∇ surrogate also feeds the U-statistic of §5.3, whose value the result carries as `ustat_per_eta`.
     δH₁/η is in nats per unit η. Raises ValueError for an unknown est.delta_h1 method; OOM that survives the
     runner's retries propagates.
     """
+    if ustat is None:
+        try:
+            return _forward_mode(rt, runner, batch_e, scores_e, base=base, u=u, est=est)
+        except ForwardModeUnavailable as err:
+            if rt.is_main:
+                log.info("δH₁ by reverse mode: the model has an operation without a forward-mode rule (%s)", err)
+    return _reverse_mode(rt, runner, batch_e, scores_e, base=base, u=u, est=est, ustat=ustat)
+
+
+def _forward_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores], *,
+                  base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig) -> DeltaH1:
+    """predict_delta_h1 by one forward-mode pass per microbatch (`runner.sizes.grad` rows across a block's groups)."""
+    policy = runner.strategy.policy
+    names = parameter_names(policy, runner.trainable)
+
+    def step(_bi: int, block, state: list) -> None:
+        q = [torch.zeros(g.size, dtype=torch.float64) for g in block]
+        b = [torch.zeros(g.size, dtype=torch.float64) for g in block]
+        for mb in block_microbatches(block, runner.sizes.grad):
+            td = token_derivatives(policy, names, runner.trainable, mb, u, device=runner.device,
+                                   temperature=runner.temperature, order=1)
+            phi, d_phi = (td.entropy, td.d_entropy) if est.payload == "rb" else (-td.logp, -td.d_logp)
+            a, coef_b = surrogate_coefficients(phi, td.entropy, mb.token_rows, num_rows=mb.num_rows,
+                                               entropy=base.entropy, method=est.delta_h1, normalize=est.normalize)
+            q_rows = mb.row_sums(d_phi + a * td.d_logp) / base.sum_lam
+            b_rows = mb.row_sums(coef_b * td.d_logp)
+            for i, (j, r) in enumerate(zip(mb.row_group, mb.row_index)):
+                q[j][r], b[j][r] = q_rows[i], b_rows[i]
+        state.extend(zip(q, b))
+
+    with eager_attention(policy):
+        per_group = runner.run_groups(rt, "grad", batch_e.blocks(), start=list, step=step)
+    q_groups, b_groups, lam_groups, h_groups = [], [], [], []
+    for gi, (group, (q, b)) in enumerate(zip(batch_e.groups, per_group)):
+        if group.weight > 0:
+            sc = scores_e[gi]
+            q_groups.append(float(q.sum()))
+            b_groups.append(float(b.sum()))
+            lam_groups.append(float(normaliser_lengths(sc.T, est.normalize).sum()))
+            h_groups.append(float(sc.h(est.payload).sum()))
+    per_eta, sum_b = rt.sum_scalars(sum(q_groups), sum(b_groups))
+    c = delta_h1_influence(torch.tensor(q_groups, dtype=torch.float64), torch.tensor(lam_groups, dtype=torch.float64),
+                           torch.tensor(h_groups, dtype=torch.float64), value=per_eta, sum_lam=base.sum_lam,
+                           entropy=base.entropy, sum_b=sum_b)
+    (c2,) = rt.sum_scalars(float((c * c).sum()))
+    return DeltaH1(per_eta=per_eta, per_eta_se=se_from_influence(c2, base.num_groups), grad_entropy=None)
+
+
+def entropy_gradient(rt, runner: PolicyRunner, batch_e: RolloutBatch, *, base: BaseEntropy,
+                     est: EstimatorsConfig) -> list[torch.Tensor]:
+    """∇Ĥ = Σ ∇surrogate₁ over E (float64, CPU, all-reduced, param-shaped): one forward and one backward per group
+    microbatch — what the explanation needs when δH₁ was computed in forward mode."""
+    def start() -> list[torch.Tensor]:
+        runner.zero_grads()
+        return runner.new_accumulator()
+
+    def step(_gi: int, group, accumulator: list[torch.Tensor]) -> None:
+        for mb in group.microbatches(runner.sizes.grad):
+            token_logp, token_h = runner.forward(mb, grad=True)
+            rows = mb.token_rows_on(token_logp.device)
+            phi = token_h if est.payload == "rb" else -token_logp
+            a, b = surrogate_coefficients(phi, token_h, rows, num_rows=mb.num_rows, entropy=base.entropy,
+                                          method=est.delta_h1, normalize=est.normalize)
+            surrogate1, _ = surrogate_terms(phi, token_logp, a, b, sum_lam=base.sum_lam)
+            (surrogate1 * group.weight).backward()
+            runner.drain_grads_into(accumulator)
+
+    with runner.no_sync():
+        accumulator = runner.run_groups(rt, "grad", batch_e.groups, start=start, step=step)
+    return rt.sum_f64_vectors([x.cpu() for x in accumulator])
+
+
+def _reverse_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores], *,
+                  base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig,
+                  ustat: SingleBatchUStatistic | None = None) -> DeltaH1:
+    """predict_delta_h1 by reverse mode: per group microbatch one forward and two backward passes."""
     def start() -> dict:
         if ustat is not None:
             ustat.reset()
