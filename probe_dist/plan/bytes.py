@@ -229,17 +229,22 @@ def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: i
     elif s.kl:  # reference log-probs: a no-grad forward with microbatch_grad rows and the adapter disabled
         update = best(update, {**static, **grads, **_nograd_forward(shape, s, rg_u, chunk)})
     out[UPDATE_GRADIENT] = total(update)
-    d1 = {**static, **grads, **_grad_pass(shape, s, rg_e, chunk)}
-    if s.single_batch:
-        d1 = best(d1, {**static, **grads, **_grad_pass(shape, s, rg_u, chunk)})
+    if s.single_batch:  # reverse mode: one forward and two backward passes per group microbatch
+        d1 = best({**static, **grads, **_grad_pass(shape, s, rg_e, chunk)},
+                  {**static, **grads, **_grad_pass(shape, s, rg_u, chunk)})
+    else:  # forward mode: a no-grad forward with tangents, rows_grad rows across a block's groups
+        rf_e = min(rows_grad, block_rows(s.rows_generate, s.group_e))
+        d1 = {**static, **{f"forward_mode_{k}": 2 * v for k, v in _nograd_forward(shape, s, rf_e, chunk).items()}}
     out[DELTA_H1] = total(d1)
     explain = dict(static)
     if s.explain:
         # Forward mode keeps no graph: a no-grad forward whose every tensor comes with tangents — three more copies
-        # for E's nested (second-order) pass, one for U's first-order pass (explain/directional.py).
+        # for E's nested (second-order) pass, one for U's first-order pass (explain/directional.py); and, after a
+        # forward-mode δH₁, ∇Ĥ by one forward + backward per E group microbatch.
         e_side = {f"forward_mode_{k}": 4 * v for k, v in _nograd_forward(shape, s, rg_e, chunk).items()}
         u_side = {f"forward_mode_{k}": 2 * v for k, v in _nograd_forward(shape, s, rg_u, chunk).items()}
-        explain.update(best(e_side, u_side))
+        sides = [e_side, u_side] + ([] if s.single_batch else [{**grads, **_grad_pass(shape, s, rg_e, chunk)}])
+        explain.update(best(*sides))
     out[EXPLAIN] = total(explain)
     sweep = {**static, **_nograd_forward(shape, s, rs_e, chunk)}
     if s.real_step:

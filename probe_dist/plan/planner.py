@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from probe_dist.model.load import CheckpointError, CheckpointPaths
-from probe_dist.phases import DELTA_H1, SAMPLE, SCORE_BASE, SWEEP, UPDATE_GRADIENT
+from probe_dist.phases import DELTA_H1, EXPLAIN, SAMPLE, SCORE_BASE, SWEEP, UPDATE_GRADIENT
 from probe_dist.plan.bytes import (
     DTYPE_BYTES,
     MIN_LOGITS_CHUNK,
@@ -272,7 +272,7 @@ def _propose(shape: ModelShape, s: Settings, available: int, chunk_configured: i
     for chunk in chunks:
         rows_grad = next((n for n in range(g_max, 0, -1)
                           if _fits_phases(shape, s, rows_score=1, rows_grad=n, chunk=chunk, available=available,
-                                          names=(UPDATE_GRADIENT, DELTA_H1))), 0)
+                                          names=(UPDATE_GRADIENT, DELTA_H1, EXPLAIN))), 0)
         rows_score = next((n for n in range(g_max, 0, -1)
                            if _fits_phases(shape, s, rows_score=n, rows_grad=1, chunk=chunk, available=available,
                                            names=(SCORE_BASE, SWEEP))), 0)
