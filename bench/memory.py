@@ -277,7 +277,6 @@ def preset_part(args, device: torch.device) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------- main
 # ------------------------------------------------------------------------------------------- GRADE part
 def grade_case(*, vocab: int, hidden: int, layers: int, rows: int, prompt_len: int, steps: int, top_k: int,
                efficient: bool) -> dict:
@@ -345,6 +344,7 @@ def grade_part(args) -> dict:
                     "checkpointing, full-vocabulary soft tokens, dense reward input, same KV cache"}
 
 
+# ------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_cpu.json"), help="JSON output path")
