@@ -37,7 +37,7 @@ class PolicyModel(nn.Module):
         """
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         mask = attention_mask
-        if self._eager_attention() and not bool(attention_mask.bool().all()):
+        if self._needs_safe_eager_mask(attention_mask):
             mask = eager_padding_mask(attention_mask, self.head.weight.dtype)
         hidden = self.decoder(input_ids=input_ids, attention_mask=mask,
                               position_ids=position_ids, use_cache=False).last_hidden_state
@@ -48,9 +48,18 @@ class PolicyModel(nn.Module):
         return chunked_logp_entropy(self.head, pred_hidden, targets, temperature=temperature,
                                     chunk=self.logits_chunk, transform=self.logit_transform)
 
-    def _eager_attention(self) -> bool:
+    def _needs_safe_eager_mask(self, attention_mask: torch.Tensor) -> bool:
+        """Eager attention (forward-mode passes) on a float64 model with left-padded rows and a plain causal
+        architecture: only there would transformers' own mask turn a padded row NaN (`eager_padding_mask`); models
+        with sliding-window or other per-layer masks keep their own (a NaN there sends δH₁ to reverse mode)."""
         config = getattr(unwrap_causal_lm(self.lm), "config", None)
-        return getattr(config, "_attn_implementation", None) == "eager"
+        text = getattr(config, "text_config", None) or config
+        if getattr(config, "_attn_implementation", None) != "eager" or self.head.weight.dtype != torch.float64:
+            return False
+        if getattr(text, "sliding_window", None) is not None or getattr(text, "layer_types", None) and any(
+                t != "full_attention" for t in text.layer_types):
+            return False
+        return not bool(attention_mask[:, 0].bool().all())
 
     def decode(self, input_ids: torch.Tensor, past_key_values=None, position_ids=None, attention_mask=None):
         """One generation step: float32 logits of the last position and the updated KV cache. attention_mask

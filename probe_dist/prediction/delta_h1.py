@@ -46,7 +46,11 @@ def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: 
     """
     if ustat is None:
         try:
-            return _forward_mode(rt, runner, batch_e, scores_e, base=base, u=u, est=est)
+            result = _forward_mode(rt, runner, batch_e, scores_e, base=base, u=u, est=est)
+            if result is not None:
+                return result
+            if rt.is_main:
+                log.info("δH₁ by reverse mode: the forward-mode pass gave non-finite derivatives on some rank")
         except ForwardModeUnavailable as err:
             if rt.is_main:
                 log.info("δH₁ by reverse mode: the model has an operation without a forward-mode rule (%s)", err)
@@ -54,8 +58,9 @@ def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: 
 
 
 def _forward_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores], *,
-                  base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig) -> DeltaH1:
-    """predict_delta_h1 by one forward-mode pass per microbatch (`runner.sizes.grad` rows across a block's groups)."""
+                  base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig) -> DeltaH1 | None:
+    """predict_delta_h1 by one forward-mode pass per microbatch (`runner.sizes.grad` rows across a block's groups);
+    None when a directional derivative came out non-finite on any rank (the caller falls back to reverse mode)."""
     policy = runner.strategy.policy
     names = parameter_names(policy, runner.trainable)
 
@@ -76,6 +81,9 @@ def _forward_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: lis
 
     with eager_attention(policy):
         per_group = runner.run_groups(rt, "grad", batch_e.blocks(), start=list, step=step)
+    finite = all(bool(torch.isfinite(q).all() and torch.isfinite(b).all()) for q, b in per_group)
+    if rt.any_flag(not finite):  # every rank decides together (a NaN from eager attention's padding on any rank)
+        return None
     q_groups, b_groups, lam_groups, h_groups = [], [], [], []
     for gi, (group, (q, b)) in enumerate(zip(batch_e.groups, per_group)):
         if group.weight > 0:
