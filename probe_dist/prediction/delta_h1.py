@@ -100,6 +100,16 @@ def _forward_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: lis
     return DeltaH1(per_eta=per_eta, per_eta_se=se_from_influence(c2, base.num_groups), grad_entropy=None)
 
 
+def _microbatch_surrogates(runner: PolicyRunner, mb, *, base: BaseEntropy, est: EstimatorsConfig):
+    """(σ₁, σ₂) of one microbatch from a forward with grad (docs/method.md §5.4; estimators.delta_h1)."""
+    token_logp, token_h = runner.forward(mb, grad=True)
+    rows = mb.token_rows_on(token_logp.device)
+    phi = token_h if est.payload == "rb" else -token_logp
+    a, b = surrogate_coefficients(phi, token_h, rows, num_rows=mb.num_rows, entropy=base.entropy,
+                                  method=est.delta_h1, normalize=est.normalize)
+    return surrogate_terms(phi, token_logp, a, b, sum_lam=base.sum_lam)
+
+
 def entropy_gradient(rt, runner: PolicyRunner, batch_e: RolloutBatch, *, base: BaseEntropy,
                      est: EstimatorsConfig) -> list[torch.Tensor]:
     """∇Ĥ = Σ ∇surrogate₁ over E (float64, CPU, all-reduced, param-shaped): one forward and one backward per group
@@ -110,12 +120,7 @@ def entropy_gradient(rt, runner: PolicyRunner, batch_e: RolloutBatch, *, base: B
 
     def step(_gi: int, group, accumulator: list[torch.Tensor]) -> None:
         for mb in group.microbatches(runner.sizes.grad):
-            token_logp, token_h = runner.forward(mb, grad=True)
-            rows = mb.token_rows_on(token_logp.device)
-            phi = token_h if est.payload == "rb" else -token_logp
-            a, b = surrogate_coefficients(phi, token_h, rows, num_rows=mb.num_rows, entropy=base.entropy,
-                                          method=est.delta_h1, normalize=est.normalize)
-            surrogate1, _ = surrogate_terms(phi, token_logp, a, b, sum_lam=base.sum_lam)
+            surrogate1, _ = _microbatch_surrogates(runner, mb, base=base, est=est)
             (surrogate1 * group.weight).backward()
             runner.drain_grads_into(accumulator)
 
@@ -138,12 +143,7 @@ def _reverse_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: lis
         q_p = b_p = 0.0
         x_p = None
         for mb in group.microbatches(runner.sizes.grad):
-            token_logp, token_h = runner.forward(mb, grad=True)
-            rows = mb.token_rows_on(token_logp.device)
-            phi = token_h if est.payload == "rb" else -token_logp
-            a, b = surrogate_coefficients(phi, token_h, rows, num_rows=mb.num_rows, entropy=base.entropy,
-                                          method=est.delta_h1, normalize=est.normalize)
-            surrogate1, surrogate2 = surrogate_terms(phi, token_logp, a, b, sum_lam=base.sum_lam)
+            surrogate1, surrogate2 = _microbatch_surrogates(runner, mb, base=base, est=est)
             (surrogate1 * group.weight).backward(retain_graph=True)
             g1 = runner.take_grads()
             (surrogate2 * group.weight).backward()
