@@ -11,11 +11,14 @@ size G in --groups, E holds --rows-e rows (--rows-e / G prompts), and in this on
   base scoring  `scoring.score.score_batch` on E vs a plain batched no-grad forward (`model(...).logits`) over the
                 same rows and layout (`rollout.batch.block_microbatches`, microbatch_score rows);
   δH₁           `prediction.delta_h1.predict_delta_h1` on E vs the same plain forward;
-  update        `update.gradient.update_gradient` on U (G_U = 8) vs a plain forward + backward of Σ log-probs.
+  update        `update.gradient.update_gradient` on U (G_U = 8) vs a plain forward + backward of Σ log-probs over
+                the same block microbatches.
 
 Each timing is the best of --repeats. Also per phase: tokens/s and model passes per token (decoder forward calls ×
-their tokens, counted by a hook, over the batch's tokens; backward passes counted on a LoRA weight). Ratios are
-what the acceptance reads (machines are noisy: compare ratios measured in one process).
+their tokens, counted by a hook, over the batch's scored tokens; backward passes counted on a LoRA weight), next to
+the minimum (every real prompt and response token through the model once — padding is the difference; for the
+update, one backward per --rows-grad rows). Ratios are what the acceptance reads (machines are noisy: compare
+ratios measured in one process).
 
 GPU part (--gpu, only where CUDA is present): the predecessor's workload on a Qwen2.5-1.5B-shaped random-weight
 model — B_E = 2048 prompts × G_E = 1, B_U = 64 × 8, 200 new tokens, two η, one GPU, memory.auto_microbatch —
@@ -121,18 +124,27 @@ def cpu_case(args, ckpt: Path, group: int) -> dict:
     counter = PassCounter(probe.model)
     out: dict = {"G": group, "prompts_e": prompts_e, "rows_e": prompts_e * group}
 
-    def phase(name, fn, tokens):
+    def phase(name, fn, tokens, minimum=None):
         counter.reset()
         seconds, result = best_of(args.repeats, fn)
         per_run = args.repeats
         out[name] = {"seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None,
                      "forward_passes_per_token": counter.forward_tokens / per_run / max(tokens, 1),
                      "backward_passes": counter.backward_passes / per_run}
+        if minimum is not None:  # every real token through the model once; the fewest backward passes
+            out[name]["minimum_forward_passes_per_token"] = minimum[0]
+            out[name]["minimum_backward_passes"] = minimum[1]
         return result
+
+    def minimum_passes(batch, rows_per_backward=None):
+        real = sum(int(g.prompt_ids.numel() + g.lengths[i]) for g in batch.real_groups for i in range(g.size))
+        scored = sum(int(g.lengths.sum()) for g in batch.real_groups)
+        rows = sum(g.size for g in batch.real_groups)
+        return real / max(scored, 1), (-(-rows // rows_per_backward) if rows_per_backward else 0)
 
     batch_e = probe.sample("E", prompts_e, group)
     generated = sum(int(g.lengths.sum()) for g in batch_e.real_groups)
-    phase("sample", lambda: probe.sample("E", prompts_e, group), generated)
+    phase("sample", lambda: probe.sample("E", prompts_e, group), generated, minimum_passes(batch_e))
     # HF generate over the same rows, rows_generate per call
     model = probe.model
     ids, mask = left_padded(batch_e.real_groups, tok.pad_token_id)
@@ -148,7 +160,7 @@ def cpu_case(args, ckpt: Path, group: int) -> dict:
 
     phase("hf_generate", hf_generate, generated)
     scored = sum(int(g.lengths.sum()) for g in batch_e.real_groups)
-    scores = phase("score_base", lambda: score_batch(rt, runner, batch_e), scored)
+    scores = phase("score_base", lambda: score_batch(rt, runner, batch_e), scored, minimum_passes(batch_e))
     layouts = [mb for block in batch_e.blocks() for mb in block_microbatches(block, args.rows_score)]
 
     def plain_forward():
@@ -162,10 +174,11 @@ def cpu_case(args, ckpt: Path, group: int) -> dict:
     grad, *_ = update_gradient(rt, runner, batch_u, cfg.update)
     u = [p.u for p in update_parts(probe.optimizer, probe.trainable, grad)]
     phase("delta_h1", lambda: predict_delta_h1(rt, runner, batch_e, scores, base=base, u=u, est=cfg.estimators),
-          scored)
+          scored, minimum_passes(batch_e))
     u_tokens = sum(int(g.lengths.sum()) for g in batch_u.real_groups)
-    phase("update_gradient", lambda: update_gradient(rt, runner, batch_u, cfg.update), u_tokens)
-    u_layouts = [mb for g in batch_u.groups for mb in g.microbatches(args.rows_grad)]
+    phase("update_gradient", lambda: update_gradient(rt, runner, batch_u, cfg.update), u_tokens,
+          minimum_passes(batch_u, args.rows_grad))
+    u_layouts = [mb for block in batch_u.blocks() for mb in block_microbatches(block, args.rows_grad)]
 
     def plain_forward_backward():
         for mb in u_layouts:

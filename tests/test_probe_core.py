@@ -164,7 +164,8 @@ def test_output_overwrite_false_refuses_existing_results(toy_checkpoint, tmp_pat
 
 def test_delta_h1_forward_and_reverse_mode_agree(toy_checkpoint):
     """δH₁/η and its SE by one jvp per block microbatch (the default) equal the reverse-mode path (one forward and
-    two backward passes per group microbatch), both estimators; ∇Ĥ by one backward equals the reverse path's."""
+    two backward passes per group microbatch), both estimators; ∇Ĥ by one backward per block microbatch equals the
+    reverse path's (a padded last block: its zero-weight rows add nothing)."""
     import dataclasses
 
     from probe_dist.prediction.delta_h1 import _forward_mode, _reverse_mode, entropy_gradient
@@ -175,8 +176,9 @@ def test_delta_h1_forward_and_reverse_mode_agree(toy_checkpoint):
                                                 "memory.microbatch_grad=3"])
     probe.model.eval()
     cfg, rt, runner = probe.cfg, probe.rt, probe.runner
-    batch = probe.sample("E", 6, 4)
-    assert batch.block_size == 2  # microbatches of 3 rows span groups
+    batch = probe.sample("E", 5, 4)
+    assert batch.block_size == 2  # microbatches of 3 rows span groups; the last block holds a zero-weight copy
+    assert [g.weight for g in batch.groups] == [1.0] * 5 + [0.0]
     scores = score_batch(rt, runner, batch)
     base = base_entropy(rt, batch, scores, payload="rb", normalize="per_token")
     grad, *_ = update_gradient(rt, runner, probe.sample("U", 4, 4), cfg.update)
@@ -188,7 +190,47 @@ def test_delta_h1_forward_and_reverse_mode_agree(toy_checkpoint):
         assert fwd.grad_entropy is None
         assert abs(fwd.per_eta - rev.per_eta) <= 1e-6 * abs(rev.per_eta), (method, fwd, rev)
         assert abs(fwd.per_eta_se - rev.per_eta_se) <= 1e-6 * rev.per_eta_se, (method, fwd, rev)
-    ge = entropy_gradient(rt, runner, batch, base=base, est=cfg.estimators)
-    rev = _reverse_mode(rt, runner, batch, scores, base=base, u=u, est=cfg.estimators)
-    for a, b in zip(ge, rev.grad_entropy):
-        assert torch.equal(a, b)
+    ge = entropy_gradient(rt, runner, batch, base=base, est=cfg.estimators)  # block microbatches, padding weighted 0
+    rev = _reverse_mode(rt, runner, batch, scores, base=base, u=u, est=cfg.estimators)  # group by group
+    num = sum(float((a - b).pow(2).sum()) for a, b in zip(ge, rev.grad_entropy)) ** 0.5
+    den = sum(float(b.pow(2).sum()) for b in rev.grad_entropy) ** 0.5
+    assert num <= 1e-10 * den, (num, den)
+
+
+@pytest.mark.parametrize("options", [
+    ["update.loss=grpo", "update.kl_coef=0.05"],
+    ["update.loss=bnpo", "update.loss_block_rows=6", "update.top_entropy_quantile=0.5", "update.entropy_coef=0.01",
+     "update.mask_truncated=true"],
+], ids=["grpo_kl", "bnpo_entropy_mask"])
+def test_update_gradient_over_block_microbatches_equals_group_by_group(toy_checkpoint, options):
+    """∇L_U from microbatches that span groups (3 rows, blocks of 2 groups of 4, left-padded prompts, a padded last
+    block) equals a direct computation: one forward + backward per real group over all its rows, the same loss
+    function (float64, relative 1e-10)."""
+    from probe_dist.update.loss import LossSpec, row_coefficients, update_loss
+
+    probe = make_probe(toy_checkpoint, SMALL + ["precision.dtype=float64", "memory.microbatch_generate=8",
+                                                "memory.microbatch_grad=3", "update.grad_clip=0"] + options)
+    probe.model.eval()
+    cfg, rt, runner = probe.cfg, probe.rt, probe.runner
+    batch = probe.sample("U", 5, 4)
+    assert batch.block_size == 2 and [g.weight for g in batch.groups] == [1.0] * 5 + [0.0]
+    assert len({int(g.prompt_ids.numel()) for g in batch.real_groups}) > 1  # prompts of different lengths
+    grad, norm_before, coef, norm = update_gradient(rt, runner, batch, cfg.update)
+    assert coef == 1.0
+    spec = LossSpec.from_config(cfg.update)
+    direct = [torch.zeros(p.shape, dtype=torch.float64) for _, p in runner.trainable]
+    for group in batch.real_groups:
+        mb = group.layout(slice(0, group.size))
+        ref = None
+        if cfg.update.kl_coef:
+            with runner.reference():
+                ref = runner.forward(mb, grad=False)[0].detach()
+        token_logp, token_h = runner.forward(mb, grad=True)
+        rows = row_coefficients(spec, group, norm, kept=group.kept(cfg.update.mask_truncated))
+        update_loss(token_logp, token_h, mb.token_rows, group.advantages, rows, spec, token_ref_logp=ref).backward()
+        for acc, x in zip(direct, runner.take_grads()):
+            acc += x
+    num = sum(float((a - b).pow(2).sum()) for a, b in zip(grad, direct)) ** 0.5
+    den = sum(float(b.pow(2).sum()) for b in direct) ** 0.5
+    assert den > 0 and num <= 1e-10 * den, (num, den)
+    assert abs(norm_before - den) <= 1e-10 * den

@@ -17,15 +17,6 @@ import torch
 SUM_FIELDS = ("count", "x", "a", "xa", "pa", "xpa")
 
 
-def token_sums(token_logp: torch.Tensor, token_adv: torch.Tensor) -> torch.Tensor:
-    """[Σ1, Σℓ, ΣA, ΣℓA, ΣπA, ΣℓπA] over the given tokens ([M] each, nats / advantage units) → [6] float64."""
-    x = token_logp.to(torch.float64)
-    a = token_adv.to(torch.float64)
-    pa = torch.exp(x) * a
-    return torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), a.sum(), (x * a).sum(),
-                        pa.sum(), (x * pa).sum()])
-
-
 def cov_logp_adv(s: torch.Tensor) -> torch.Tensor:
     """Cov(ℓ, A) over tokens from sums s [6] (population covariance: Σ(ℓ−ℓ̄)(A−Ā)/M); differentiable in s."""
     m, x, a, xa = s[0], s[1], s[2], s[3]

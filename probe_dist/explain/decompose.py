@@ -31,8 +31,8 @@ from probe_dist.results import (
     UExplanation,
     UpdateGradient,
 )
-from probe_dist.rollout.batch import RolloutBatch
-from probe_dist.update.loss import LossSpec, row_coefficients, update_loss_per_sequence
+from probe_dist.rollout.batch import RolloutBatch, block_microbatches, gather_rows
+from probe_dist.update.loss import LossSpec, RowCoefficients, row_coefficients, update_loss_per_sequence
 
 
 def _rows(mb, values: torch.Tensor) -> torch.Tensor:
@@ -52,10 +52,11 @@ def explain_e(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[Se
     def start() -> dict:
         return {"c": {}, "lam": {}, "h": {}, "b": {}, "x": {}}
 
-    def step(_gi: int, group, state: dict) -> None:
+    def step(_bi: int, block, state: dict) -> None:
         # Lockstep padding (weight 0) runs the same passes, so a failure is raised on every rank alike.
-        parts = {k: [] for k in ("q", "b", "dS", "ddS", "dh", "ddh")}
-        for mb in group.microbatches(runner.sizes.grad):
+        keys = ("q", "b", "dS", "ddS", "dh", "ddh")
+        parts = [{k: torch.zeros(g.size, dtype=torch.float64) for k in keys} for g in block]
+        for mb in block_microbatches(block, runner.sizes.grad):
             td = token_derivatives(policy, names, runner.trainable, mb, u, device=runner.device,
                                    temperature=runner.temperature, order=2)
             rows = mb.token_rows
@@ -64,23 +65,23 @@ def explain_e(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[Se
                                   else (-td.logp, -td.d_logp, -td.dd_logp))
             a, b = surrogate_coefficients(phi, td.entropy, rows, num_rows=mb.num_rows, entropy=base.entropy,
                                           method=est.delta_h1, normalize=est.normalize)
-            parts["q"].append(_rows(mb, d_phi + a * td.d_logp) / base.sum_lam)
-            parts["b"].append(_rows(mb, b * td.d_logp))
-            parts["dS"].append(_rows(mb, td.d_logp))
-            parts["ddS"].append(_rows(mb, td.dd_logp))
-            parts["dh"].append(_rows(mb, d_phi))
-            parts["ddh"].append(_rows(mb, dd_phi))
-        if group.weight == 0:
-            return
-        cat = {k: torch.cat(v) for k, v in parts.items()}
-        sc = scores_e[_gi]
-        h, lam = sc.h(est.payload), normaliser_lengths(sc.T, est.normalize)
-        p = group.prompt_index
-        state["c"][p], state["b"][p], state["h"][p], state["lam"][p] = cat["q"], cat["b"], h, lam
-        state["x"][p] = curvature.path_sums(h, lam, cat["dS"], cat["ddS"], cat["dh"], cat["ddh"])
+            values = {"q": _rows(mb, d_phi + a * td.d_logp) / base.sum_lam, "b": _rows(mb, b * td.d_logp),
+                      "dS": _rows(mb, td.d_logp), "ddS": _rows(mb, td.dd_logp), "dh": _rows(mb, d_phi),
+                      "ddh": _rows(mb, dd_phi)}
+            for i, (j, r) in enumerate(zip(mb.row_group, mb.row_index)):
+                for k in keys:
+                    parts[j][k][r] = values[k][i]
+        for j, (group, cat) in enumerate(zip(block, parts)):
+            if group.weight == 0:
+                continue
+            sc = scores_e[_bi * max(batch_e.block_size, 1) + j]  # blocks are consecutive runs of the rank's groups
+            h, lam = sc.h(est.payload), normaliser_lengths(sc.T, est.normalize)
+            p = group.prompt_index
+            state["c"][p], state["b"][p], state["h"][p], state["lam"][p] = cat["q"], cat["b"], h, lam
+            state["x"][p] = curvature.path_sums(h, lam, cat["dS"], cat["ddS"], cat["dh"], cat["ddh"])
 
     with eager_attention(policy):
-        state = runner.run_groups(rt, "grad", batch_e.groups, start=start, step=step)
+        state = runner.run_groups(rt, "grad", batch_e.blocks(), start=start, step=step)
     prompts = sorted(state["c"])
     c_total, b_total = rt.sum_scalars(sum(float(state["c"][p].sum()) for p in prompts),
                                       sum(float(state["b"][p].sum()) for p in prompts))
@@ -123,35 +124,42 @@ def explain_u(rt, runner: PolicyRunner, batch_u: RolloutBatch, *, update: Update
     def start() -> dict:
         return {"d": {}, "cov": {}, "seq": {}}
 
-    def step(_gi: int, group, state: dict) -> None:
-        coefficients = row_coefficients(spec, group, norm, kept=group.kept(update_cfg.mask_truncated))
-        d_parts, sums, seq = [], torch.zeros(6, dtype=torch.float64), []
-        for mb in group.microbatches(runner.sizes.grad):
+    def step(_bi: int, block, state: dict) -> None:
+        coefficients = [row_coefficients(spec, g, norm, kept=g.kept(update_cfg.mask_truncated)) for g in block]
+        advantages = [g.advantages.to(torch.float64) for g in block]
+        weights = [float(g.weight) for g in block]
+        d = [torch.zeros(g.size, dtype=torch.float64) for g in block]
+        seq = [torch.zeros(g.size, 4, dtype=torch.float64) for g in block]
+        for mb in block_microbatches(block, runner.sizes.grad):
             ref_logp = None
             if update_cfg.kl_coef:
                 with runner.reference():
                     ref_logp = runner.forward(mb, grad=False)[0].detach().to("cpu", torch.float64)
             td = token_derivatives(policy, names, runner.trainable, mb, v, device=runner.device,
                                    temperature=runner.temperature, order=1)
-            rows, adv = mb.token_rows, group.advantages[mb.rows]
+            rows = mb.token_rows
+            coef = RowCoefficients.gather(coefficients, mb.row_group, mb.row_index, [1.0] * len(block))
+            adv = gather_rows(mb, advantages)
 
-            def loss_rows(token_logp, token_h, rows=rows, adv=adv, mb=mb, ref_logp=ref_logp):
-                return update_loss_per_sequence(token_logp, token_h, rows, adv, coefficients[mb.rows], spec,
+            def loss_rows(token_logp, token_h, rows=rows, adv=adv, coef=coef, mb=mb, ref_logp=ref_logp):
+                return update_loss_per_sequence(token_logp, token_h, rows, adv, coef, spec,
                                                 num_rows=mb.num_rows, token_ref_logp=ref_logp)
 
             _, d_rows = jvp(loss_rows, (td.logp, td.entropy), (td.d_logp, td.d_entropy))
-            d_parts.append(d_rows)
-            sums += covariance.token_sums(td.logp, adv[rows])
             pi = torch.exp(td.logp)
-            seq.append(torch.stack([_rows(mb, td.logp), mb.row_sums(torch.ones_like(td.logp)),
-                                    _rows(mb, td.logp * pi), _rows(mb, pi)], dim=-1))
-        if group.weight == 0:
-            return
-        p = group.prompt_index
-        state["d"][p], state["cov"][p], state["seq"][p] = torch.cat(d_parts), sums, torch.cat(seq)
+            seq_rows = torch.stack([_rows(mb, td.logp), mb.row_sums(torch.ones_like(td.logp)),
+                                    _rows(mb, td.logp * pi), _rows(mb, pi)], dim=-1)
+            for i, (j, r) in enumerate(zip(mb.row_group, mb.row_index)):
+                d[j][r], seq[j][r] = d_rows[i], seq_rows[i]
+        for j, group in enumerate(block):
+            if weights[j] == 0:
+                continue
+            p = group.prompt_index
+            state["d"][p], state["seq"][p] = d[j], seq[j]
+            state["cov"][p] = _group_token_sums(seq[j], advantages[j])
 
     with eager_attention(policy):
-        state = runner.run_groups(rt, "grad", batch_u.groups, start=start, step=step)
+        state = runner.run_groups(rt, "grad", batch_u.blocks(), start=start, step=step)
     prompts = sorted(state["d"])
     (d_total,) = rt.sum_scalars(sum(float(state["d"][p].sum()) for p in prompts))
     cov_total = rt.sum_f64(sum((state["cov"][p] for p in prompts), torch.zeros(6, dtype=torch.float64)))
@@ -169,6 +177,15 @@ def explain_u(rt, runner: PolicyRunner, batch_u: RolloutBatch, *, update: Update
         closure=_relative(base_term + d_total, per_eta), cov_logp_adv=out["cov_logp_adv"][0],
         cov_logp_adv_se=out["cov_logp_adv"][1], cov_logp_pi_adv=out["cov_logp_pi_adv"][0],
         cov_logp_pi_adv_se=out["cov_logp_pi_adv"][1], cov_contrib=cov_contrib)
+
+
+def _group_token_sums(seq: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """The token sums behind the covariances (estimators/covariance.py: [Σ1, Σℓ, ΣA, ΣℓA, ΣπA, ΣℓπA] over one
+    group's tokens, [6] float64) from its per-row sums seq [G, 4] = (Σℓ, T, Σℓπ, Σπ): the advantage is constant
+    along a row, so they are Σ_i [T_i, Σℓ, A_i·T_i, A_i·Σℓ, A_i·Σπ, A_i·Σℓπ]."""
+    s, t, lpi, pi = seq.unbind(-1)
+    a = advantages.to(torch.float64)
+    return torch.stack([t.sum(), s.sum(), (a * t).sum(), (a * s).sum(), (a * pi).sum(), (a * lpi).sum()])
 
 
 def _sequence_covariance(seq: torch.Tensor, batch_u: RolloutBatch, prompt_index: int,

@@ -22,6 +22,7 @@ from torch.func import jvp
 
 from probe_dist.model.policy import PolicyModel, unwrap_causal_lm
 from probe_dist.rollout.batch import Microbatch
+from probe_dist.scoring.chunked import analytic_first_order
 
 
 class ForwardModeUnavailable(RuntimeError):
@@ -58,7 +59,8 @@ def eager_attention(policy: PolicyModel):
 
 @contextmanager
 def composite_kernels():
-    """SiLU, GELU, LayerNorm and RMSNorm as their composite formulas (the same math) during forward-mode passes.
+    """SiLU, GELU, LayerNorm and RMSNorm as their composite formulas (the same math) during second-order
+    forward-mode passes (first order uses the fused kernels: their first-order rules are correct).
 
     The fused kernels' forward-mode rules are first-order only: nested jvp either fails on them (SiLU, GELU: their
     rules call *_backward kernels without a forward-mode rule) or — LayerNorm in torch 2.13 — silently returns a
@@ -148,11 +150,12 @@ def token_derivatives(policy: PolicyModel, names: list[str], trainable: list[tup
         return jvp(scores, values, tangents)
 
     try:
-        with torch.no_grad(), composite_kernels():
-            if order == 1:
+        if order == 1:  # the fused kernels' first-order rules hold; ℓ/H's tangents in closed form
+            with torch.no_grad(), analytic_first_order():
                 (logp, ent), (d_logp, d_ent) = first(*primals)
-                dd_logp = dd_ent = None
-            else:
+            dd_logp = dd_ent = None
+        else:
+            with torch.no_grad(), composite_kernels():
                 ((logp, ent), (d_logp, d_ent)), (_, (dd_logp, dd_ent)) = jvp(first, primals, tangents)
     except (NotImplementedError, RuntimeError) as err:
         if "forward AD" in str(err) or "forward-mode" in str(err) or "jvp" in str(err).lower():

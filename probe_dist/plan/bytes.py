@@ -211,9 +211,11 @@ def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: i
     """
     static = _static(shape, s)
     grads = {"adapter_grads": shape.adapter_params * s.dtype_bytes}
-    # Scoring forwards span the groups of a block; gradient passes stay within one group.
+    # Scoring forwards, the teacher-forced loss's gradient passes, forward-mode δH₁ and ∇Ĥ span the groups of a
+    # block; GRADE, the reverse-mode δH₁ (single_batch) and the explanation's per-sequence passes stay in one group.
     rs_e = min(rows_score, block_rows(s.rows_generate, s.group_e))
     rg_e, rg_u = min(rows_grad, s.group_e), min(rows_grad, s.group_u)
+    rb_e, rb_u = (min(rows_grad, block_rows(s.rows_generate, g)) for g in (s.group_e, s.group_u))
 
     def total(parts: dict) -> dict:
         return {"peak_bytes": int(sum(parts.values())), "components": {k: int(v) for k, v in parts.items()}}
@@ -223,18 +225,17 @@ def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: i
 
     out = {SAMPLE: total({**static, **_sample(shape, s)}),
            SCORE_BASE: total({**static, **_nograd_forward(shape, s, rs_e, chunk)})}
-    update = {**static, **grads, **_grad_pass(shape, s, rg_u, chunk)}
+    update = {**static, **grads, **_grad_pass(shape, s, rb_u, chunk)}
     if s.grade_top_k is not None:  # GRADE: relaxed rollouts instead of a teacher-forced loss pass
         update = {**static, **grads, **grade_pass(shape, s, rg_u)}
     elif s.kl:  # reference log-probs: a no-grad forward with microbatch_grad rows and the adapter disabled
-        update = best(update, {**static, **grads, **_nograd_forward(shape, s, rg_u, chunk)})
+        update = best(update, {**static, **grads, **_nograd_forward(shape, s, rb_u, chunk)})
     out[UPDATE_GRADIENT] = total(update)
     if s.single_batch:  # reverse mode: one forward and two backward passes per group microbatch
         d1 = best({**static, **grads, **_grad_pass(shape, s, rg_e, chunk)},
                   {**static, **grads, **_grad_pass(shape, s, rg_u, chunk)})
     else:  # forward mode: a no-grad forward with tangents, rows_grad rows across a block's groups
-        rf_e = min(rows_grad, block_rows(s.rows_generate, s.group_e))
-        d1 = {**static, **{f"forward_mode_{k}": 2 * v for k, v in _nograd_forward(shape, s, rf_e, chunk).items()}}
+        d1 = {**static, **{f"forward_mode_{k}": 2 * v for k, v in _nograd_forward(shape, s, rb_e, chunk).items()}}
     out[DELTA_H1] = total(d1)
     explain = dict(static)
     if s.explain:
@@ -243,7 +244,7 @@ def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: i
         # forward-mode δH₁, ∇Ĥ by one forward + backward per E group microbatch.
         e_side = {f"forward_mode_{k}": 4 * v for k, v in _nograd_forward(shape, s, rg_e, chunk).items()}
         u_side = {f"forward_mode_{k}": 2 * v for k, v in _nograd_forward(shape, s, rg_u, chunk).items()}
-        sides = [e_side, u_side] + ([] if s.single_batch else [{**grads, **_grad_pass(shape, s, rg_e, chunk)}])
+        sides = [e_side, u_side] + ([] if s.single_batch else [{**grads, **_grad_pass(shape, s, rb_e, chunk)}])
         explain.update(best(*sides))
     out[EXPLAIN] = total(explain)
     sweep = {**static, **_nograd_forward(shape, s, rs_e, chunk)}

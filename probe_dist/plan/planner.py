@@ -19,6 +19,7 @@ from probe_dist.plan.bytes import (
     STATIC_COMPONENTS,
     GiB,
     Settings,
+    block_rows,
     phase_peaks,
 )
 from probe_dist.plan.shape import (
@@ -131,7 +132,8 @@ def _prompt_tokens(cfg, tokenizer_dir: Path | None, notes: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------- the plan
 def _divisor_rows(n_max: int, group: int) -> int:
-    """The smallest row count with as few passes per group as n_max rows: same passes, less memory."""
+    """The smallest row count with as few passes per block (`group`: its rows) as n_max rows: same passes, less
+    memory."""
     n_max = max(1, min(n_max, group))
     return math.ceil(group / math.ceil(group / n_max))
 
@@ -261,8 +263,9 @@ def _round_up(n: int) -> int:
 
 
 def _propose(shape: ModelShape, s: Settings, available: int, chunk_configured: int) -> dict:
-    """Largest microbatches (fewest passes per group) and logits chunk for which every phase fits."""
-    g_max = max(s.group_e, s.group_u)
+    """Largest microbatches (fewest passes per block of groups: at most a block's rows) and logits chunk for which
+    every phase fits."""
+    g_max = max(block_rows(s.rows_generate, s.group_e), block_rows(s.rows_generate, s.group_u))
     chunks = []
     c = max(chunk_configured, MIN_LOGITS_CHUNK)
     while c >= MIN_LOGITS_CHUNK:

@@ -23,7 +23,7 @@ from probe_dist.explain.directional import (
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.prediction.ustat import SingleBatchUStatistic, vector_dot
 from probe_dist.results import BaseEntropy, DeltaH1, SequenceScores
-from probe_dist.rollout.batch import RolloutBatch, block_microbatches
+from probe_dist.rollout.batch import RolloutBatch, block_microbatches, gather_rows
 
 log = logging.getLogger("probe_dist")
 
@@ -100,32 +100,40 @@ def _forward_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: lis
     return DeltaH1(per_eta=per_eta, per_eta_se=se_from_influence(c2, base.num_groups), grad_entropy=None)
 
 
-def _microbatch_surrogates(runner: PolicyRunner, mb, *, base: BaseEntropy, est: EstimatorsConfig):
-    """(σ₁, σ₂) of one microbatch from a forward with grad (docs/method.md §5.4; estimators.delta_h1)."""
+def _microbatch_surrogates(runner: PolicyRunner, mb, *, base: BaseEntropy, est: EstimatorsConfig,
+                           row_weight: torch.Tensor | None = None):
+    """(σ₁, σ₂) of one microbatch from a forward with grad (docs/method.md §5.4; estimators.delta_h1); with
+    row_weight ([n] float64), each row's terms scaled by its weight (0 for lockstep padding)."""
     token_logp, token_h = runner.forward(mb, grad=True)
     rows = mb.token_rows_on(token_logp.device)
     phi = token_h if est.payload == "rb" else -token_logp
     a, b = surrogate_coefficients(phi, token_h, rows, num_rows=mb.num_rows, entropy=base.entropy,
                                   method=est.delta_h1, normalize=est.normalize)
+    if row_weight is not None:
+        w = row_weight.to(a.device)[rows]
+        phi, a, b = phi.double() * w, a * w, b * w
     return surrogate_terms(phi, token_logp, a, b, sum_lam=base.sum_lam)
 
 
 def entropy_gradient(rt, runner: PolicyRunner, batch_e: RolloutBatch, *, base: BaseEntropy,
                      est: EstimatorsConfig) -> list[torch.Tensor]:
-    """∇Ĥ = Σ ∇surrogate₁ over E (float64, CPU, all-reduced, param-shaped): one forward and one backward per group
-    microbatch — what the explanation needs when δH₁ was computed in forward mode."""
+    """∇Ĥ = Σ ∇surrogate₁ over E (float64, CPU, all-reduced, param-shaped): one forward and one backward per
+    microbatch of a block's rows (`runner.sizes.grad`) — what the explanation needs when δH₁ was computed in
+    forward mode."""
     def start() -> list[torch.Tensor]:
         runner.zero_grads()
         return runner.new_accumulator()
 
-    def step(_gi: int, group, accumulator: list[torch.Tensor]) -> None:
-        for mb in group.microbatches(runner.sizes.grad):
-            surrogate1, _ = _microbatch_surrogates(runner, mb, base=base, est=est)
-            (surrogate1 * group.weight).backward()
+    def step(_bi: int, block, accumulator: list[torch.Tensor]) -> None:
+        weights = [torch.full((g.size,), float(g.weight), dtype=torch.float64) for g in block]
+        for mb in block_microbatches(block, runner.sizes.grad):
+            surrogate1, _ = _microbatch_surrogates(runner, mb, base=base, est=est,
+                                                   row_weight=gather_rows(mb, weights))
+            surrogate1.backward()
             runner.drain_grads_into(accumulator)
 
     with runner.no_sync():
-        accumulator = runner.run_groups(rt, "grad", batch_e.groups, start=start, step=step)
+        accumulator = runner.run_groups(rt, "grad", batch_e.blocks(), start=start, step=step)
     return rt.sum_f64_vectors([x.cpu() for x in accumulator])
 
 

@@ -17,7 +17,7 @@ from probe_dist.estimators.ustat import block_assignments, u_statistic_dot
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.results import UpdateGradient
 from probe_dist.rollout.batch import RolloutBatch
-from probe_dist.update.gradient import group_loss_backward
+from probe_dist.update.gradient import block_loss_backward
 
 
 def vector_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -60,7 +60,7 @@ class SingleBatchUStatistic:
         runner.zero_grads()
         g_p = runner.new_accumulator()
         with runner.no_sync():
-            group_loss_backward(runner, self.batch_u.groups[gi], norm=self.update_grad.normalisers,
+            block_loss_backward(runner, [self.batch_u.groups[gi]], norm=self.update_grad.normalisers,
                                 update=self.update, accumulator=g_p)
         g_p = [g.cpu() for g in g_p]
         if self.x_unit is None:

@@ -132,6 +132,12 @@ def block_microbatches(groups: list[Group], rows: int) -> Iterator[Microbatch]:
                          row_group=tuple(j for j, _ in part), row_index=tuple(r for _, r in part))
 
 
+def gather_rows(mb: Microbatch, per_group: list[torch.Tensor]) -> torch.Tensor:
+    """[n] values of `mb`'s rows from per-group tensors of its block (per_group[j][r] for a row of group j,
+    response r; `block_microbatches` layouts only). Keeps per_group's dtype and device."""
+    return torch.stack([per_group[j][r] for j, r in zip(mb.row_group, mb.row_index)])
+
+
 @dataclass
 class RolloutBatch:
     name: str                          # "E" or "U"

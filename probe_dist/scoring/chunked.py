@@ -6,6 +6,8 @@ chunk is recomputed in backward (activation checkpointing) so no [n, L, V] softm
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -14,16 +16,19 @@ from probe_dist.model.logits import LogitTransform
 IDENTITY = LogitTransform()
 
 
-def logp_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+def logp_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float, *,
+                             overwrite: bool = False):
     """ℓ_t = log softmax(z/τ)[y_t] and H_t = −Σ_v p_v log p_v, in float32, without materialising log_softmax.
 
     logits [M, V] (any float dtype), targets [M] long → (ℓ [M], H [M]) float32, nats. A −inf logit (a masked
     token) has p_v = 0 and adds 0 to H (not 0·(−inf) = NaN); ℓ of a −inf target is −inf. The logits are shifted
     by their (detached) row maximum first: ℓ and H are shift-invariant, and at large logits (soft-capped heads
     reach ±30/τ) the shift keeps fp32 cancellation out of ℓ = z_y − logsumexp z and H = logsumexp z − Σ p z.
+    overwrite: without autograd, the caller's float32/float64 logits may be overwritten (a buffer it no longer
+    needs), saving one [M, V] allocation.
     """
     if not (torch.is_grad_enabled() and logits.requires_grad):
-        return _logp_entropy_no_grad(logits, targets, temperature)
+        return _logp_entropy_no_grad(logits, targets, temperature, overwrite=overwrite)
     z = (logits if logits.dtype == torch.float64 else logits.float()) / temperature  # float64 mode stays float64
     z = z - z.max(dim=-1, keepdim=True).values.detach()
     lse = torch.logsumexp(z, dim=-1)
@@ -33,22 +38,98 @@ def logp_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor, temper
     return logp, entropy
 
 
-def _logp_entropy_no_grad(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+def _logp_entropy_no_grad(logits: torch.Tensor, targets: torch.Tensor, temperature: float, *,
+                          overwrite: bool = False):
     """`logp_entropy_from_logits` without autograd, in fewer passes over [M, V] (the scoring and sweep forwards):
-    one shifted, tempered copy z = (x − max x)/τ, e = exp(z), s = Σe; ℓ = z_y − log s and H = log s − (Σ e·z)/s (a fused dot). The same
-    formulas; values agree with the autograd path to float rounding. A −inf logit (e = 0) is zeroed in z first,
-    so 0·(−inf) does not turn H into NaN; NaN logits still give NaN."""
-    x = logits if logits.dtype == torch.float64 else logits.float()
+    one shifted, tempered copy z = (x − max x)/τ, e = exp(z), s = Σe; ℓ = z_y − log s and H = log s − (Σ e·z)/s
+    (a fused dot). The same formulas; values agree with the autograd path to float rounding. A −inf logit (e = 0)
+    is zeroed in z first, so 0·(−inf) does not turn H into NaN; NaN logits still give NaN.
+
+    Under forward-mode AD (`torch.func.jvp`, first order: `analytic_first_order`) the tangents come from the
+    closed forms of `_LogpEntropy.jvp` instead of differentiating these passes op by op."""
+    if _ANALYTIC_JVP[0]:
+        logp, entropy, *_ = _LogpEntropy.apply(logits, targets, temperature)
+        return logp, entropy
+    logp, entropy, *_ = _logp_entropy_parts(logits, targets, temperature, overwrite=overwrite)
+    return logp, entropy
+
+
+def _logp_entropy_parts(logits: torch.Tensor, targets: torch.Tensor, temperature: float, *,
+                        overwrite: bool = False):
+    """(ℓ [M], H [M], e [M, V], z [M, V], s [M], Σ_v p_v z_v [M]) of `_logp_entropy_no_grad`. With `overwrite`
+    (or when the float32 upcast made a copy anyway) z is written over the logits' buffer: one [M, V] allocation
+    fewer."""
+    x = logits if logits.dtype in (torch.float64, torch.float32) else logits.float()
     peak = x.max(dim=-1, keepdim=True).values
-    z = torch.add(peak / -temperature, x, alpha=1.0 / temperature)  # (x − max)/τ in one pass; a new tensor
+    # out= has no forward-mode rule: write in place only into a plain tensor (not one torch.func.jvp wraps)
+    into = x if (overwrite or x is not logits) and not _functorch_wrapped(x) else None
+    z = torch.add(peak / -temperature, x, alpha=1.0 / temperature, out=into)  # (x − max)/τ in one pass
     logp_shifted = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     e = torch.exp(z)
     s = e.sum(dim=-1)
     log_s = torch.log(s)
     dot = _row_dot(e, z)
     if bool(torch.isnan(dot).any()):  # 0·(−inf) from masked tokens (or NaN logits, which stay NaN through s)
-        dot = _row_dot(e, z.masked_fill_(torch.isneginf(z), 0.0))
-    return logp_shifted - log_s, log_s - dot / s
+        z.masked_fill_(torch.isneginf(z), 0.0)
+        dot = _row_dot(e, z)
+    mean_z = dot / s
+    return logp_shifted - log_s, log_s - mean_z, e, z, s, mean_z
+
+
+_ANALYTIC_JVP = [False]
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    """Whether `t` carries torch.func transform levels (a jvp's dual tensor)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+@contextmanager
+def analytic_first_order():
+    """Inside the block, first-order forward-mode AD through the no-grad ℓ/H uses the closed-form tangents of
+    `_LogpEntropy` (two row dots over [M, V] instead of differentiating every pass). Not for nested (second-order)
+    jvp: the closed forms are not themselves differentiated."""
+    previous = _ANALYTIC_JVP[0]
+    _ANALYTIC_JVP[0] = True
+    try:
+        yield
+    finally:
+        _ANALYTIC_JVP[0] = previous
+
+
+class _LogpEntropy(torch.autograd.Function):
+    """(ℓ, H) from logits with a closed-form forward-mode rule. With z = x/τ, p = softmax(z) and a tangent ż:
+
+        ℓ̇ = ż_y − Σ_v p_v ż_v,        Ḣ = −Σ_v p_v (z_v − Σ_u p_u z_u) ż_v
+
+    (H = −Σ p log p, ṗ = p(ż − Σ p ż), log p = z − logsumexp z; the logsumexp terms cancel). The shift by max x
+    changes neither. e, z, s and Σ p z ride along as non-differentiable outputs so the rule reuses them."""
+
+    @staticmethod
+    def forward(logits, targets, temperature):
+        return _logp_entropy_parts(logits, targets, temperature)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, targets, temperature = inputs
+        _, _, e, z, s, mean_z = output
+        ctx.mark_non_differentiable(e, z, s, mean_z)
+        ctx.save_for_forward(e, z, s, mean_z, targets)
+        ctx.temperature = temperature
+
+    @staticmethod
+    def jvp(ctx, d_logits, _d_targets, _d_temperature):
+        e, z, s, mean_z, targets = ctx.saved_tensors
+        dz = (d_logits if d_logits.dtype == z.dtype else d_logits.to(z.dtype)) / ctx.temperature
+        mean_dz = _row_dot(e, dz) / s                     # Σ p ż
+        # Ḣ = −Σ p (z − Σ p z) ż: centred first (uncentred, E[zż] − E[z]E[ż] cancels in float32)
+        d_entropy = -_row_dot(torch.sub(z, mean_z.unsqueeze(-1)).mul_(e), dz) / s
+        d_logp = dz.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - mean_dz
+        return d_logp, d_entropy, None, None, None, None
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("_LogpEntropy is forward-mode only (reverse mode uses logp_entropy_from_logits' graph)")
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -58,7 +139,9 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _head_chunk(head: torch.nn.Module, transform: LogitTransform, hidden: torch.Tensor, targets: torch.Tensor,
                 temperature: float):
-    return logp_entropy_from_logits(transform(_project(head, hidden)), targets, temperature)
+    # The logits are this chunk's own fresh tensor: the no-grad path may overwrite them.
+    return logp_entropy_from_logits(transform(_project(head, hidden)), targets, temperature,
+                                    overwrite=not _ANALYTIC_JVP[0])
 
 
 def _project(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,9 @@ import torch
 
 from probe_dist.config_schema import UpdateConfig
 from probe_dist.model.runner import PolicyRunner
-from probe_dist.rollout.batch import Group, RolloutBatch
+from probe_dist.rollout.batch import Group, RolloutBatch, block_microbatches, gather_rows
 from probe_dist.update.grade import GRADE_FAMILIES, GradeObjective, GradeStats, group_grade_backward
-from probe_dist.update.loss import LossNormalisers, LossSpec, row_coefficients, update_loss
+from probe_dist.update.loss import LossNormalisers, LossSpec, RowCoefficients, row_coefficients, update_loss
 
 log = logging.getLogger("probe_dist")
 
@@ -97,47 +97,52 @@ def loss_normalisers(rt, batch: RolloutBatch, *, update: UpdateConfig,
 
 def _token_entropies(rt, runner: PolicyRunner | None, batch: RolloutBatch, update: UpdateConfig) -> dict:
     """{prompt index: [per-row float32 CPU tensors of the token entropies]} for this rank's real groups, from one
-    no-grad forward per microbatch under the training autocast."""
+    no-grad forward per microbatch of a block (`runner.sizes.score` rows) under the training autocast."""
     if runner is None:
         raise ValueError("update.top_entropy_quantile < 1 needs a runner for the entropy pre-pass")
 
-    def step(_i: int, group: Group, out: dict) -> None:
-        rows = []
-        for mb in group.microbatches(runner.sizes.score):
+    def step(_i: int, block: list[Group], out: dict) -> None:
+        rows: list[list] = [[None] * g.size for g in block]
+        for mb in block_microbatches(block, runner.sizes.score):
             with training_autocast(runner, update):
                 _, token_h = runner.forward(mb, grad=False)
             token_h = token_h.detach().float().cpu()
-            for i in range(mb.num_rows):
-                rows.append(token_h[mb.token_rows == i])
-        if group.weight > 0:
-            out[group.prompt_index] = rows
+            for i, (j, r) in enumerate(zip(mb.row_group, mb.row_index)):
+                rows[j][r] = token_h[mb.token_rows == i]
+        for group, group_rows in zip(block, rows):
+            if group.weight > 0:
+                out[group.prompt_index] = group_rows
 
-    return runner.run_groups(rt, "score", batch.groups, start=dict, step=step)
+    return runner.run_groups(rt, "score", batch.blocks(), start=dict, step=step)
 
 
-def group_loss_backward(runner: PolicyRunner, group: Group, *, norm: LossNormalisers, update: UpdateConfig,
+def block_loss_backward(runner: PolicyRunner, groups: list[Group], *, norm: LossNormalisers, update: UpdateConfig,
                         accumulator: list[torch.Tensor]) -> None:
-    """Forward + backward of L_U on one group, microbatch by microbatch (`runner.sizes.grad` rows), each
-    microbatch's gradient added at once to the float64 `accumulator` (param-shaped, see PolicyRunner).
+    """Forward + backward of L_U on a block of groups, microbatch by microbatch (`runner.sizes.grad` rows that may
+    span groups: `rollout.batch.block_microbatches`), each microbatch's gradient added at once to the float64
+    `accumulator` (param-shaped, see PolicyRunner). With one group, that group's own microbatches.
 
     With a KL term the reference log-probs come from a no-grad forward of the same microbatch with the adapter
     disabled. Forwards run under the training autocast (update.autocast). Zero-weight padding groups still join
-    the graph so every rank runs the same backward passes.
+    the graph (with coefficients 0) so every rank runs the same backward passes.
     accumulator: float64 tensors shaped like the trainable parameters (on runner's accumulator device).
     Raises ValueError for an unknown update.loss family.
     """
     spec = LossSpec.from_config(update)
-    rows = row_coefficients(spec, group, norm, kept=group.kept(update.mask_truncated))
-    for mb in group.microbatches(runner.sizes.grad):
+    coefficients = [row_coefficients(spec, g, norm, kept=g.kept(update.mask_truncated)) for g in groups]
+    advantages = [g.advantages.to(torch.float64) for g in groups]
+    weights = [float(g.weight) for g in groups]
+    for mb in block_microbatches(groups, runner.sizes.grad):
         ref_logp = None
         with training_autocast(runner, update):
             if update.kl_coef:
                 with runner.reference():
                     ref_logp = runner.forward(mb, grad=False)[0].detach()
             token_logp, token_h = runner.forward(mb, grad=True)
-        loss = update_loss(token_logp, token_h, mb.token_rows_on(token_logp.device), group.advantages[mb.rows],
-                           rows[mb.rows], spec, token_ref_logp=ref_logp)
-        (loss * group.weight).backward()
+        rows = RowCoefficients.gather(coefficients, mb.row_group, mb.row_index, weights)
+        loss = update_loss(token_logp, token_h, mb.token_rows_on(token_logp.device), gather_rows(mb, advantages),
+                           rows, spec, token_ref_logp=ref_logp)
+        loss.backward()
         runner.drain_grads_into(accumulator)
 
 
@@ -164,8 +169,8 @@ def update_gradient(rt, runner: PolicyRunner, batch: RolloutBatch, update: Updat
     else:
         norm = loss_normalisers(rt, batch, update=update, runner=runner)
 
-        def step(_index: int, group: Group, accumulator: list[torch.Tensor]) -> None:
-            group_loss_backward(runner, group, norm=norm, update=update, accumulator=accumulator)
+        def step(_index: int, block: list[Group], accumulator: list[torch.Tensor]) -> None:
+            block_loss_backward(runner, block, norm=norm, update=update, accumulator=accumulator)
 
     def start() -> list[torch.Tensor]:
         runner.zero_grads()
@@ -173,8 +178,9 @@ def update_gradient(rt, runner: PolicyRunner, batch: RolloutBatch, update: Updat
             sums.zero_()  # an out-of-memory retry starts the phase over
         return runner.new_accumulator()
 
-    with runner.no_sync():
-        accumulator = runner.run_groups(rt, "grad", batch.groups, start=start, step=step)
+    with runner.no_sync():  # GRADE: a group at a time; the teacher-forced loss: a block at a time
+        units = batch.groups if update.loss in GRADE_FAMILIES else batch.blocks()
+        accumulator = runner.run_groups(rt, "grad", units, start=start, step=step)
     grad = rt.sum_f64_vectors([a.cpu() for a in accumulator])
     if update.loss in GRADE_FAMILIES:
         total = rt.sum_f64_vectors([sums])[0]

@@ -126,6 +126,19 @@ class RowCoefficients:
         mask = self.token_mask[rows] if self.token_mask is not None else None
         return RowCoefficients(self.normaliser[rows], self.threshold[rows], self.bonus[rows], mask)
 
+    @staticmethod
+    def gather(parts: list[RowCoefficients], row_group, row_index, weights: list[float]) -> RowCoefficients:
+        """The coefficients of rows drawn from several groups — row k is parts[row_group[k]]'s row row_index[k] —
+        with each group's weight folded into n_i and o_i (a zero-weight padding group's rows add exactly 0)."""
+        w = torch.tensor([weights[j] for j in row_group], dtype=torch.float64)
+        pick = list(zip(row_group, row_index))
+        masks = None
+        if any(p.token_mask is not None for p in parts):
+            masks = [parts[j].token_mask[r] for j, r in pick]
+        return RowCoefficients(normaliser=torch.stack([parts[j].normaliser[r] for j, r in pick]) * w,
+                               threshold=torch.stack([parts[j].threshold[r] for j, r in pick]),
+                               bonus=torch.stack([parts[j].bonus[r] for j, r in pick]) * w, token_mask=masks)
+
 
 def row_coefficients(spec: LossSpec, group, norm: LossNormalisers, *, kept: torch.Tensor | None = None,
                      ) -> RowCoefficients:
