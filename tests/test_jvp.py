@@ -43,3 +43,44 @@ def test_backward_surrogate_equals_forward_mode_jvp(toy_checkpoint):
     assert abs(float(value) - summary["entropy/base"]) < 1e-6
     per_eta = summary["delta_h1/per_eta"]
     assert abs(float(derivative) - per_eta) <= 1e-5 * abs(per_eta)
+
+
+def test_first_order_linear_rules_equal_torch_forward_mode(monkeypatch):
+    """`frozen_linear_rule`: a frozen linear with bias on a dual input (ẏ = ẋWᵀ) and a trainable one on a dual input
+    (ẏ = ẋWᵀ + xẆᵀ), in a LoRA-shaped block, give torch's own forward-mode values and tangents (float64) and a
+    central finite difference."""
+    from probe_dist.explain import directional
+
+    gen = torch.Generator().manual_seed(0)
+    first = torch.nn.Linear(4, 6, bias=True).double().requires_grad_(False)
+    base = torch.nn.Linear(6, 5, bias=True).double().requires_grad_(False)
+    second = torch.nn.Linear(5, 4, bias=True).double().requires_grad_(False)
+    a0 = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    b0 = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    x = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    da, db = torch.randn_like(a0), torch.randn_like(b0)
+    fn = torch.nn.functional
+
+    def block(a, b):
+        h = first(x)                          # frozen, tangent-free input
+        lora = fn.linear(fn.linear(h, a), b)  # trainable weights
+        return second(torch.tanh(base(h) + lora))  # frozen on a dual input
+
+    calls = []
+    for cls in (directional._FrozenLinear, directional._TrainableLinear):
+        rule = cls.jvp
+        monkeypatch.setattr(cls, "jvp", staticmethod(lambda ctx, *t, rule=rule, name=cls.__name__:
+                                                     calls.append(name) or rule(ctx, *t)))
+    original = fn.linear
+    with torch.no_grad():
+        y, dy = jvp(block, (a0, b0), (da, db))
+        with directional.frozen_linear_rule():
+            y1, dy1 = jvp(block, (a0, b0), (da, db))
+        eps = 1e-6
+        fd = (block(a0 + eps * da, b0 + eps * db) - block(a0 - eps * da, b0 - eps * db)) / (2 * eps)
+    assert set(calls) == {"_FrozenLinear", "_TrainableLinear"}
+    assert fn.linear is original  # put back
+    assert torch.equal(y, y1)
+    assert torch.allclose(dy1, dy, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(dy1, fd, rtol=1e-6, atol=1e-8)
+    assert float(dy1.abs().max()) > 0.1

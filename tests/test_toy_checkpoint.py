@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import probe_dist.toy_base
+import probe_dist.toy_reward
 from probe_dist import toy
 from probe_dist.scoring.score import score_batch
 from tests.probe_harness import make_probe
@@ -116,38 +117,54 @@ def test_policy_is_non_trivial(toy_checkpoint):
 # ----------------------------------------------------------------------------------------------- reproducibility
 
 
+@pytest.fixture(scope="module")
+def short_builds(tmp_path_factory):
+    """Seed 0 built twice and seed 1 once, each with shortened base and reward-model schedules (20 steps each; the
+    same code path as the full build — determinism and seed dependence are under test, not the schedule — where a
+    full extra build costs minutes)."""
+    root = tmp_path_factory.mktemp("short_builds")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(probe_dist.toy_base, "train_base",
+                  functools.partial(probe_dist.toy_base.train_base, steps=20, eval_samples=8))
+    patch.setattr(probe_dist.toy_reward, "STEPS", 20)
+    try:
+        states = {name: toy.build(root / name, seed=seed) for name, seed in (("s0", 0), ("s0_again", 0), ("s1", 1))}
+    finally:
+        patch.undo()
+    return root, states
+
+
 @pytest.mark.slow
-def test_same_seed_rebuilds_bitwise(tmp_path, toy_checkpoint):
-    again = tmp_path / "again"
-    toy.build(again, seed=0)
-    first, second = checkpoint_tensors(toy_checkpoint), checkpoint_tensors(again)
+def test_same_seed_rebuilds_bitwise(short_builds):
+    root, _ = short_builds
+    first_dir, again = root / "s0", root / "s0_again"
+    first, second = checkpoint_tensors(first_dir), checkpoint_tensors(again)
     assert set(first) == set(second)
     assert sum(k.startswith("optimizer.pt:") for k in first) == 3 * len(optimizer_meta(again)["names"])
     differing = [k for k in first if not bitwise_equal(first[k], second[k])]
     assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
-    assert optimizer_meta(toy_checkpoint) == optimizer_meta(again)
+    reward_a = load_file(str(first_dir / "reward_model" / "model.safetensors"))
+    reward_b = load_file(str(again / "reward_model" / "model.safetensors"))
+    assert reward_a.keys() == reward_b.keys() and all(bitwise_equal(reward_a[k], reward_b[k]) for k in reward_a)
+    assert optimizer_meta(first_dir) == optimizer_meta(again)
     for name in ("training_args.json", "adapter_config.json"):
-        assert json.loads((toy_checkpoint / name).read_text()) == json.loads((again / name).read_text()), name
-    assert without_timings(json.loads((toy_checkpoint / "trainer_state.json").read_text())) == \
+        assert json.loads((first_dir / name).read_text()) == json.loads((again / name).read_text()), name
+    assert without_timings(json.loads((first_dir / "trainer_state.json").read_text())) == \
         without_timings(json.loads((again / "trainer_state.json").read_text()))
 
 
 @pytest.mark.slow
-def test_different_seed_gives_different_tensors(tmp_path, monkeypatch):
-    """Seeds 0 and 1 with a shortened base schedule (the seed, not the schedule, is under test; a full extra build
-    costs minutes)."""
-    short = functools.partial(probe_dist.toy_base.train_base, steps=20, eval_samples=8)
-    monkeypatch.setattr(probe_dist.toy_base, "train_base", short)
-    for seed in (0, 1):
-        state = toy.build(tmp_path / f"s{seed}", seed=seed)
+def test_different_seed_gives_different_tensors(short_builds):
+    root, states = short_builds
+    for name in ("s0", "s1"):
         # Precondition: some GRPO step had mixed rewards, so the AdamW moments are not all zero.
-        assert any(h["grad_norm"] > 0 for h in state["grpo_history"]), state["grpo_history"]
-    a, b = checkpoint_tensors(tmp_path / "s0"), checkpoint_tensors(tmp_path / "s1")
+        assert any(h["grad_norm"] > 0 for h in states[name]["grpo_history"]), states[name]["grpo_history"]
+    a, b = checkpoint_tensors(root / "s0"), checkpoint_tensors(root / "s1")
     assert set(a) == set(b)
     for rel in (*TENSOR_FILES, "optimizer.pt"):
         keys = [k for k in a if k.startswith(rel + ":") and not k.endswith(":step")]
         assert keys and all(not bitwise_equal(a[k], b[k]) for k in keys), f"{rel}: a tensor is seed-independent"
-    assert json.loads((tmp_path / "s1" / "training_args.json").read_text())["seed"] == 1
+    assert json.loads((root / "s1" / "training_args.json").read_text())["seed"] == 1
 
 
 # ----------------------------------------------------------------------------------------------- build CLI

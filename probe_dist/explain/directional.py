@@ -101,6 +101,89 @@ def composite_kernels():
             setattr(fn, name, value)
 
 
+_LINEAR = torch._C._nn.linear  # what torch.nn.functional.linear is
+
+
+class _Frozen:
+    """A frozen weight and bias handed to `_FrozenLinear` as one non-tensor argument, so torch.func does not make
+    (and fill) zero tangents for them."""
+
+    __slots__ = ("weight", "bias")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """F.linear(x, W, b) for a W and b without tangents: forward mode's rule is ẏ = ẋWᵀ alone. (torch.func.jvp
+    hands a linear layer zero tangents for a frozen W and b and multiplies them out: ~4 matmuls where 2 do.)"""
+
+    @staticmethod
+    def forward(x, frozen):
+        return _LINEAR(x, frozen.weight, frozen.bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.frozen = inputs[1]
+
+    @staticmethod
+    def jvp(ctx, d_x, _d_frozen):
+        return _LINEAR(d_x, ctx.frozen.weight)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("_FrozenLinear is forward-mode only")
+
+
+class _TrainableLinear(torch.autograd.Function):
+    """F.linear(x, W, b) for a W with a tangent (a LoRA factor) and a frozen or absent b: ẏ = ẋWᵀ + xẆᵀ."""
+
+    @staticmethod
+    def forward(x, weight, frozen):
+        return _LINEAR(x, weight, frozen.bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.save_for_forward(x, weight)
+
+    @staticmethod
+    def jvp(ctx, d_x, d_weight, _d_frozen):
+        x, weight = ctx.saved_tensors
+        return _LINEAR(d_x, weight) + _LINEAR(x, d_weight)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("_TrainableLinear is forward-mode only")
+
+
+@contextmanager
+def frozen_linear_rule():
+    """Inside the block (a first-order torch.func.jvp), linear layers on the transform's tensors use rules that
+    multiply only real tangents: `_FrozenLinear` for a frozen weight and bias (plain tensors, not the transform's
+    dual ones), `_TrainableLinear` for a weight with a tangent and a frozen or absent bias; anything else keeps
+    torch's rule. Not for nested jvp (the rules are not themselves differentiated)."""
+    fn = torch.nn.functional
+    original = fn.linear
+
+    def linear(x, weight, bias=None):
+        if (bias is not None and _dual(bias)) or not _dual(x):
+            return original(x, weight, bias)
+        if _dual(weight):
+            return _TrainableLinear.apply(x, weight, _Frozen(None, bias))
+        return _FrozenLinear.apply(x, _Frozen(weight, bias))
+
+    fn.linear = linear
+    try:
+        yield
+    finally:
+        fn.linear = original
+
+
+def _dual(t: torch.Tensor) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 def parameter_names(policy: PolicyModel, trainable: list[tuple[str, torch.nn.Parameter]]) -> list[str]:
     """The name under `policy` of each trainable parameter (optimizer order). Raises ForwardModeUnavailable when
     a trainable parameter is not a plain parameter of the policy (e.g. sharded by FSDP2)."""
@@ -151,7 +234,7 @@ def token_derivatives(policy: PolicyModel, names: list[str], trainable: list[tup
 
     try:
         if order == 1:  # the fused kernels' first-order rules hold; ℓ/H's tangents in closed form
-            with torch.no_grad(), analytic_first_order():
+            with torch.no_grad(), analytic_first_order(), frozen_linear_rule():
                 (logp, ent), (d_logp, d_ent) = first(*primals)
             dd_logp = dd_ent = None
         else:
