@@ -211,8 +211,8 @@ def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: i
     """
     static = _static(shape, s)
     grads = {"adapter_grads": shape.adapter_params * s.dtype_bytes}
-    # Scoring forwards, the teacher-forced loss's gradient passes, forward-mode δH₁ and ∇Ĥ span the groups of a
-    # block; GRADE, the reverse-mode δH₁ (single_batch) and the explanation's per-sequence passes stay in one group.
+    # Scoring forwards, the teacher-forced loss's gradient passes, forward-mode δH₁, ∇Ĥ and the explanation's passes
+    # span the groups of a block; GRADE and the reverse-mode δH₁ (single_batch) stay in one group.
     rs_e = min(rows_score, block_rows(s.rows_generate, s.group_e))
     rg_e, rg_u = min(rows_grad, s.group_e), min(rows_grad, s.group_u)
     rb_e, rb_u = (min(rows_grad, block_rows(s.rows_generate, g)) for g in (s.group_e, s.group_u))
@@ -241,9 +241,9 @@ def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: i
     if s.explain:
         # Forward mode keeps no graph: a no-grad forward whose every tensor comes with tangents — three more copies
         # for E's nested (second-order) pass, one for U's first-order pass (explain/directional.py); and, after a
-        # forward-mode δH₁, ∇Ĥ by one forward + backward per E group microbatch.
-        e_side = {f"forward_mode_{k}": 4 * v for k, v in _nograd_forward(shape, s, rg_e, chunk).items()}
-        u_side = {f"forward_mode_{k}": 2 * v for k, v in _nograd_forward(shape, s, rg_u, chunk).items()}
+        # forward-mode δH₁, ∇Ĥ by one forward + backward per E block microbatch.
+        e_side = {f"forward_mode_{k}": 4 * v for k, v in _nograd_forward(shape, s, rb_e, chunk).items()}
+        u_side = {f"forward_mode_{k}": 2 * v for k, v in _nograd_forward(shape, s, rb_u, chunk).items()}
         sides = [e_side, u_side] + ([] if s.single_batch else [{**grads, **_grad_pass(shape, s, rb_e, chunk)}])
         explain.update(best(*sides))
     out[EXPLAIN] = total(explain)
