@@ -222,6 +222,7 @@ def gpu_part(args) -> dict:
                              "sampling.B_U=64", "sampling.G_U=8", "sampling.max_new_tokens=200",
                              f"sampling.prompts={prompts}", "estimators.etas=[0.0,1e-5]", "estimators.explain=false",
                              f"memory.microbatch_generate={args.gpu_rows_generate}", "memory.auto_microbatch=true",
+                             "memory.max_trainable_params=80000000",  # LoRA r = 64 on every projection: 73.9M
                              "memory.profile=true", f"output.dir={workdir / 'run'}", "log_level=warning"])
     probe = build_probe(cfg, Runtime())
     torch.cuda.reset_peak_memory_stats(device)
