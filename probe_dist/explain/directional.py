@@ -22,7 +22,7 @@ from torch.func import jvp
 
 from probe_dist.model.policy import PolicyModel, unwrap_causal_lm
 from probe_dist.rollout.batch import Microbatch
-from probe_dist.scoring.chunked import analytic_first_order
+from probe_dist.scoring.chunked import analytic_first_order, functorch_wrapped
 
 
 class ForwardModeUnavailable(RuntimeError):
@@ -167,9 +167,9 @@ def frozen_linear_rule():
     original = fn.linear
 
     def linear(x, weight, bias=None):
-        if (bias is not None and _dual(bias)) or not _dual(x):
+        if (bias is not None and functorch_wrapped(bias)) or not functorch_wrapped(x):
             return original(x, weight, bias)
-        if _dual(weight):
+        if functorch_wrapped(weight):
             return _TrainableLinear.apply(x, weight, _Frozen(None, bias))
         return _FrozenLinear.apply(x, _Frozen(weight, bias))
 
@@ -178,10 +178,6 @@ def frozen_linear_rule():
         yield
     finally:
         fn.linear = original
-
-
-def _dual(t: torch.Tensor) -> bool:
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def parameter_names(policy: PolicyModel, trainable: list[tuple[str, torch.nn.Parameter]]) -> list[str]:

@@ -131,11 +131,11 @@ def _prompt_tokens(cfg, tokenizer_dir: Path | None, notes: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------- the plan
-def _divisor_rows(n_max: int, group: int) -> int:
-    """The smallest row count with as few passes per block (`group`: its rows) as n_max rows: same passes, less
+def _divisor_rows(n_max: int, block: int) -> int:
+    """The smallest row count with as few passes per block of `block` rows as n_max rows: same passes, less
     memory."""
-    n_max = max(1, min(n_max, group))
-    return math.ceil(group / math.ceil(group / n_max))
+    n_max = max(1, min(n_max, block))
+    return math.ceil(block / math.ceil(block / n_max))
 
 
 def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lora_r: int | None = None,
@@ -265,7 +265,7 @@ def _round_up(n: int) -> int:
 def _propose(shape: ModelShape, s: Settings, available: int, chunk_configured: int) -> dict:
     """Largest microbatches (fewest passes per block of groups: at most a block's rows) and logits chunk for which
     every phase fits."""
-    g_max = max(block_rows(s.rows_generate, s.group_e), block_rows(s.rows_generate, s.group_u))
+    r_max = max(block_rows(s.rows_generate, s.group_e), block_rows(s.rows_generate, s.group_u))
     chunks = []
     c = max(chunk_configured, MIN_LOGITS_CHUNK)
     while c >= MIN_LOGITS_CHUNK:
@@ -273,16 +273,16 @@ def _propose(shape: ModelShape, s: Settings, available: int, chunk_configured: i
         c //= 2
     best = None
     for chunk in chunks:
-        rows_grad = next((n for n in range(g_max, 0, -1)
+        rows_grad = next((n for n in range(r_max, 0, -1)
                           if _fits_phases(shape, s, rows_score=1, rows_grad=n, chunk=chunk, available=available,
                                           names=(UPDATE_GRADIENT, DELTA_H1, EXPLAIN))), 0)
-        rows_score = next((n for n in range(g_max, 0, -1)
+        rows_score = next((n for n in range(r_max, 0, -1)
                            if _fits_phases(shape, s, rows_score=n, rows_grad=1, chunk=chunk, available=available,
                                            names=(SCORE_BASE, SWEEP))), 0)
         if rows_grad == 0 or rows_score == 0:
             continue
-        rows_grad, rows_score = _divisor_rows(rows_grad, g_max), _divisor_rows(rows_score, g_max)
-        key = (-math.ceil(g_max / rows_grad), -math.ceil(g_max / rows_score), chunk)
+        rows_grad, rows_score = _divisor_rows(rows_grad, r_max), _divisor_rows(rows_score, r_max)
+        key = (-math.ceil(r_max / rows_grad), -math.ceil(r_max / rows_score), chunk)
         if best is None or key > best[0]:
             best = (key, rows_score, rows_grad, chunk)
     if best is None:

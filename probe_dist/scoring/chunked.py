@@ -62,7 +62,7 @@ def _logp_entropy_parts(logits: torch.Tensor, targets: torch.Tensor, temperature
     x = logits if logits.dtype in (torch.float64, torch.float32) else logits.float()
     peak = x.max(dim=-1, keepdim=True).values
     # out= has no forward-mode rule: write in place only into a plain tensor (not one torch.func.jvp wraps)
-    into = x if (overwrite or x is not logits) and not _functorch_wrapped(x) else None
+    into = x if (overwrite or x is not logits) and not functorch_wrapped(x) else None
     z = torch.add(peak / -temperature, x, alpha=1.0 / temperature, out=into)  # (x − max)/τ in one pass
     logp_shifted = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     e = torch.exp(z)
@@ -79,7 +79,7 @@ def _logp_entropy_parts(logits: torch.Tensor, targets: torch.Tensor, temperature
 _ANALYTIC_JVP = [False]
 
 
-def _functorch_wrapped(t: torch.Tensor) -> bool:
+def functorch_wrapped(t: torch.Tensor) -> bool:
     """Whether `t` carries torch.func transform levels (a jvp's dual tensor)."""
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
