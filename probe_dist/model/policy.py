@@ -62,11 +62,17 @@ class PolicyModel(nn.Module):
         return not bool(attention_mask[:, 0].bool().all())
 
     def decode(self, input_ids: torch.Tensor, past_key_values=None, position_ids=None, attention_mask=None):
-        """One generation step: float32 logits of the last position and the updated KV cache. attention_mask
-        [n, past + new] marks left padding (None: no padding)."""
-        out = self.lm(input_ids=input_ids, past_key_values=past_key_values, position_ids=position_ids,
+        """One generation step: float32 logits of the last position [n, V] and the updated KV cache (a
+        transformers `Cache`). input_ids [n, L] long; past_key_values: the cache a previous call returned (None on
+        the first step); attention_mask [n, past + new] marks left padding (None: no padding).
+
+        `past_key_values` is this method's own name (the sampler protocol `rollout.generate.sample_rows` and the
+        tests' scripted policies share). Transformers gets it as `cache=` and the cache is read from `out.cache`:
+        since transformers 5.24 every built-in model's forward is `@deprecate_kwarg("past_key_values", "5.40.0",
+        new_name="cache")` (a FutureWarning per call) and `ModelOutput.past_key_values` is a deprecated alias."""
+        out = self.lm(input_ids=input_ids, cache=past_key_values, position_ids=position_ids,
                       attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), out.cache
 
 
 def eager_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

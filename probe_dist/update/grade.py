@@ -103,7 +103,7 @@ class SoftRolloutRunner:
                 cache.update(keys, values, layer)
         positions = torch.arange(start, start + length, device=e_in.device).unsqueeze(0).expand(n, -1)
         with self.reference() if ref else nullcontext():
-            hidden = self.policy.decoder(inputs_embeds=e_in, past_key_values=cache, position_ids=positions,
+            hidden = self.policy.decoder(inputs_embeds=e_in, cache=cache, position_ids=positions,
                                          use_cache=True).last_hidden_state[:, -1]
         new = []
         for layer in cache.layers:
