@@ -50,8 +50,15 @@ def second_derivative(x: torch.Tensor) -> torch.Tensor:
 
 def influence(fn, total: torch.Tensor, per_unit: torch.Tensor) -> torch.Tensor:
     """Delta-method influence c_k = ∇f(total)·X_k of f = `fn` at the global sums `total` [6] for units X [n, 6]
-    (sequences or groups); [n] float64. For f homogeneous of degree 0 the c_k over all units sum to 0."""
-    grad = torch.func.grad(fn)(total.to(torch.float64))
+    (sequences or groups); [n] float64. For f homogeneous of degree 0 the c_k over all units sum to 0.
+
+    ∇f comes from reverse-mode autograd on a fresh float64 leaf, not `torch.func.grad`: torch.func's reverse
+    transforms refuse to run under saved-tensor hooks, which `memory.profile` installs around every phase
+    (plan.meter.SavedTensorsMeter); autograd.grad runs under them (the few bytes of this 6-element graph are
+    metered like any other)."""
+    x = total.detach().to(torch.float64).requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(fn(x), x)
     return per_unit.to(torch.float64) @ grad
 
 

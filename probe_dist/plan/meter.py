@@ -18,7 +18,8 @@ by every active meter: meters nest (one hook pair is installed for all of them).
 Limitations: saved-tensor hooks are per thread, so a meter sees the graphs built by the thread that entered it
 (the probe builds every graph on its main thread); tensors kept alive by other means than autograd's saved-tensor
 slots are not seen; torch.func.{grad, vjp, jacrev, hessian} refuse to run under saved-tensor hooks (torch.func.jvp
-works), so do not profile a phase that calls those.
+works), so the probe calls none of them (its reverse-mode gradients use torch.autograd.grad, which the hooks meter;
+tests/test_memory_profile.py runs every update path and estimator with memory.profile=true).
 """
 
 from __future__ import annotations
