@@ -11,6 +11,12 @@ shape, LoRA r = 64, B_E = 64 × 8, B_U = 16 × 8, 200 new tokens, memory.profile
 What to expect: the δH₁ phase is one forward and two backward passes per E microbatch (≈ 5 forward-equivalents);
 the explanation is a nested forward-mode pass over E (the primal and three tangents: ≈ 4) and a first-order one over
 U (≈ 2). On small models the per-operation overhead of torch.func dominates and the ratio is larger.
+
+--smoke (CI: seconds, so the bench cannot rot): the same two probe runs on bench/memory.py's smoke model
+(vocabulary 256, hidden 32, 2 layers, LoRA r = 2), B_E = B_U = 2 × 2, 8 new tokens, one thread; the same JSON
+schema; --out defaults to a temporary file and may not point into bench/results/; exits 1 when a number in the
+result is not finite, a run's status is not "completed" or the explanation phase did not run. GPU: --smoke is the
+CPU configuration only; --smoke --device cuda is refused (exit 2) and the cuda configuration is unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -58,14 +65,22 @@ def run(ckpt: Path, device: str, overrides: list[str]) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="JSON output path (default: none; with --smoke a temporary file)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; with --smoke 1)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="CI: the same bench on a tiny model in seconds")
     args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.smoke else 2
     torch.set_num_threads(args.threads)
     import transformers
 
     bench_memory = _memory_bench()
+    if args.smoke:
+        if args.device == "cuda":
+            print("error: --smoke is the CPU configuration; run --device cuda without --smoke", file=sys.stderr)
+            return 2
+        args.out = bench_memory.smoke_out_path(args.out, "explain")
     work = Path(tempfile.mkdtemp(prefix="bench-explain-ckpt-"))
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -76,6 +91,10 @@ def main(argv=None) -> int:
         config, lora_r, new_tokens = builtin_model_config("qwen2.5-1.5b"), 64, 200
         sizes = ["sampling.B_E=64", "sampling.G_E=8", "sampling.B_U=16", "sampling.G_U=8", "memory.profile=true",
                  "memory.microbatch_score=8", "memory.microbatch_grad=8"]
+    elif args.smoke:
+        config, lora_r, new_tokens = bench_memory.smoke_model_config(), 2, 8
+        sizes = ["sampling.B_E=2", "sampling.G_E=2", "sampling.B_U=2", "sampling.G_U=2",
+                 "memory.microbatch_score=2", "memory.microbatch_grad=2"]
     else:
         config = transformers.Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=704,
                                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -102,7 +121,13 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(json.dumps({k: result[k] for k in ("explain_over_delta_h1", "run_seconds_ratio")}))
-    return 0
+    if not args.smoke:
+        return 0
+    shutil.rmtree(work, ignore_errors=True)
+    if result["explain_over_delta_h1"] is None:
+        print("[bench/explain] smoke failure: no explain or delta_h1 phase time", file=sys.stderr)
+        return 1
+    return bench_memory.check_smoke(result, Path(args.out), "bench/explain")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,15 @@ torch.cuda.set_per_process_memory_fraction, runs configs/a100_40gb_8gpu.yaml on 
 the batches (B_E = 512/8, B_U = 64/8; peaks do not depend on the number of groups, which the CPU part shows), and
 records each phase's measured torch.cuda.max_memory_allocated against the planner's prediction for the microbatch
 sizes the run ended up using. Target: planner error within 15%.
+
+--smoke (CI: seconds, so the bench cannot rot): the same code path — the GRADE cases, then the CPU part with one
+fresh process per size — on tiny shapes: a random-weight Qwen2 (vocabulary 256, hidden 32, 2 layers, LoRA r = 2)
+built with build_random_checkpoint in a temporary directory instead of the toy (whose build takes a minute; pass
+--checkpoint to use another one), one size B_U = B_E = 2 × G = 2 (the loop and the flatness ratios run, trivially
+1; --sizes 2,4 for two), GRADE V = 256, hidden 32, T = 4, k ∈ {4, V}; explicit flags still win. The JSON has the
+same schema; --out defaults to a temporary file and may not point into bench/results/. It exits 1 when any number
+in the result is not finite or any run's status is not "completed". GPU: --smoke never runs the GPU part
+(recorded as {"skipped": "--smoke"}); that part is unchanged — run it without --smoke.
 """
 
 from __future__ import annotations
@@ -49,6 +58,10 @@ from probe_dist.plan.meter import PhaseMemoryRecorder, merge_phase_records  # no
 from probe_dist.probe import PhaseClock  # noqa: E402
 
 GiB = 1 << 30
+RESULTS = REPO / "bench" / "results"
+# --smoke: tiny shapes for every size knob of the CPU and GRADE parts (explicit flags still win).
+SMOKE_DEFAULTS = {"sizes": "2", "group": 2, "b_e": 2, "microbatch_score": 2, "microbatch_grad": 2,
+                  "grade_vocab": 256, "grade_hidden": 32, "grade_rows": 2, "grade_steps": "4", "grade_top_k": "4,0"}
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -93,6 +106,56 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "cuda": torch.version.cuda, "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def smoke_out_path(out: str | None, name: str) -> Path:
+    """--smoke's JSON path: `out`, or a fresh temporary `<name>.json` when None.
+
+    Raises SystemExit(2) when `out` lies inside bench/results/ (a smoke run never overwrites committed results)."""
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix=f"bench-smoke-{name}-")) / f"{name}.json"
+    path = Path(out).resolve()
+    if path.is_relative_to(RESULTS.resolve()):
+        print(f"error: --smoke may not write into {RESULTS} (got --out {out})", file=sys.stderr)
+        raise SystemExit(2)
+    return path
+
+
+def smoke_failures(result, where: str = "") -> list[str]:
+    """What makes a --smoke result a failure: every number (int/float leaves of nested dicts/lists) must be finite
+    and every "status" field must be "completed". Returns one line per problem, with its JSON path; [] when none."""
+    import math
+
+    if isinstance(result, dict):
+        bad = []
+        for key, value in result.items():
+            if key == "status" and value != "completed":
+                bad.append(f"{where}.{key} = {value!r} (not 'completed')")
+            bad.extend(smoke_failures(value, f"{where}.{key}"))
+        return bad
+    if isinstance(result, (list, tuple)):
+        return [line for i, v in enumerate(result) for line in smoke_failures(v, f"{where}[{i}]")]
+    if isinstance(result, float) and not math.isfinite(result):
+        return [f"{where} = {result} (not finite)"]
+    return []
+
+
+def check_smoke(result, out: Path, label: str) -> int:
+    """--smoke's exit status for `result` (already written to `out`): 0, or 1 after printing smoke_failures."""
+    bad = smoke_failures(result)
+    for line in bad:
+        print(f"[{label}] smoke failure: {line}", file=sys.stderr)
+    print(f"[{label}] smoke {'FAILED' if bad else 'ok'}: {out}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def smoke_model_config():
+    """--smoke's model: a random-weight Qwen2 with vocabulary 256 (≥ the toy characters), hidden 32, 2 layers."""
+    import transformers
+
+    return transformers.Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                    tie_word_embeddings=True)
 
 
 # ------------------------------------------------------------------------------------------- CPU part
@@ -347,7 +410,9 @@ def grade_part(args) -> dict:
 # ------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_cpu.json"), help="JSON output path")
+    p.add_argument("--out", default=None, help="JSON output path (default bench/results/memory_cpu.json; with "
+                                               "--grade-only memory_grade_cpu.json; with --smoke a temporary file)")
+    p.add_argument("--smoke", action="store_true", help="CI: the same bench on tiny shapes in seconds (see above)")
     p.add_argument("--toy-cache", default=None, help="where the toy checkpoint is built/cached")
     p.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the toy one")
     p.add_argument("--sizes", default="8,16,32,64", help="B_U values")
@@ -378,12 +443,16 @@ def parse_args(argv=None):
     p.add_argument("--grade-steps", default="16,32,64", help="GRADE cases: relaxed tokens T")
     p.add_argument("--grade-top-k", default="16,256,0", help="GRADE cases: top-k (0: the whole vocabulary)")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    if p.parse_known_args(argv)[0].smoke:
+        p.set_defaults(**SMOKE_DEFAULTS)
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
     args.grade_steps = [int(s) for s in str(args.grade_steps).split(",") if s]
     args.grade_top_k = [int(s) for s in str(args.grade_top_k).split(",") if s]
-    if args.grade_only and args.out == str(REPO / "bench" / "results" / "memory_cpu.json"):
-        args.out = str(REPO / "bench" / "results" / "memory_grade_cpu.json")
+    if args.smoke:
+        args.out = smoke_out_path(args.out, "memory")
+    elif args.out is None:
+        args.out = str(RESULTS / ("memory_grade_cpu.json" if args.grade_only else "memory_cpu.json"))
     from probe_dist.plan import parse_bytes
 
     args.gpu_mem = parse_bytes(args.gpu_mem)
@@ -405,20 +474,30 @@ def main(argv=None) -> int:
                   file=sys.stderr)
     if args.grade_only:
         args.skip_cpu, args.no_gpu = True, True
-    if not args.skip_cpu:
-        result["cpu"] = cpu_part(args)
+    smoke_dir = None
+    if args.smoke and not args.skip_cpu and not args.checkpoint:
+        smoke_dir = Path(tempfile.mkdtemp(prefix="bench-smoke-memory-ckpt-"))
+        args.checkpoint = str(build_random_checkpoint(smoke_dir / "ckpt", smoke_model_config(), torch.device("cpu"),
+                                                      lora_r=2, max_new_tokens=8))
+    try:
+        if not args.skip_cpu:
+            result["cpu"] = cpu_part(args)
+    finally:
+        if smoke_dir is not None:
+            shutil.rmtree(smoke_dir, ignore_errors=True)
     if args.preset_on_cpu:
         result["preset_cpu_smoke"] = preset_part(args, torch.device("cpu"))
-    elif torch.cuda.is_available() and not args.no_gpu:
+    elif torch.cuda.is_available() and not args.no_gpu and not args.smoke:  # --smoke never runs the GPU part
         print("[bench/memory] GPU: building the random checkpoint and running the preset ...", file=sys.stderr)
         result["gpu"] = preset_part(args, torch.device("cuda", 0))
     elif not args.grade_only:
-        result["gpu"] = {"skipped": "no CUDA device" if not torch.cuda.is_available() else "--no-gpu"}
+        result["gpu"] = {"skipped": "--smoke" if args.smoke else
+                         "no CUDA device" if not torch.cuda.is_available() else "--no-gpu"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"[bench/memory] wrote {out}", file=sys.stderr)
-    return 0
+    return check_smoke(result, out, "bench/memory") if args.smoke else 0
 
 
 if __name__ == "__main__":

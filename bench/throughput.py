@@ -23,6 +23,12 @@ ratios measured in one process).
 GPU part (--gpu, only where CUDA is present): the predecessor's workload on a Qwen2.5-1.5B-shaped random-weight
 model — B_E = 2048 prompts × G_E = 1, B_U = 64 × 8, 200 new tokens, two η, one GPU, memory.auto_microbatch —
 as one whole probe run with memory.profile: wall time and peak CUDA memory per phase.
+
+--smoke (CI: seconds, so the bench cannot rot): the same CPU part on tiny shapes — vocabulary 256, hidden 32,
+2 layers, 8 new tokens, E = 4 rows for G ∈ {1, 2}, U = 2 × 8, 4 rows per decode call, 2 per scoring forward, 4 per
+gradient microbatch, one repeat (explicit flags still win); the same JSON schema; --out defaults to a temporary
+file and may not point into bench/results/; exits 1 when a number in the result is not finite. GPU: --smoke shrinks
+the CPU part only; --smoke --gpu is refused (exit 2) and the --gpu workload is unchanged.
 """
 
 from __future__ import annotations
@@ -43,7 +49,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from memory import build_random_checkpoint, versions  # noqa: E402
+from memory import build_random_checkpoint, check_smoke, smoke_out_path, versions  # noqa: E402
+
+# --smoke: tiny shapes for every size knob of the CPU part (explicit flags still win).
+SMOKE_DEFAULTS = {"groups": "1,2", "vocab": 256, "hidden": 32, "layers": 2, "new_tokens": 8, "rows_e": 4,
+                  "prompts_u": 2, "rows_generate": 4, "rows_score": 2, "rows_grad": 4, "repeats": 1}
 
 
 class PassCounter:
@@ -239,7 +249,9 @@ def gpu_part(args) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "throughput_cpu.json"))
+    p.add_argument("--out", default=None, help="JSON output path (default bench/results/throughput_cpu.json; "
+                                               "with --smoke a temporary file)")
+    p.add_argument("--smoke", action="store_true", help="CI: the same CPU bench on tiny shapes in seconds")
     p.add_argument("--groups", default="1,8", help="G_E values")
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--hidden", type=int, default=256)
@@ -254,7 +266,16 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--gpu", action="store_true", help="also the GPU workload (needs CUDA)")
     p.add_argument("--gpu-rows-generate", type=int, default=128)
-    return p.parse_args(argv)
+    if p.parse_known_args(argv)[0].smoke:
+        p.set_defaults(**SMOKE_DEFAULTS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        if args.gpu:
+            p.exit(2, "error: --smoke shrinks the CPU part only; run --gpu without --smoke\n")
+        args.out = smoke_out_path(args.out, "throughput")
+    elif args.out is None:
+        args.out = str(REPO / "bench" / "results" / "throughput_cpu.json")
+    return args
 
 
 def main(argv=None) -> int:
@@ -281,7 +302,7 @@ def main(argv=None) -> int:
     for case in result["cpu"]:
         print(f"G={case['G']}: " + ", ".join(f"{k} {v:.2f}x" for k, v in case["ratios"].items()), file=sys.stderr)
     print(f"[bench/throughput] wrote {out}", file=sys.stderr)
-    return 0
+    return check_smoke(result, out, "bench/throughput") if args.smoke else 0
 
 
 if __name__ == "__main__":
