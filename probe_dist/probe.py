@@ -33,7 +33,7 @@ from probe_dist.rollout.sample import prompt_batch, sample_batch
 from probe_dist.runtime import signals
 from probe_dist.runtime.signals import StopRequested
 from probe_dist.runtime.snapshot import restore_snapshot, take_snapshot
-from probe_dist.scoring.consistency import TOLERANCE, sampler_scorer_gap
+from probe_dist.scoring.consistency import sampler_scorer_gap, sampler_scorer_tolerance
 from probe_dist.scoring.score import base_entropy, score_batch
 from probe_dist.update.grade import GRADE_FAMILIES, GradeObjective, GradeSpec
 from probe_dist.update.gradient import update_gradient
@@ -125,12 +125,13 @@ class Probe:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         local = sampler_scorer_gap(self.runner, batch.groups[0], steps=steps, pad_id=pad)
         gap = float(self.rt.max_f64(torch.tensor([local]))[0])
-        tolerance = TOLERANCE[self.policy.head.weight.dtype]
+        tolerance = sampler_scorer_tolerance(self.policy.head.weight.dtype, self.cfg.precision.matmul)
         if not gap <= tolerance:  # also NaN
             lm = type(self.policy.lm.get_base_model() if hasattr(self.policy.lm, "get_base_model") else self.policy.lm)
             raise CheckpointError(
                 f"the model's own decoding step and the probe's teacher-forced scorer disagree by up to {gap:.3g} "
-                f"nats in log-prob on the same tokens (tolerance {tolerance:g} for {self.cfg.precision.dtype}), "
+                f"nats in log-prob on the same tokens (tolerance {tolerance:g} for {self.cfg.precision.dtype}, matmul "
+                f"precision {self.cfg.precision.matmul}), "
                 f"model class {lm.__name__}. The probe's importance weights and entropies would describe another "
                 "distribution than the samples. Known causes: logit post-processing the probe does not know "
                 "(a custom head or remote code), or position encodings that depend on the length seen so far "

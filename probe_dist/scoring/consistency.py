@@ -18,6 +18,22 @@ from probe_dist.rollout.batch import Group
 # cached one-token forward and a full teacher-forced forward (fp32: ~1e-6 measured on default RoPE; float64
 # models keep fp32 layers such as Qwen2's RMSNorm, so the same bound). A skipped soft-cap is off by ~1 nat.
 TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 5e-2}
+# torch.set_float32_matmul_precision lets float32 matmuls round their inputs: "high" to TF32 (GPU) or bf16x3,
+# "medium" to bfloat16 (GPU, and CPUs with AVX512-BF16/AMX through oneDNN). Their gap is that of the reduced
+# format's forwards: 1e-3 measured for "medium" on an AMX CPU (toy, float32), ~1000x the exact-float32 one.
+MATMUL_TOLERANCE = {"highest": 0.0, "high": TOLERANCE[torch.float16], "medium": TOLERANCE[torch.bfloat16]}
+
+
+def sampler_scorer_tolerance(dtype: torch.dtype, matmul_precision: str = "highest") -> float:
+    """The largest accepted |ℓ_decode − ℓ_score| (nats) for forwards in `dtype` under the float32 matmul
+    precision `matmul_precision` ("highest" | "high" | "medium", as torch.set_float32_matmul_precision).
+
+    The looser of the dtype's bound and, for float32/float64 models, the reduced matmul format's. Raises KeyError
+    for a dtype or precision not listed."""
+    tolerance = TOLERANCE[dtype]
+    if dtype in (torch.float32, torch.float64):
+        tolerance = max(tolerance, MATMUL_TOLERANCE[matmul_precision])
+    return tolerance
 
 
 @torch.no_grad()
