@@ -67,3 +67,26 @@ def worker_id(request) -> str:
     """pytest-xdist's worker id ("gw0", ...), or "master" when the suite runs in one process."""
     workerinput = getattr(request.config, "workerinput", None)
     return workerinput["workerid"] if workerinput else "master"
+
+
+@pytest.fixture
+def float64_norms(monkeypatch):
+    """Qwen2's RMSNorm in the model's dtype (a no-op for float32 models): float64 models are float64 throughout in
+    reverse mode (tests/float64_model.py explains why)."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from tests.float64_model import norm_in_model_dtype
+
+    monkeypatch.setattr(Qwen2RMSNorm, "forward", norm_in_model_dtype)
+
+
+@pytest.fixture
+def float64_throughout(monkeypatch):
+    """Qwen2's RMSNorm and eager attention's softmax in the model's dtype: a float64 model is float64 throughout,
+    in reverse and in forward mode (tests/float64_model.py)."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    from tests.float64_model import eager_attention_in_model_dtype, norm_in_model_dtype
+
+    monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", norm_in_model_dtype)
+    monkeypatch.setattr(modeling_qwen2, "eager_attention_forward", eager_attention_in_model_dtype)

@@ -6,6 +6,27 @@ import torch
 
 from probe_dist.model.logits import LogitTransform, logit_transform
 from probe_dist.scoring.chunked import chunked_logp_entropy, logp_entropy_from_logits
+from tests.tolerances import fp_bound, unit_roundoff
+
+
+def lh_error_bound(z: torch.Tensor, dz: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """A first-order bound, per row, on |Δℓ| and |ΔH| of ℓ = z_y − logsumexp z and H = logsumexp z − Σ p z computed in
+    `dtype` from tempered logits z [M, V] (float64, −inf = masked) whose values carry an absolute error ≤ dz [M].
+
+    With z shifted by its row maximum (what the scorer does), A = Σ_v p_v |z_v| and n the unmasked count: every
+    logit is off by D ≤ dz + 2u·max|z| (the shift and the division by τ round once each); logsumexp by ≤ D + γ_n
+    (n exps summed), p_v by ≤ p_v (2D + 2γ_n) relative, so ℓ is off by ≤ 2D + 2γ_n and H by ≤ (2D + 2γ_n)(1 + A);
+    the log rounds once more (u·logsumexp). The factor 4 of fp_bound covers the roundings each step adds."""
+    u = unit_roundoff(dtype)
+    finite = torch.isfinite(z)
+    shifted = (z - z.max(dim=-1, keepdim=True).values).masked_fill(~finite, 0.0)
+    p = torch.softmax(z, dim=-1)
+    a = (p * shifted.abs()).sum(-1)
+    n = finite.sum(-1).double()
+    gamma = n * u / (1 - n * u)
+    d = dz + 2 * u * shifted.abs().amax(-1)
+    lse = torch.logsumexp(z, dim=-1) - z.max(dim=-1).values
+    return 4 * ((2 * d + 2 * gamma) * (1 + a) + u * lse)
 
 
 def test_minus_inf_logits_give_finite_entropy_of_the_unmasked_distribution():
@@ -17,14 +38,20 @@ def test_minus_inf_logits_give_finite_entropy_of_the_unmasked_distribution():
     targets = torch.tensor([0, 1, 2, 4, 5])
     for tau in (1.0, 0.7):
         logp, ent = logp_entropy_from_logits(masked.float(), targets, tau)
+        # tol: fp float32 ℓ, H from float64 logits rounded to float32 (|Δz| ≤ u₃₂|z|, in dz) against float64:
+        # lh_error_bound's first-order model on these logits (~4e-5 here; a masked token counted, a wrong τ or
+        # target moves ℓ or H by ≥ 0.1)
+        tol = lh_error_bound(masked / tau, 2 * unit_roundoff(torch.float32) * (masked / tau).nan_to_num(
+            neginf=0.0).abs().amax(-1), torch.float32)
         # Independent: the distribution over the unmasked tokens only, in float64.
         for row in range(5):
             keep = torch.isfinite(masked[row])
             p = torch.softmax(masked[row][keep] / tau, dim=0)
             assert torch.isfinite(ent[row])
-            assert abs(float(ent[row]) - float(-(p * p.log()).sum())) < 1e-5
+            assert abs(float(ent[row]) - float(-(p * p.log()).sum())) <= float(tol[row])  # tol: fp (above)
             lp = torch.log_softmax(masked[row][keep] / tau, dim=0)
-            assert abs(float(logp[row]) - float(lp[int(keep[: targets[row]].sum())])) < 1e-5
+            # tol: fp the same bound
+            assert abs(float(logp[row]) - float(lp[int(keep[: targets[row]].sum())])) <= float(tol[row])
 
 
 def test_minus_inf_logits_have_finite_gradients():
@@ -45,7 +72,9 @@ def test_logit_transform_from_config_and_applied_per_chunk():
     cap = logit_transform(Cfg())
     assert cap == LogitTransform(softcap=30.0)
     z = torch.tensor([[-90.0, 0.0, 54.0]])
-    assert torch.allclose(cap(z), 30.0 * torch.tanh(z / 30.0))
+    # tol: fp the same three float32 roundings (÷30, tanh ≤ 2 ulp, ×30) of values ≤ 30: ≤ 4u₃₂·30 apart
+    assert torch.allclose(cap(z), 30.0 * torch.tanh(z / 30.0), rtol=0.0, atol=fp_bound(torch.float32, 4, 30.0))
+    # tol: bound |30·tanh(x/30)| < 30 for |x/30| ≤ 3 (tanh 3 = 0.995: float32 does not round it to 1)
     assert float(cap(z).abs().max()) < 30.0
     assert logit_transform(type("Plain", (), {})()).is_identity
 
@@ -60,8 +89,25 @@ def test_logit_transform_from_config_and_applied_per_chunk():
     hidden, targets = torch.randn(7, 4), torch.randint(0, 9, (7,))
     logp, ent = chunked_logp_entropy(head, hidden, targets, temperature=0.8, chunk=3, transform=cap)
     ref_logp, ref_ent = logp_entropy_from_logits(cap(head(hidden)), targets, 0.8)
-    assert torch.allclose(logp, ref_logp, rtol=1e-6, atol=1e-6) and torch.allclose(ent, ref_ent, rtol=1e-6, atol=1e-6)
+    # The exact values: the same formulas in float64 on the same (float32-valued) weights and inputs.
+    w64, h64 = head.weight.detach().double(), hidden.double()
+    z64 = 30.0 * torch.tanh(h64 @ w64.T / 30.0) / 0.8  # the cap, then τ = 0.8
+    exact_logp = torch.log_softmax(z64, -1).gather(-1, targets[:, None]).squeeze(-1)
+    exact_ent = -(torch.softmax(z64, -1) * torch.log_softmax(z64, -1)).sum(-1)
+    # tol: fp each float32 path vs exact: the raw logits' matmul over d = 4 (fp_bound with Σ_k |W||h|), damped by
+    # the cap's slope 1 − tanh²(z/30), plus the cap's own 3 roundings of ≤ 30, divided by τ, propagated by
+    # lh_error_bound; the two paths may round differently (chunk shapes), so each is compared with the exact value.
+    # A missing or doubled cap, or a chunk's rows mixed up, moves ℓ by O(1) (the cap: checked below).
+    u = unit_roundoff(torch.float32)
+    raw64 = h64 @ w64.T
+    slope = 1 - torch.tanh(raw64 / 30.0) ** 2
+    dz = ((slope * fp_bound(torch.float32, 4, 1.0) * (h64.abs() @ w64.abs().T)).amax(-1) + 4 * u * 30.0) / 0.8
+    tol = lh_error_bound(z64, dz, torch.float32)
+    for got_logp, got_ent in ((logp, ent), (ref_logp, ref_ent)):
+        assert ((got_logp.double() - exact_logp).abs() <= tol).all()  # tol: fp (above)
+        assert ((got_ent.double() - exact_ent).abs() <= tol).all()  # tol: fp (above)
     raw_logp, _ = chunked_logp_entropy(head, hidden, targets, temperature=0.8, chunk=3)
+    # tol: bound the uncapped logits reach |z| ≫ 30 here: ℓ changes by O(1), far beyond allclose's default 1e-5
     assert not torch.allclose(raw_logp, logp)  # the cap matters at these logits
 
 
@@ -89,8 +135,25 @@ def test_closed_form_tangents_match_forward_mode_through_every_pass():
             (lp1, h1), (dlp1, dh1) = jvp(f, (x,), (dx,))
         eps = 1e-6
         plus, minus = f(x + eps * dx), f(x - eps * dx)
+        plus2, minus2 = f(x + 2 * eps * dx), f(x - 2 * eps * dx)
     assert torch.equal(lp, lp1) and torch.equal(h, h1)
-    assert torch.allclose(dlp1, dlp, atol=1e-12, rtol=1e-10) and torch.allclose(dh1, dh, atol=1e-12, rtol=1e-10)
-    assert torch.allclose(dlp1, (plus[0] - minus[0]) / (2 * eps), atol=1e-7)
-    assert torch.allclose(dh1, (plus[1] - minus[1]) / (2 * eps), atol=1e-7)
-    assert float(dh1.abs().max()) > 1e-2  # a direction that moves H
+    z, dz = x / 0.7, dx / 0.7
+    # tol: fp two float64 evaluations of ℓ̇ = ż_y − Σ p ż and Ḣ = −Σ p (z − Σ p z) ż over n ≤ 40 terms: γ_n times
+    # Σ_v p_v (1 + |z_v − z̄|)|ż_v| ≤ (1 + 2 max|z − max z|)·max|ż|, plus p's own error (2γ_n relative) times the same
+    finite = torch.isfinite(z)
+    spread = (z - z.max(-1, keepdim=True).values).masked_fill(~finite, 0.0).abs().amax(-1)
+    scale = (1 + 2 * spread) * dz.abs().amax(-1)
+    tangent_tol = torch.tensor([fp_bound(torch.float64, 2 * int(n), float(c)) for n, c in zip(finite.sum(-1), scale)])
+    assert ((dlp1 - dlp).abs() <= tangent_tol).all() and ((dh1 - dh).abs() <= tangent_tol).all()
+    # tol: fp central difference: rounding δf/ε (δf: lh_error_bound in float64 at these logits) plus truncation
+    # ε²f'''/6, estimated from the difference with step 2ε (Richardson: FD(2ε) − FD(ε) = 3·(ε²f'''/6) + O(ε⁴)),
+    # counted twice; a wrong tangent (a sign, a factor 2, a missing term) is ≥ 1e3 × this (asserted at the end)
+    rounding = lh_error_bound(z, 2 * unit_roundoff(torch.float64) * z.nan_to_num(neginf=0.0).abs().amax(-1),
+                              torch.float64) / eps
+    for k, tangent in ((0, dlp1), (1, dh1)):
+        fd = (plus[k] - minus[k]) / (2 * eps)
+        fd2 = (plus2[k] - minus2[k]) / (4 * eps)
+        fd_tol = 2 * rounding + 2 * (fd2 - fd).abs()
+        assert ((tangent - fd).abs() <= fd_tol).all(), float(((tangent - fd).abs() / fd_tol).max())
+        # tol: bound precondition: a direction that moves ℓ and H far above the FD tolerance, so the check has teeth
+        assert float(tangent.abs().max()) > 1e3 * float(fd_tol.max())

@@ -25,8 +25,37 @@ import torch
 
 from probe_dist.estimators.entropy import normaliser_lengths, ratio_influence, se_from_influence
 from probe_dist.estimators.snis import snis_delta_influence
+from tests.tolerances import fp_bound
 
-REL = 1e-12
+# Error model of every comparison below (float64, both sides): the inputs have ≤ 13 sequences, so a ratio Ĥ = Σh/Σλ
+# carries ≤ 2·13 + 1 roundings, and a linearisation c_p = Σ_i w_i(h_i − Ĥλ_i)/Σwλ adds ≤ 13 + 6 (exp of the
+# stabilised log-weight, the product, difference, division, group sum): ≤ 32 roundings on either path, 64 for two.
+# Each is relative to the *sizes* of the terms (cancellation in h_p − Ĥλ_p is where the error grows), so every bound
+# is fp_bound(float64, 64, Σ|terms|) with the term sizes measured on the inputs (_fp below): 2.8e-14 · scale.
+N_ROUNDINGS = 64
+
+
+def _fp(scale: float) -> float:
+    """The float64 absolute error bound of a quantity whose terms have absolute values summing to `scale`."""
+    return fp_bound(torch.float64, N_ROUNDINGS, scale)
+
+
+def _ratio_scales(h_groups: list[list[float]], lam_groups: list[list[float]]) -> tuple[float, list[float], float]:
+    """Term sizes of Ĥ, of each c_p = (h_p − Ĥλ_p)/Σλ and of SE = sqrt(n/(n−1)·Σc²) (for _fp).
+
+    a_p = (|h_p| + |Ĥλ_p|)/Σλ bounds c_p's terms; SE moves by sqrt(n/(n−1))·Σ_p |c_p|·δc_p/sqrt(Σc²), so its scale
+    is sqrt(n/(n−1))·Σ_p |c_p|·a_p/sqrt(Σc²) — large only where a c_p cancels (its a_p/|c_p| ≤ 100 here).
+    """
+    h_tot = [sum(g) for g in h_groups]
+    lam_tot = [sum(g) for g in lam_groups]
+    sum_lam = sum(lam_tot)
+    est = sum(h_tot) / sum_lam
+    c = [(hp - est * lp) / sum_lam for hp, lp in zip(h_tot, lam_tot)]
+    a = [(abs(hp) + abs(est * lp)) / sum_lam for hp, lp in zip(h_tot, lam_tot)]
+    n = len(c)
+    norm = math.sqrt(sum(x * x for x in c))
+    se_scale = math.sqrt(n / (n - 1)) * sum(abs(x) * y for x, y in zip(c, a)) / norm if norm > 0 else 0.0
+    return abs(est), a, se_scale
 
 # Five prompt groups of unequal size: per-sequence h_i (Σ_t H_{i,t}) and T_i.
 H_SEQ = [[2.0, 3.5, 1.25], [4.0, 0.5], [1.0, 2.0, 3.0, 6.5], [5.25], [0.75, 2.5]]
@@ -94,15 +123,18 @@ def test_ratio_se_matches_hand_formula_on_five_groups(normalize: str) -> None:
         assert normaliser_lengths(torch.tensor(g_t), normalize).tolist() == g_lam
     est_ref, se_ref = hand_ratio_se(H_SEQ, lam_seq)
     est, se = module_ratio_se(H_SEQ, lam_seq)
-    assert est == pytest.approx(est_ref, rel=REL)
-    assert se == pytest.approx(se_ref, rel=REL)
+    est_scale, a, se_scale = _ratio_scales(H_SEQ, lam_seq)
+    # tol: fp float64 error model above (_fp: 64 roundings × the measured term sizes: 3e-14 relative for Ĥ, 8e-13 for
+    # tol: fp the SE, whose c_p cancel 27×); a missing n/(n−1) is 12 % off, sequences as the unit 2 %: both ≫ the bound.
+    assert abs(est - est_ref) <= _fp(est_scale)
+    assert abs(se - se_ref) <= _fp(se_scale)
     # The influences themselves, and their zero sum.
     h = torch.tensor([sum(g) for g in H_SEQ], dtype=torch.float64)
     lam = torch.tensor([sum(g) for g in lam_seq], dtype=torch.float64)
     c = ratio_influence(h, lam, est, float(lam.sum()))
-    for cp, hp, lp in zip(c.tolist(), h.tolist(), lam.tolist()):
-        assert cp == pytest.approx((hp - est_ref * lp) / float(lam.sum()), rel=REL, abs=1e-15)
-    assert abs(float(c.sum())) < 1e-14
+    for cp, hp, lp, ap in zip(c.tolist(), h.tolist(), lam.tolist(), a):
+        assert abs(cp - (hp - est_ref * lp) / float(lam.sum())) <= _fp(ap)  # tol: fp term sizes a_p, model above
+    assert abs(float(c.sum())) <= _fp(sum(a))  # tol: fp Σc_p = 0 analytically: rounding of Σ_p of terms of size a_p
 
 
 def test_ratio_se_closed_form_three_groups_includes_small_sample_factor() -> None:
@@ -111,16 +143,20 @@ def test_ratio_se_closed_form_three_groups_includes_small_sample_factor() -> Non
     Without n/(n−1) = 1.5 the SE would be sqrt(2)/3 ≈ 0.471 instead of 1/sqrt(3) ≈ 0.577.
     """
     est, se = module_ratio_se([[1.0], [2.0], [3.0]], [[1.0], [1.0], [1.0]])
-    assert est == 2.0
-    assert se == pytest.approx(1.0 / math.sqrt(3.0), rel=REL)
+    assert est == 2.0  # tol: exact 6/3 in binary floating point
+    _, _, se_scale = _ratio_scales([[1.0], [2.0], [3.0]], [[1.0], [1.0], [1.0]])
+    assert abs(se - 1.0 / math.sqrt(3.0)) <= _fp(se_scale)  # tol: fp model above (se_scale = 2.3 here)
+    # tol: bound 1/√3 − √2/3 = 0.106 exactly: the uncorrected SE lies 0.106 away, ≫ the fp bound of the line above
     assert abs(se - math.sqrt(2.0) / 3.0) > 0.1
 
 
 def test_se_from_influence_small_sample_factor_and_nan() -> None:
-    assert se_from_influence(2.0 / 9.0, 3) == pytest.approx(math.sqrt(1.5 * 2.0 / 9.0), rel=REL)
-    assert se_from_influence(0.8, 2) == pytest.approx(math.sqrt(1.6), rel=REL)
-    assert se_from_influence(1.0, 101) == pytest.approx(math.sqrt(101 / 100), rel=REL)
-    assert se_from_influence(0.0, 5) == 0.0
+    # tol: fp float64, ≤ 4 roundings per side (n/(n−1), the product, sqrt): _fp(value) allows 64; a wrong factor
+    # tol: fp n/(n−1) (n instead of n−1, or none) moves the value by ≥ 0.5 % (n = 101), ≫ 3e-14 relative.
+    assert abs(se_from_influence(2.0 / 9.0, 3) - math.sqrt(1.5 * 2.0 / 9.0)) <= _fp(math.sqrt(1.5 * 2.0 / 9.0))
+    assert abs(se_from_influence(0.8, 2) - math.sqrt(1.6)) <= _fp(math.sqrt(1.6))
+    assert abs(se_from_influence(1.0, 101) - math.sqrt(101 / 100)) <= _fp(math.sqrt(101 / 100))
+    assert se_from_influence(0.0, 5) == 0.0  # tol: exact sqrt(0) = 0
     assert math.isnan(se_from_influence(1.0, 1))
     assert math.isnan(se_from_influence(1.0, 0))
 
@@ -134,8 +170,11 @@ def test_ratio_se_with_equal_group_normalisers_is_the_standard_error_of_the_mean
     h_groups = [[0.3 * x, 0.7 * x] for x in h_tot]
     lam_groups = [[2.0, 2.0] for _ in h_tot]
     est, se = module_ratio_se(h_groups, lam_groups)
-    assert est == pytest.approx(statistics.fmean(h_tot) / length, rel=REL)
-    assert se == pytest.approx(statistics.stdev(h_tot) / (length * math.sqrt(n)), rel=REL)
+    est_scale, _, se_scale = _ratio_scales(h_groups, lam_groups)
+    # tol: fp model above; the 0.3x + 0.7x ≠ x rounding of the split groups is one more rounding per term (within
+    # tol: fp the 64); statistics.stdev is exact up to its final rounding. Dropping n/(n−1) would be 8 % off.
+    assert abs(est - statistics.fmean(h_tot) / length) <= _fp(est_scale)
+    assert abs(se - statistics.stdev(h_tot) / (length * math.sqrt(n))) <= _fp(se_scale)
 
 
 def test_ratio_se_unit_is_the_prompt_group_not_the_sequence() -> None:
@@ -147,15 +186,19 @@ def test_ratio_se_unit_is_the_prompt_group_not_the_sequence() -> None:
         hg, lg = _regroup(h_flat, sizes), _regroup(t_flat, sizes)
         est_ref, se_ref = hand_ratio_se(hg, lg)
         est, se = module_ratio_se(hg, lg)
-        assert est == pytest.approx(est_ref, rel=REL)
-        assert se == pytest.approx(se_ref, rel=REL)
-        results.append((est, se))
+        est_scale, _, se_scale = _ratio_scales(hg, lg)
+        assert abs(est - est_ref) <= _fp(est_scale)  # tol: fp model above
+        assert abs(se - se_ref) <= _fp(se_scale)  # tol: fp model above (the cancellation of each grouping measured)
+        results.append((est, se, se_scale))
     ests = [r[0] for r in results]
     ses = [r[1] for r in results]
-    assert max(ests) - min(ests) < 1e-14
+    # tol: fp the groupings only reorder the sums: each Ĥ is within _fp(Ĥ) of the exact Σh/Σλ, so two within 2×
+    assert max(ests) - min(ests) <= 2 * _fp(max(ests))
     for i in range(len(ses)):
         for j in range(i + 1, len(ses)):
-            assert abs(ses[i] - ses[j]) > 1e-3 * max(ses), ses
+            # tol: fp distinct beyond rounding: SEs that did not depend on the grouping would agree within the sum of
+            # tol: fp their fp bounds (≤ 1e-14); these differ by ≥ 5 % (hand values 0.047, 0.041, 0.043)
+            assert abs(ses[i] - ses[j]) > _fp(results[i][2]) + _fp(results[j][2]), ses
 
 
 # ---------------------------------------------------------------------------------------------- SNIS ΔH_true
@@ -179,14 +222,26 @@ def test_snis_delta_influence_and_se_match_hand_formula() -> None:
     sum_lam, sum_w_lam = float(lam.sum()), float((w * lam).sum())
     h0 = float(h_old.sum()) / sum_lam
     h1 = float((w * h_new).sum()) / sum_w_lam
-    assert h1 - h0 == pytest.approx(delta_ref, rel=REL)
+    # tol: fp model above: Ĥ' and Ĥ each within _fp(|Ĥ|), so ΔH within _fp(|Ĥ'| + |Ĥ|) — 949× |ΔH| here (the
+    # tol: fp two nearly cancel), i.e. 2.7e-11 relative; dropping the weights (ΔH −0.0013 → −0.0064) is far outside.
+    assert abs((h1 - h0) - delta_ref) <= _fp(abs(h1) + abs(h0))
     c = snis_delta_influence(w, h_new, h_old, lam, group_ids=group_ids, num_groups=len(LW), entropy_new=h1,
                              entropy=h0, sum_w_lam=sum_w_lam, sum_lam=sum_lam)
     assert c.shape == (len(LW),)
-    assert c.tolist() == pytest.approx(c_ref, rel=1e-11, abs=1e-15)
-    assert abs(float(c.sum())) < 1e-14  # both linearisations sum to zero
+    # Term sizes of c_p = Σ_{i∈p} [w_i(h'_i − Ĥ'λ_i)/Σwλ − (h_i − Ĥλ_i)/Σλ] (a_p/|c_p| = 54 … 1.8e3 here).
+    wf = [math.exp(x) for x in lw.tolist()]
+    terms = [wi * (abs(hn) + abs(h1 * li)) / sum_w_lam + (abs(ho) + abs(h0 * li)) / sum_lam
+             for wi, hn, ho, li in zip(wf, h_new.tolist(), h_old.tolist(), lam.tolist())]
+    a = [0.0] * len(LW)
+    for p, t in zip(group_ids.tolist(), terms):
+        a[p] += t
+    for cp, rp, ap in zip(c.tolist(), c_ref, a):
+        assert abs(cp - rp) <= _fp(ap)  # tol: fp model above, with the measured term sizes a_p
+    assert abs(float(c.sum())) <= _fp(sum(a))  # tol: fp both linearisations sum to zero: Σ_p rounding of a_p
     se = se_from_influence(float((c * c).sum()), len(LW))
-    assert se == pytest.approx(se_ref, rel=1e-11)
+    norm = math.sqrt(sum(x * x for x in c_ref))
+    se_scale = math.sqrt(len(LW) / (len(LW) - 1)) * sum(abs(x) * y for x, y in zip(c_ref, a)) / norm
+    assert abs(se - se_ref) <= _fp(se_scale)  # tol: fp SE moves by sqrt(n/(n−1))·Σ|c_p|δc_p/‖c‖ (_ratio_scales)
     # One call per group with num_groups = 1 (how a rank accumulates Σc_p² over its own groups): same SE.
     sum_sq, start = 0.0, 0
     for g in LW:
@@ -196,7 +251,7 @@ def test_snis_delta_influence_and_se_match_hand_formula() -> None:
                                   entropy_new=h1, entropy=h0, sum_w_lam=sum_w_lam, sum_lam=sum_lam)
         sum_sq += float((cg * cg).sum())
         start += len(g)
-    assert se_from_influence(sum_sq, len(LW)) == pytest.approx(se_ref, rel=1e-11)
+    assert abs(se_from_influence(sum_sq, len(LW)) - se_ref) <= _fp(se_scale)  # tol: fp as the SE above
 
 
 def test_snis_influence_vanishes_at_eta_zero() -> None:
@@ -206,5 +261,13 @@ def test_snis_influence_vanishes_at_eta_zero() -> None:
     est = float(h.sum() / lam.sum())
     c = snis_delta_influence(torch.ones_like(h), h, h, lam, group_ids=group_ids, num_groups=len(H_OLD),
                              entropy_new=est, entropy=est, sum_w_lam=float(lam.sum()), sum_lam=float(lam.sum()))
-    assert torch.all(c.abs() < 1e-15)
-    assert se_from_influence(float((c * c).sum()), len(H_OLD)) < 1e-14
+    # Both halves of each term are the same float64 expression on the same inputs (w = 1 exactly): 0 in the current
+    # code. The bound allows any algebraically equal rewrite: the terms' rounding, sizes a_p (model above).
+    sum_lam = float(lam.sum())
+    a = torch.zeros(len(H_OLD), dtype=torch.float64).index_add_(0, group_ids, 2 * (h.abs() + est * lam) / sum_lam)
+    for cp, ap in zip(c.tolist(), a.tolist()):
+        assert abs(cp) <= _fp(ap)  # tol: fp model above (a_p ≤ 0.6 here: bounds ≤ 2e-14)
+    # tol: fp SE = sqrt(n/(n−1)·Σc²) ≤ sqrt(n/(n−1))·‖(_fp(a_p))_p‖₂ when every c_p is within its bound (+ Σc²'s own
+    # rounding, relative, negligible at this size)
+    se_bound = math.sqrt(len(H_OLD) / (len(H_OLD) - 1)) * math.sqrt(sum(_fp(x) ** 2 for x in a.tolist()))
+    assert se_from_influence(float((c * c).sum()), len(H_OLD)) <= se_bound

@@ -62,6 +62,7 @@ B_U, G_U = 16, 4
 ETA = 1e-3
 NUM_SEEDS = 100
 QUANTITIES = ("entropy", "snis_derivative", "causal_rb", "delta_h_true")
+# tol: bound the false-alarm share of one check here, ≤ tests.tolerances' SUITE_ALPHA / MAX_STATISTICAL_CHECKS
 ALPHA = 1e-4 / (2 * len(QUANTITIES))
 
 
@@ -97,6 +98,8 @@ def exact_setup(toy_checkpoint, tmp_path_factory):
 def test_enumeration_is_complete(exact_setup):
     # Probabilities of all enumerated responses sum to one for every prompt: nothing is missing.
     for total in exact_setup["total_prob"]:
+        # tol: fp each response's S sums 2 fp32 log-softmax values (error ≲ 8·u₃₂·log V ≈ 1.5e-6 each), so
+        # Σ p·e^δS − 1 ≲ 3e-6; 1e-5 still fails if any response class (e.g. the cut-off ones) is missing
         assert abs(total - 1.0) < 1e-5
 
 
@@ -138,10 +141,21 @@ def size_band(num_seeds: int, se_sq: torch.Tensor, fpc: float, alpha: float) -> 
     z = stats.norm.isf(alpha / 4)
     c = float(se_sq.std() / se_sq.mean())
     slack = z * c / math.sqrt(num_seeds)
-    assert slack < 0.5, f"the SEs vary too much across seeds for a meaningful size test (c = {c:.2f})"
+    # tol: bound the band exists only while slack < 1 (Σs² = Kσ²(1 ± slack) with probability ≥ 1 − alpha/2)
+    assert slack < 1, f"the SEs vary too much across seeds for a size test (c = {c:.2f}, slack {slack:.2f})"
     lo = (1 - fpc) * stats.chi2.ppf(alpha / 4, num_seeds) / num_seeds / (1 + slack)
     hi = stats.chi2.isf(alpha / 4, num_seeds) / num_seeds / (1 - slack)
     return lo, hi
+
+
+def assert_size_band_has_power(lo: float, hi: float, key: str) -> None:
+    """The size test must be able to fail: an SE off by a factor 2 either way (R = 4 or 1/4) lies outside.
+
+    This replaces a fixed guard on the slack (which 0.507 against 0.5 once failed on another CPU): what matters
+    is whether the band, however wide the SEs' spread makes it, still rejects a factor-2 error.
+    """
+    # tol: bound a reported SE half or double the true one moves R = Σe²/Σs² to 4 or 1/4 (docstring above)
+    assert lo > 0.25 and hi < 4.0, f"{key}: the band [{lo:.3f}, {hi:.3f}] cannot reject an SE off by 2x"
 
 
 @pytest.mark.slow
@@ -150,6 +164,7 @@ def test_estimator_centres_on_the_exact_value(seed_runs, key):
     errors = torch.tensor([r[key][0] for r in seed_runs], dtype=torch.float64)
     t = float(errors.mean() / (errors.std() / math.sqrt(len(errors))))
     limit = stats.t.isf(ALPHA / 2, len(errors) - 1)
+    # tol: stat ×4 Student-t at ALPHA per quantity (module docstring)
     assert abs(t) < limit, f"{key}: mean error {float(errors.mean()):.3g} is {t:.2f} standard errors from 0"
 
 
@@ -160,6 +175,8 @@ def test_reported_se_has_the_right_size(seed_runs, key):
     se_sq = torch.tensor([r[key][1] for r in seed_runs], dtype=torch.float64) ** 2
     ratio = float(errors.pow(2).sum() / se_sq.sum())
     lo, hi = size_band(len(errors), se_sq, B_E / len(PAIRS), ALPHA)
+    assert_size_band_has_power(lo, hi, key)
+    # tol: stat ×4 χ²_K band at ALPHA per quantity, widened for the SEs' own spread (module docstring)
     assert lo < ratio < hi, f"{key}: Σe²/Σs² = {ratio:.3f} outside [{lo:.3f}, {hi:.3f}] (spread/SE {ratio ** 0.5:.3f})"
 
 
@@ -206,4 +223,6 @@ def test_exact_derivative_matches_finite_difference(exact_setup):
     step = 1e-2
     richardson = (4 * central(step / 2) - central(step)) / 3
     autograd = sum(float((g * d).sum()) for g, d in zip(setup["grad_h"], direction))
+    # tol: fp Richardson cancels the O(h²) term (~1 % at h = 1e-2 alone), leaving O(h⁴) ~ 1e-4 × that; the fp32
+    # layers' rounding adds u₃₂·|H|/h ≈ 1e-5 relative; 1e-3 is above both, 100× below a missing term's O(1)
     assert abs(richardson - autograd) <= 1e-3 * abs(autograd), (richardson, autograd)

@@ -114,9 +114,17 @@ def test_activation_model_matches_saved_tensors(targets, padded, dtype):
         token_logp, token_h = policy(ids, attention_mask, prompt, response_mask, 1.0)
         (token_logp.sum() + token_h.sum()).backward()
     shape = model_shape(config, LoraSpec(r=8, targets=tuple(targets)))
-    predicted = saved_activation_bytes(shape, n, prompt + width, width,
-                                       dtype_bytes=2 if dtype == torch.bfloat16 else 4, padded=padded)
-    assert predicted == pytest.approx(meter.peak_bytes, rel=0.02), (predicted, meter.peak_bytes)
+    b = 2 if dtype == torch.bfloat16 else 4
+    predicted = saved_activation_bytes(shape, n, prompt + width, width, dtype_bytes=b, padded=padded)
+    # The model counts every row as scored over the full width (an upper bound): the hidden state (b·hidden bytes)
+    # and the int64 target of each position past a row's end are counted though never saved.
+    overcount = int(n * width - lengths.sum()) * (b * config.hidden_size + 8)
+    # tol: bound the byte model is a count, not an estimate; what it may miss are per-token
+    # scalars (a norm's rsqrt, a mask or index entry) — ≤ 2 four-byte values per token and layer, 0.1 % here —
+    # while a missing tensor of the model (a norm input: 4·hidden per token and layer, ≥ 10 %; SDPA's q/k/v; the
+    # LoRA inputs; a wrong dtype width) is ≥ 100 × larger
+    slack = 2 * 4 * n * (prompt + width) * config.num_hidden_layers
+    assert abs(predicted - overcount - meter.peak_bytes) <= slack, (predicted, overcount, meter.peak_bytes, slack)
 
 
 def test_bigger_microbatch_predicts_more():
@@ -185,8 +193,9 @@ def test_too_small_a_budget_does_not_fit_and_says_why():
     # FSDP2 over 8 GPUs shards the weights: the same budget then fits
     sharded = plan_memory(_cfg("distributed.strategy=fsdp2"), 8 * GiB, "qwen2.5-1.5b", world_size=8)
     assert sharded["proposal"]["fits"]
-    assert sharded["phases"]["sample"]["components"]["weights"] * 8 == pytest.approx(
-        plan["phases"]["sample"]["components"]["weights"], abs=8)
+    # tol: exact a shard is ⌈bytes/8⌉: 8 shards hold the whole weights plus < 8 bytes of rounding up
+    excess = sharded["phases"]["sample"]["components"]["weights"] * 8 - plan["phases"]["sample"]["components"]["weights"]
+    assert 0 <= excess < 8, excess
 
 
 def test_plan_reads_a_checkpoint(tmp_path):
@@ -310,5 +319,9 @@ def test_grade_kept_bytes_match_saved_tensors(top_k, steps, rows):
                  accumulators_on_device=False, grade_top_k=top_k)
     parts = grade_pass(shape, s, rows)
     kept = parts["grade_kv_cache"] + parts["grade_soft_tokens"] + parts["grade_reward_input"]
-    assert kept == pytest.approx(meter.peak_bytes, rel=0.03), (parts, meter.peak_bytes)
+    # tol: bound a count; the planner leaves out the rollout's integer bookkeeping — int64 ids
+    # (and as many indices) over [rows, prompt + steps + 1], 16 bytes per entry (~0.7 % here) — while one missing
+    # step of KV, the reference's cache or the soft tokens is ≥ 1/steps ≥ 4 % of the total
+    slack = 16 * rows * (prompt.numel() + steps + 1)
+    assert abs(kept - meter.peak_bytes) <= slack, (parts, meter.peak_bytes, slack)
     assert parts["grade_recompute"] > 0

@@ -207,7 +207,8 @@ def probe(toy_checkpoint):
 
 def test_scoring_is_deterministic_in_eval_mode(probe):
     drops = lora_dropouts(probe.model)
-    assert drops and all(d.p == pytest.approx(0.05) for d in drops)
+    # tol: exact the adapter config's lora_dropout 0.05 is read back as the same float64 (JSON round trip)
+    assert drops and all(d.p == 0.05 for d in drops)
     batch = probe.sample("E", 2, 4)
     # Control: in train mode LoRA dropout is live and two scoring passes differ, so the check below has teeth.
     probe.model.train()

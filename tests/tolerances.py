@@ -74,3 +74,15 @@ def within_se(estimate: float, expectation: float, se: float, n_checks: int = MA
     """|estimate − expectation| ≤ z_bonferroni · se, with se > 0 asserted (a zero SE would make the check vacuous)."""
     assert se > 0 and math.isfinite(se), f"the SE must be positive and finite, got {se}"
     return abs(estimate - expectation) <= z_bonferroni(n_checks) * se
+
+
+def two_path_tol64(err32: float, scale: float) -> float:
+    """A bound on |a − b| (or ‖a − b‖) for two float64 code paths a, b computing one quantity of size `scale`.
+
+    err32 = |x₃₂ − x₆₄|: the error of the same computation run in float32 (weights/inputs rounded to float32 too)
+    against float64, i.e. u₃₂ times the computation's condition number κ on these inputs, measured. In float64 the
+    same κ gives err32·u₆₄/u₃₂ for each path: 4× safety each (fp_bound's), plus one float64 rounding of the value
+    (4u₆₄|x|) as a floor in case err32 is small by cancellation. Both paths must be float64 throughout (the
+    `float64_norms` / `float64_throughout` fixtures for Qwen2 models)."""
+    rescale = unit_roundoff(torch.float64) / unit_roundoff(torch.float32)
+    return 2 * (4 * err32 * rescale + fp_bound(torch.float64, 1, scale))

@@ -108,8 +108,10 @@ def use_probe_forward(trainer) -> None:
     TRL's own model, in the model's dtype) instead of its fused fp32 head, so that what is compared is TRL's loss
     code — aggregation, masks, KL, normalisers, entropy mask and bonus — on identical inputs. TRL's head always
     computes log-softmax in float32, which limits a float64 comparison to ~1e-7 in ℓ, and the KL gradient
-    (1 − e^{ref−ℓ})∇ℓ turns that into ~1e-7/|ref − ℓ| relative. Entropies are handed over in float32, as TRL's head
-    returns them (its entropy mask compares them with a float32 quantile, as the probe does)."""
+    (1 − e^{ref−ℓ})∇ℓ turns that into ~1e-7/|ref − ℓ| relative. Entropies are handed over with float32 values (TRL's
+    entropy mask casts them to float32 for its quantile, as the probe does, so both masks are the same tokens) and
+    a float64 gradient (straight through the rounding), so TRL's entropy bonus differentiates in the model's dtype
+    as the probe's does, instead of rounding its gradient to float32 through a cast."""
     from probe_dist.model.policy import PolicyModel
 
     policy = PolicyModel(trainer.model)
@@ -122,7 +124,8 @@ def use_probe_forward(trainer) -> None:
         logp, ent = policy(input_ids, attention_mask, start, torch.ones_like(keep, dtype=torch.bool),
                            trainer.temperature)
         logp, ent = logp.view(keep.shape) * keep, ent.view(keep.shape) * keep
-        # Entropies in float32 as TRL's head returns them: its entropy mask compares them with a float32 quantile.
-        return logp, (ent.float() if compute_entropy else None), None
+        # Float32 values for TRL's float32 entropy quantile, the model dtype's gradient for its entropy bonus.
+        ent = ent + (ent.float().to(ent.dtype) - ent).detach()
+        return logp, (ent if compute_entropy else None), None
 
     trainer._get_per_token_logps_and_entropies = per_token
