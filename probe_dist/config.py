@@ -261,7 +261,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Probe
         (section_kwargs[section] if section else top_kwargs)[name] = checked
     cfg = ProbeConfig(**{n: cls(**section_kwargs[n]) for n, cls in _sections().items()}, **top_kwargs)
     _check_consistency(cfg)
-    # The keys the user gave, for the recipe's precedence (config > checkpoint > default; `probe_dist.recipe`). Not a
+    # The keys the user gave, for the recipe's precedence (config > checkpoint > default; `probe_dist.resolve`). Not a
     # field: it is neither hashed nor dumped, and `dataclasses.replace` drops it (read it first).
     object.__setattr__(cfg, "_explicit", frozenset(flat))
     return cfg
@@ -305,3 +305,20 @@ def format_config_help() -> str:
         lines.append(f"  {key:<34} {_type_name(leaf.hint)}, default {json.dumps(default)}{extra}")
         lines.append(f"  {'':<34} {meta.get('help', '')}")
     return "\n".join(lines)
+
+
+def explicit_keys(cfg) -> frozenset[str]:
+    """The config keys the user gave (`probe_dist.config.load_config` records them); for a config built in code,
+    the keys whose value differs from the schema default."""
+    given = getattr(cfg, "_explicit", None)
+    if given is not None:
+        return given
+    from probe_dist.config_schema import ProbeConfig
+
+    default, out = ProbeConfig(), set()
+    for section in dataclasses.fields(ProbeConfig):
+        ours, theirs = getattr(cfg, section.name), getattr(default, section.name)
+        if dataclasses.is_dataclass(ours):
+            out |= {f"{section.name}.{f.name}" for f in dataclasses.fields(ours)
+                    if getattr(ours, f.name) != getattr(theirs, f.name)}
+    return frozenset(out)

@@ -5,7 +5,7 @@ Each field carries `metadata` used by the loader (`probe_dist.config`) for valid
   ge= / gt= / le=    numeric range
   help="..."         one line shown in error messages and `--help-config`
 Fields whose default is None are resolved later from the checkpoint's recorded training settings
-(temperature, max_new_tokens, loss family, grad clip) by `probe_dist.main.resolve_config`, which returns the
+(temperature, max_new_tokens, loss family, grad clip) by `probe_dist.resolve.resolve`, which returns the
 final config once; every section is frozen, so nothing changes it while a run is going.
 """
 
@@ -22,6 +22,9 @@ def _f(default, **meta):
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    """Section `checkpoint`: where the model, adapter, optimizer state and tokenizer come from, and in which
+    format (docs/method.md §1); with no path and no base, the built-in toy checkpoint for `toy_seed`."""
+
     path: str | None = _f(None, help="checkpoint directory: probe_dist's layout, an HF Trainer/TRL checkpoint-N, an "
                                      "accelerate save_state folder or a DeepSpeed ZeRO checkpoint")
     format: str = _f("auto", choices=("auto", "probe_dist", "hf_trainer", "accelerate", "deepspeed"),
@@ -37,6 +40,9 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """Section `sampling`: the sizes of E and U (B_E, G_E, B_U, G_U), τ, the response length cap, the prompts
+    and the reward (docs/method.md §2). Full support only: top_p = 1 and top_k = 0 (§1)."""
+
     B_E: int = _f(8, ge=1, help="prompts in the evaluation batch E")
     G_E: int = _f(4, ge=1, help="responses per prompt in E")
     B_U: int = _f(8, ge=2, help="prompts in the update batch U")
@@ -57,6 +63,9 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class UpdateConfig:
+    """Section `update`: how θ' is reached and the training loss L_U whose AdamW step is measured (TRL
+    GRPOTrainer's loss options, or GRADE's pathwise objective; docs/method.md §4)."""
+
     route: str = _f("update_vector", choices=("update_vector", "real_step"),
                     help="how θ' is reached: exact AdamW update vector θ+ηu, or a real optimizer.step()")
     loss: str | None = _f(None, choices=("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "grade", "grade_st"),
@@ -97,6 +106,9 @@ class UpdateConfig:
 
 @dataclass(frozen=True)
 class EstimatorsConfig:
+    """Section `estimators`: the entropy estimator Ĥ (normalisation, payload), the δH₁ estimator, the η sweep,
+    two-batch or single-batch mode, and which SE is reported (docs/method.md §3, §5, §6, §9, §10)."""
+
     normalize: str = _f("per_token", choices=("per_token", "per_sequence"), help="entropy normalisation")
     payload: str = _f("rb", choices=("rb", "naive"), help="entropy payload: Rao–Blackwellised or −log π")
     delta_h1: str = _f("snis_derivative", choices=("snis_derivative", "causal_rb"), help="δH₁ estimator")
@@ -114,6 +126,9 @@ class EstimatorsConfig:
 
 @dataclass(frozen=True)
 class MemoryConfig:
+    """Section `memory`: rows per generation/scoring/gradient pass, the logits chunk, where param-sized
+    accumulators live, the trainable-parameter guard, and the planner / OOM-halving switches."""
+
     microbatch_generate: int = _f(8, ge=1, help="rows decoded together: whole prompt groups per block (at least "
                                                  "one; bounds the KV cache)")
     microbatch_score: int = _f(8, ge=1, help="sequences per no-grad scoring forward")
@@ -129,12 +144,18 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class PrecisionConfig:
+    """Section `precision`: the dtype of the probe's forwards and torch's float32 matmul precision
+    (docs/method.md §8)."""
+
     dtype: str = _f("float32", choices=("float32", "bfloat16", "float64"), help="dtype of the probe's forwards")
     matmul: str = _f("highest", choices=("highest", "high", "medium"), help="torch float32 matmul precision")
 
 
 @dataclass(frozen=True)
 class DistributedConfig:
+    """Section `distributed`: how the policy is wrapped across ranks (runtime/strategy.py), the process-group
+    backend and the collective timeout in seconds."""
+
     strategy: str = _f("none", choices=("none", "ddp", "fsdp2"), help="how the model is wrapped across ranks")
     backend: str = _f("auto", choices=("auto", "nccl", "gloo"), help="process-group backend")
     timeout_s: float = _f(600.0, gt=0.0, help="collective timeout; a failing rank ends all ranks within it")
@@ -142,6 +163,9 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
+    """Section `output`: the output directory (published whole by rank 0, report/publish.py) and which files
+    are written (docs/outputs.md)."""
+
     dir: str = _f("runs/probe", help="output directory (rank 0 writes)")
     save_update_vector: bool = _f(False, help="write update_vector.safetensors keyed by adapter names")
     table_format: str = _f("jsonl", choices=("jsonl", "parquet"), help="per-sequence table format")
@@ -151,6 +175,9 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class DebugConfig:
+    """Section `debug`: fault and signal injection for the failure and stop-path tests, and autograd anomaly
+    detection."""
+
     fault: str | None = _f(None, help="fault injection for failure tests: '<rank>:<phase>' raises in that phase "
                                       "on that rank (phases: sample, score_base, update_gradient, delta_h1, explain, sweep)")
     signal: str | None = _f(None, help="stop-path tests: '<rank>:<phase>:<SIGTERM|SIGINT|SIGUSR1>' sends that "
@@ -160,6 +187,9 @@ class DebugConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
+    """The whole probe configuration: one frozen dataclass per section plus the top-level `device` and
+    `log_level`. Built and validated by `probe_dist.config.load_config` (ConfigError on a bad value)."""
+
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)

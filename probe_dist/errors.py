@@ -32,3 +32,7 @@ class MissingDependencyError(UserInputError, ImportError):
 
 class RewardError(UserInputError, ValueError):
     """An unknown reward function name."""
+
+
+class CheckpointError(UserInputError, RuntimeError):
+    """A checkpoint that the probe refuses, with what is wrong and how to fix it."""

@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import signal as signal_module
-import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 
 import torch
 
@@ -23,17 +18,16 @@ from probe_dist.config_schema import ProbeConfig
 from probe_dist.explain.decompose import explain_e, explain_u
 from probe_dist.explain.directional import ForwardModeUnavailable
 from probe_dist.measurement.sweep import scores_at_eta, snis_point, sweep_point
-from probe_dist.model.load import CheckpointError
 from probe_dist.model.runner import PolicyRunner
-from probe_dist.plan.meter import PhaseMemoryRecorder, merge_phase_records
 from probe_dist.prediction.delta_h1 import entropy_gradient, predict_delta_h1
 from probe_dist.prediction.ustat import SingleBatchUStatistic
-from probe_dist.results import ProbeResult, UpdateGradient
+from probe_dist.results import ProbeResult, UpdateGradient, warn_if_few_groups
 from probe_dist.rollout.sample import prompt_batch, sample_batch
 from probe_dist.runtime import signals
+from probe_dist.runtime.clock import PhaseClock
 from probe_dist.runtime.signals import StopRequested
 from probe_dist.runtime.snapshot import restore_snapshot, take_snapshot
-from probe_dist.scoring.consistency import sampler_scorer_gap, sampler_scorer_tolerance
+from probe_dist.scoring.consistency import check_sampler_scorer
 from probe_dist.scoring.score import base_entropy, score_batch
 from probe_dist.update.grade import GRADE_FAMILIES, GradeObjective, GradeSpec
 from probe_dist.update.gradient import update_gradient
@@ -42,55 +36,12 @@ from probe_dist.update.step import real_step, set_theta, update_parts
 log = logging.getLogger("probe_dist")
 
 
-@dataclass
-class PhaseClock:
-    """Wall time (and with memory.profile, memory) per phase. Test hooks: `fault` ("<rank>:<phase>", debug.fault)
-    raises as the phase starts; `signal` ("<rank>:<phase>:<SIGNAME>", debug.signal) sends the signal then."""
-
-    rank: int = 0
-    fault: str | None = None
-    signal: str | None = None
-    profile: bool = False
-    device: torch.device = torch.device("cpu")
-    seconds: dict = field(default_factory=dict)
-    memory: dict = field(default_factory=dict)
-
-    @contextmanager
-    def phase(self, name: str):
-        if self.fault and self.fault == f"{self.rank}:{name}":
-            raise RuntimeError(f"injected fault (debug.fault={self.fault})")
-        send_test_signal(self.signal, self.rank, name)
-        recorder = PhaseMemoryRecorder(self.device) if self.profile else nullcontext()
-        start = time.perf_counter()
-        with recorder:  # resets the CUDA peaks and peak RSS, meters bytes saved for backward
-            yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        if self.profile:
-            self.memory[name] = merge_phase_records(self.memory.get(name), recorder.result)
-
-
-def send_test_signal(spec: str | None, rank: int, phase: str) -> None:
-    """debug.signal "<rank>:<phase>:<SIGNAME>": this process signals itself as `phase` starts on `rank`."""
-    if spec:
-        where, _, name = spec.rpartition(":")
-        if where == f"{rank}:{phase}":
-            os.kill(os.getpid(), getattr(signal_module, name))
-
-
-MIN_GROUPS_FOR_SE = 30
-
-
-def warn_if_few_groups(num_groups: int) -> None:
-    """Standard errors rest on E's prompt groups; with few of them the SE itself is a noisy estimate."""
-    if num_groups < MIN_GROUPS_FOR_SE:
-        log.warning("standard errors rest on %d prompt groups (sampling.B_E): below ~%d the SE itself is noisy "
-                    "(per-group contributions are heavy-tailed; in the probe's exact-enumeration check at 20 groups "
-                    "the SE of δH₁ varied 25-fold between seeds), so read ±SE as rough and use t-quantiles with "
-                    "%d degrees of freedom, or raise sampling.B_E.", num_groups, MIN_GROUPS_FOR_SE,
-                    max(num_groups - 1, 1))
-
-
 class Probe:
+    """One probe of one optimizer step, on a resolved config and a runner (`assemble.build_probe` /
+    `assemble.probe_from_state` make it). `run()` samples E and U, scores, computes the update, predicts δH₁,
+    explains it, measures ΔH_true over the sweep and restores the training state; `load_info` holds the summary
+    keys of where the state came from."""
+
     def __init__(self, cfg: ProbeConfig, rt, runner: PolicyRunner, *, tokenizer,
                  optimizer: torch.optim.Optimizer, eos_ids: list[int]):
         self.cfg, self.rt, self.runner = cfg, rt, runner
@@ -105,10 +56,13 @@ class Probe:
                                         reward_model=runner.reward_model, seed=cfg.sampling.seed)
 
     def check_stop(self) -> None:
+        """A safe point: raises StopRequested on every rank when any rank has received a stop signal."""
         if self.rt.any_flag(signals.requested()):
             raise StopRequested()
 
     def sample(self, name: str, num_prompts: int, group_size: int):
+        """Batch `name` ("E" or "U"): num_prompts groups of group_size responses sampled at θ (GRADE's U: the
+        prompts only, its rollouts are relaxed in the gradient pass). Returns a `rollout.batch.RolloutBatch`."""
         if name == "U" and self.grade is not None:  # GRADE generates U's relaxed rollouts in the gradient pass
             return prompt_batch(self.rt, self.tokenizer, name, sampling=self.cfg.sampling, num_prompts=num_prompts,
                                 group_size=group_size)
@@ -121,48 +75,34 @@ class Probe:
 
     def check_sampler_scorer(self, batch) -> float:
         """Refuse the run unless the scorer reproduces the sampler's log-probs (scoring/consistency.py)."""
-        steps = self.cfg.sampling.max_new_tokens if self.runner.strategy.name == "fsdp2" else 0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        local = sampler_scorer_gap(self.runner, batch.groups[0], steps=steps, pad_id=pad)
-        gap = float(self.rt.max_f64(torch.tensor([local]))[0])
-        tolerance = sampler_scorer_tolerance(self.policy.head.weight.dtype, self.cfg.precision.matmul)
-        if not gap <= tolerance:  # also NaN
-            lm = type(self.policy.lm.get_base_model() if hasattr(self.policy.lm, "get_base_model") else self.policy.lm)
-            raise CheckpointError(
-                f"the model's own decoding step and the probe's teacher-forced scorer disagree by up to {gap:.3g} "
-                f"nats in log-prob on the same tokens (tolerance {tolerance:g} for {self.cfg.precision.dtype}, matmul "
-                f"precision {self.cfg.precision.matmul}), "
-                f"model class {lm.__name__}. The probe's importance weights and entropies would describe another "
-                "distribution than the samples. Known causes: logit post-processing the probe does not know "
-                "(a custom head or remote code), or position encodings that depend on the length seen so far "
-                "(e.g. dynamic-NTK RoPE scaling: use a fixed rope_scaling in the model config). This model is not "
-                "supported as it is.")
-        return gap
+        return check_sampler_scorer(self.rt, self.runner, batch.groups[0], pad_id=pad,
+                                    lockstep_steps=self.cfg.sampling.max_new_tokens, dtype_name=self.cfg.precision.dtype,
+                                    matmul_precision=self.cfg.precision.matmul)
 
     def explain(self, res: ProbeResult) -> None:
         """Why entropy moves: per-sequence decompositions of δH₁ on E and U, the curvature δH₂, the Cui proxy."""
-        if self.runner.strategy.name == "fsdp2":
-            res.explain_skipped = ("skipped under distributed.strategy=fsdp2 (forward-mode AD over a sharded model is "
-                                   "not supported); use ddp for the explanation")
-        else:
-            try:
-                res.explain_e = explain_e(self.rt, self.runner, res.batch_e, res.scores_e, base=res.base,
-                                          u=res.update.u, delta_h1=res.delta_h1, est=self.cfg.estimators)
-                if self.grade is None:  # U's per-sequence decomposition needs sampled sequences and their ℓ
-                    if res.delta_h1.grad_entropy is None:  # δH₁ ran in forward mode: ∇Ĥ by one backward pass
-                        res.delta_h1 = dataclasses.replace(res.delta_h1, grad_entropy=entropy_gradient(
-                            self.rt, self.runner, res.batch_e, base=res.base, est=self.cfg.estimators))
-                    res.explain_u = explain_u(self.rt, self.runner, res.batch_u, update=res.update,
-                                              grad_entropy=res.delta_h1.grad_entropy, per_eta=res.delta_h1.per_eta,
-                                              update_cfg=self.cfg.update)
-            except ForwardModeUnavailable as err:
-                res.explain_e = res.explain_u = None
-                res.explain_skipped = (f"skipped: the model has an operation without a forward-mode derivative "
-                                       f"({err}); set estimators.explain=false to skip this pass")
+        try:
+            res.explain_e = explain_e(self.rt, self.runner, res.batch_e, res.scores_e, base=res.base,
+                                      u=res.update.u, delta_h1=res.delta_h1, est=self.cfg.estimators)
+            if self.grade is None:  # U's per-sequence decomposition needs sampled sequences and their ℓ
+                if res.delta_h1.grad_entropy is None:  # δH₁ ran in forward mode: ∇Ĥ by one backward pass
+                    res.delta_h1 = dataclasses.replace(res.delta_h1, grad_entropy=entropy_gradient(
+                        self.rt, self.runner, res.batch_e, base=res.base, est=self.cfg.estimators))
+                res.explain_u = explain_u(self.rt, self.runner, res.batch_u, update=res.update,
+                                          grad_entropy=res.delta_h1.grad_entropy, per_eta=res.delta_h1.per_eta,
+                                          update_cfg=self.cfg.update)
+        except ForwardModeUnavailable as err:
+            res.explain_e = res.explain_u = None
+            res.explain_skipped = (f"skipped: the model has an operation without a forward-mode derivative "
+                                   f"({err}); set estimators.explain=false to skip this pass")
         if res.explain_skipped and self.rt.is_main:
             log.warning("explanation %s", res.explain_skipped)
 
     def run(self) -> ProbeResult:
+        """sample → score → update → predict → explain → measure → restore; the training state is restored (and
+        verified by hash) on every rank whatever happens. A stop signal ends the run at the next safe point with
+        status "interrupted". Raises RuntimeError when a restore does not verify; user-input errors propagate."""
         cfg, est, rt, runner = self.cfg, self.cfg.estimators, self.rt, self.runner
         res = ProbeResult(se_kind=est.se)
         # Snapshot first: it records the caller's train/eval flags, which restore puts back.

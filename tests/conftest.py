@@ -48,7 +48,7 @@ def toy_checkpoint(tmp_path_factory, worker_id) -> Path:
     """
     from filelock import FileLock
 
-    from probe_dist.toy import ensure_toy_checkpoint
+    from probe_dist.toy.checkpoint import ensure_toy_checkpoint
 
     cache = os.environ.get("PROBE_TEST_TOY_CACHE")  # set to reuse a build across local test runs
     if cache:

@@ -29,13 +29,13 @@ tokens):
     phi3      fused qkv_proj / gate_up_proj projections.
     olmo2     q/k norms over the whole projection, post-norm blocks.
 
-Layout written (what `probe_dist.model.load.resolve_paths` reads):
+Layout written (what `probe_dist.state.paths.resolve_paths` reads):
     base/                      save_pretrained of the base model, with generation_config.json
     tokenizer/                 the toy character tokenizer (tests/synthetic_checkpoint.py's approach), its vocab
                                padded with dummy tokens '<xN>' up to the model's vocab, specials matching the config
     adapter_config.json        peft LoRA (target_modules sorted, so builds are bitwise)
     adapter_model.safetensors
-    optimizer.pt               torch AdamW after 2 real steps, saved with probe_dist.model.load.save_optimizer
+    optimizer.pt               torch AdamW after 2 real steps, saved with probe_dist.state.optimizer.save_optimizer
     training_args.json         {"loss": "grpo", "temperature": 1.0, "max_new_tokens": 6, "grad_clip": 1.0, ...}
 """
 
@@ -51,7 +51,7 @@ LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 MAX_NEW_TOKENS = 6
 TRAINING_ARGS = {"loss": "grpo", "temperature": 1.0, "max_new_tokens": MAX_NEW_TOKENS, "grad_clip": 1.0}
 
-# Token ids shared with the toy tokenizer (probe_dist.data.toy_task): 0 <pad>, 1 <eos>, 2 <bos>, 3..12 digits,
+# Token ids shared with the toy tokenizer (probe_dist.toy.task): 0 <pad>, 1 <eos>, 2 <bos>, 3..12 digits,
 # 13 '+', 14 '=', 15 <unk>; ids 16.. are dummy tokens '<x16>', '<x17>', ...
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 TOY_TOKENS = 16
@@ -140,14 +140,14 @@ def family_config(name: str, **overrides):
 def family_tokenizer(name: str):
     """The toy character tokenizer over the family's whole vocab, with the family's special tokens.
 
-    Ids 0..15 are the toy task's (probe_dist.data.toy_task.VOCAB); 16..V-1 are '<xN>' (or a named special token
+    Ids 0..15 are the toy task's (probe_dist.toy.task.VOCAB); 16..V-1 are '<xN>' (or a named special token
     from the spec, e.g. Qwen3's '<|im_end|>'), so every id decodes. BOS/EOS/PAD follow the spec: GPT-2 has
     BOS = EOS = '<eos>' and no pad token.
     """
     import transformers
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    from probe_dist.data.toy_task import UNK_TOKEN, VOCAB
+    from probe_dist.toy.task import UNK_TOKEN, VOCAB
 
     spec = FAMILIES[name]
     vocab = dict(VOCAB)
@@ -195,7 +195,8 @@ def build_family_checkpoint(name: str, out_dir: str | Path, *, seed: int = 0, lo
     `config_overrides` change the model config (e.g. rope_scaling) as in build_family_model."""
     from peft import LoraConfig, get_peft_model
 
-    from probe_dist.model.load import save_optimizer, trainable_parameters
+    from probe_dist.state.model import trainable_parameters
+    from probe_dist.state.optimizer import save_optimizer
 
     spec = FAMILIES[name]
     out = Path(out_dir)

@@ -3,10 +3,10 @@
     from tests.synthetic_checkpoint import build_synthetic_checkpoint
     ckpt = build_synthetic_checkpoint(tmp_path / "ckpt", hidden=128, layers=2, lora_r=4, max_new_tokens=8)
 
-Layout (what `probe_dist.model.load.resolve_paths` reads): base/ (Qwen2 built from config, random weights,
+Layout (what `probe_dist.state.paths.resolve_paths` reads): base/ (Qwen2 built from config, random weights,
 save_pretrained), adapter_config.json + adapter_model.safetensors (peft LoRA with Gaussian-initialised B, so the
 adapter changes the policy), optimizer.pt (torch AdamW after `optimizer_steps` real steps on a dummy loss, saved
-with probe_dist.model.load.save_optimizer), tokenizer/ (the toy character tokenizer, extended with dummy tokens
+with probe_dist.state.optimizer.save_optimizer), tokenizer/ (the toy character tokenizer, extended with dummy tokens
 when vocab_size > 16) and training_args.json {loss, temperature, max_new_tokens, grad_clip}.
 
 Use it where the trained toy checkpoint is not needed (memory, plumbing, equality-of-paths tests): the toy
@@ -27,7 +27,7 @@ def synthetic_model_config(vocab_size: int = 16, hidden: int = 64, intermediate:
                            heads: int = 4, kv_heads: int = 2):
     import transformers
 
-    from probe_dist.data.toy_task import BOS_ID, EOS_ID, PAD_ID
+    from probe_dist.toy.task import BOS_ID, EOS_ID, PAD_ID
 
     return transformers.Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -38,7 +38,7 @@ def synthetic_model_config(vocab_size: int = 16, hidden: int = 64, intermediate:
 
 def synthetic_tokenizer(vocab_size: int = 16):
     """The toy character tokenizer; ids 16..vocab_size-1 become dummy tokens '<xN>' so every id decodes."""
-    from probe_dist.data.toy_task import VOCAB_SIZE, build_tokenizer
+    from probe_dist.toy.task import VOCAB_SIZE, build_tokenizer
 
     tok = build_tokenizer()
     if vocab_size < VOCAB_SIZE:
@@ -58,7 +58,8 @@ def build_synthetic_checkpoint(out_dir: str | Path, *, vocab_size: int = 16, hid
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from probe_dist.model.load import save_optimizer, trainable_parameters
+    from probe_dist.state.model import trainable_parameters
+    from probe_dist.state.optimizer import save_optimizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -404,16 +404,17 @@ def test_bad_input_refused_clearly(case, toy_checkpoint, tmp_path, capsys):
 
 def test_prompt_errors_come_before_the_model_loads(toy_checkpoint, tmp_path, monkeypatch):
     """Cheap checks first: a bad prompt file (and a bad training setting) is reported without loading any model."""
+    from probe_dist import assemble
     from probe_dist.data.prompts import PromptError
-    from probe_dist.model import load
-    from probe_dist.validate import TrainingArgsError
+    from probe_dist.state import files
+    from probe_dist.state.recipe import RecipeError as TrainingArgsError
     from tests.probe_harness import make_probe
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(load, "load_model", no_model)
-    monkeypatch.setattr(load, "load_tokenizer", no_model)
+    monkeypatch.setattr(files, "load_model", no_model)  # where the pipeline calls them
+    monkeypatch.setattr(assemble, "load_tokenizer", no_model)
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"prompt": "\xff", "answer": "1"}\n')
     with pytest.raises(PromptError, match="line 1, column 13: not valid UTF-8"):
@@ -483,10 +484,9 @@ def test_batches_larger_than_the_prompt_file_are_noted(toy_checkpoint, tmp_path,
 
 def test_length_check_counts_tokens_as_the_sampler_does(toy_checkpoint):
     """validate's batched count (BOS added when missing) equals len(prompt_token_ids) of the sampler."""
-    from probe_dist.data.prompts import load_prompts
-    from probe_dist.model.load import load_tokenizer
-    from probe_dist.rollout.sample import prompt_token_ids
-    from probe_dist.validate import _prompt_lengths
+    from probe_dist.data.checks import _prompt_lengths
+    from probe_dist.data.prompts import load_prompts, prompt_token_ids
+    from probe_dist.state.model import load_tokenizer
 
     tokenizer = load_tokenizer(toy_checkpoint / "tokenizer")
     texts = [p["prompt"] for p in load_prompts("toy", "test")] + [TOO_LONG, "<bos>1+1=", "1 + é"]

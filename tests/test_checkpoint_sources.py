@@ -151,7 +151,7 @@ def test_u_is_one_real_step_of_the_rebuilt_adamw(trl_checkpoint, toy_checkpoint,
     # search the run seed (each run < 1 s) for one whose gradient is non-zero, and assert it was found.
     for seed in range(1234, 1234 + 16):
         probe = make_probe(ckpt, ["sampling.B_E=2", "sampling.G_E=2", "sampling.B_U=4", "estimators.etas=[0]",
-                                  "estimators.explain=false", REWARD, f"seed={seed}"])
+                                  "estimators.explain=false", REWARD, f"sampling.seed={seed}"])
         res = probe.run()
         names = [n for n, _ in probe.trainable]
         u = dict(zip(names, res.update.u))
@@ -419,7 +419,7 @@ def _two_group_optimizer(dtype=torch.float32, state_dtype=None):
 def test_moments_keep_their_saved_dtype_and_groups_their_lr_ratio(tmp_path, caplog):
     """A bf16 model with fp32 moments (a bf16 full fine-tune): the moments stay fp32, bit for bit; u per group is the
     float64 AdamW formula on them, scaled by the group's lr ratio; real_step moves each group by its ratio too."""
-    from probe_dist.model.load import load_optimizer, set_lr_ratios
+    from probe_dist.state.optimizer import load_optimizer, set_lr_ratios
     from probe_dist.update.step import real_step, update_parts
 
     model, named, state = _two_group_optimizer(torch.bfloat16, state_dtype=torch.float32)
@@ -465,7 +465,7 @@ def test_moments_keep_their_saved_dtype_and_groups_their_lr_ratio(tmp_path, capl
 
 
 def test_lr_ratios_from_the_schedule_when_the_saved_lr_is_zero():
-    from probe_dist.model.load import set_lr_ratios
+    from probe_dist.state.optimizer import set_lr_ratios
 
     p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.AdamW([{"params": [p], "lr": 0.0}, {"params": [q], "lr": 0.0}])
@@ -481,8 +481,9 @@ def test_lr_ratios_from_the_schedule_when_the_saved_lr_is_zero():
 
 def test_names_rebuilt_only_when_a_rule_fits(tmp_path):
     """A bare state dict: names by the grouping rule whose group sizes and shapes match; none fits: refused."""
-    from probe_dist.model.load import CheckpointError, name_optimizer_blob
-    from probe_dist.model.sources.param_names import rebuild_names
+    from probe_dist.errors import CheckpointError
+    from probe_dist.state.optimizer import name_optimizer_blob
+    from probe_dist.state.param_names import rebuild_names
 
     model, named, state = _two_group_optimizer()
     for p in model[1].parameters():
@@ -510,8 +511,8 @@ def test_names_rebuilt_only_when_a_rule_fits(tmp_path):
 def test_scheduler_values_are_checked(tmp_path, caplog):
     """A scheduler lr that is not a finite number >= 0 is refused (it would enter the sweep as eta_train or flip a
     group's update); a file without scheduler keys is ignored with a warning."""
-    from probe_dist.model.load import CheckpointError
-    from probe_dist.model.sources import read_scheduler
+    from probe_dist.errors import CheckpointError
+    from probe_dist.state.source import read_scheduler
 
     path = tmp_path / "scheduler.pt"
     for bad in ([-1.0, 1e-3], [float("nan"), 1e-3]):
@@ -533,8 +534,9 @@ def test_scheduler_values_are_checked(tmp_path, caplog):
 def test_pieces_from_different_saves_are_warned_about(tmp_path):
     """AdamW's step vs trainer_state's global step, group lrs vs the scheduler's, the decay group's weight decay vs
     the recipe: each mismatch is named; a consistent checkpoint gives none."""
-    from probe_dist.model.load import CheckpointPaths, load_optimizer
-    from probe_dist.model.sources import CheckpointSource, SchedulerState
+    from probe_dist.state.optimizer import load_optimizer
+    from probe_dist.state.paths import CheckpointPaths
+    from probe_dist.state.source import CheckpointSource, SchedulerState
 
     model, named, state = _two_group_optimizer()
     path = tmp_path / "optimizer.pt"
@@ -564,3 +566,15 @@ def test_planner_reads_the_checkpoint_shape_and_recipe(trl_checkpoint):
     plan = plan_memory(load_config(None, [f"checkpoint.path={ckpt}"]), 2 * 2 ** 30)
     assert plan["inputs"]["G_U"] == trl_args(ckpt).num_generations
     assert (plan["lora"]["r"] == 0) == (variant == "full")
+
+
+def test_an_adapter_that_names_no_base_is_refused_not_read_from_the_working_directory(tmp_path, monkeypatch):
+    """An empty base_model_name_or_path (an accelerate or TRL adapter saved without it) is refused with the fix;
+    Path("") is the working directory, which must never be taken for the base model."""
+    from probe_dist.errors import CheckpointError
+    from probe_dist.state.source import local_base
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text("{}")  # a working directory that would pass for a model folder
+    with pytest.raises(CheckpointError, match="does not name its base model.*checkpoint.base"):
+        local_base("", "adapter config in 'ckpt'")

@@ -153,7 +153,7 @@ def test_closed_form_tangents_match_forward_mode_through_every_pass():
     for k, tangent in ((0, dlp1), (1, dh1)):
         fd = (plus[k] - minus[k]) / (2 * eps)
         fd2 = (plus2[k] - minus2[k]) / (4 * eps)
-        fd_tol = 2 * rounding + 2 * (fd2 - fd).abs()
+        fd_tol = 2 * rounding + 2 * (fd2 - fd).abs()  # tol: fp the rounding and truncation model above
         assert ((tangent - fd).abs() <= fd_tol).all(), float(((tangent - fd).abs() / fd_tol).max())
         # tol: bound precondition: a direction that moves ℓ and H far above the FD tolerance, so the check has teeth
         assert float(tangent.abs().max()) > 1e3 * float(fd_tol.max())

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from probe_dist.config import ConfigError, config_hash, load_config
 from probe_dist.data.prompts import load_prompts, select_prompts
-from probe_dist.toy import TOY_FORMAT_VERSION
+from probe_dist.toy.checkpoint import TOY_FORMAT_VERSION
 from tests.tolerances import fp_bound
 
 REPO = Path(__file__).resolve().parents[1]

@@ -38,11 +38,15 @@ def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+# tol: fp world sizes (and DDP vs FSDP2) run the same float32/float64 ops per group (layouts are fixed by the blocks);
+# only the order of gloo's float64 all-reduces over ≤ 4 ranks changes: ≤ 3·u₆₄ of Σ|x| per sum, times the
+# cancellation of what is built from the sums (ΔH_true at η = 1e-3 against Ĥ: ≲ 1e4) ≲ 1e-11 relative; 1e-9 leaves
+# 100× and fails any real difference (another sample, a group lost or counted twice: ≥ 1e-3). abs 1e-15: exact zeros.
 def assert_same_numbers(a: dict, b: dict, rtol: float = 1e-9) -> None:
     def close(x, y):
         if x is None or y is None:  # NaN is written as null
             return x is None and y is None
-        return math.isclose(x, y, rel_tol=rtol, abs_tol=1e-15)
+        return math.isclose(x, y, rel_tol=rtol, abs_tol=1e-15)  # tol: fp (above)
 
     for key in ("entropy/base", "entropy/base_se", "entropy/base_naive", "delta_h1/per_eta", "delta_h1/per_eta_se"):
         assert close(a[key], b[key]), (key, a[key], b[key])
@@ -91,6 +95,32 @@ def test_world_size_invariance(toy_checkpoint, reference, tmp_path, strategy):
             assert sorted(keys) == [(p, i) for p in range(num) for i in range(4)]
         ref_tokens = [json.loads(line)["token_ids"] for line in ref_rows.splitlines()]
         assert [r["token_ids"] for r in rows] == ref_tokens
+
+
+@pytest.mark.slow
+def test_explanation_under_fsdp2_equals_ddp(toy_checkpoint, tmp_path):
+    """The explanation (per-sequence decompositions, curvature, Cui's covariance) runs under FSDP2 and gives DDP's
+    numbers at the same world size (2 ranks, uneven shards): the summary's keys and every sequence's
+    contributions."""
+    runs = {}
+    for strategy in ("ddp", "fsdp2"):
+        out = tmp_path / strategy
+        res = torchrun(2, out, toy_checkpoint, f"distributed.strategy={strategy}", "estimators.explain=true")
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[strategy] = (summary(out), [json.loads(line) for line in (out / "sequences.jsonl").read_text().splitlines()])
+    (ddp, ddp_rows), (fsdp, fsdp_rows) = runs["ddp"], runs["fsdp2"]
+    assert "explain/skipped" not in fsdp and fsdp["provenance/strategy"] == "fsdp2"
+    keys = [k for k in ddp if k.startswith(("explain/", "curvature/", "cui/")) and isinstance(ddp[k], float)]
+    assert len(keys) >= 10, keys
+    assert_same_numbers({**ddp, **{k: ddp[k] for k in keys}}, fsdp)
+    for key in keys:
+        assert math.isclose(ddp[key], fsdp[key], rel_tol=1e-9, abs_tol=1e-15), (key, ddp[key], fsdp[key])  # tol: fp assert_same_numbers' model
+    assert len(ddp_rows) == len(fsdp_rows) == 4 * (B_E + B_U)
+    for a, b in zip(ddp_rows, fsdp_rows):
+        assert a["token_ids"] == b["token_ids"]
+        for col in ("contrib_e", "contrib_u", "cov_contrib"):
+            if col in a:
+                assert math.isclose(a[col], b[col], rel_tol=1e-9, abs_tol=1e-15), (col, a[col], b[col])  # tol: fp as above
 
 
 @pytest.mark.slow

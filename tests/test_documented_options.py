@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import re
@@ -38,6 +37,7 @@ import torch
 import yaml
 
 from probe_dist.config_schema import ProbeConfig
+from tests.test_bad_inputs import reset_probe_logging
 
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
@@ -290,15 +290,6 @@ SMALL = ("device=cpu", "sampling.B_E=2", "sampling.G_E=2", "sampling.B_U=2", "sa
          "estimators.etas=[0,1e-4]")
 
 
-def _reset_probe_logging() -> None:
-    root = logging.getLogger("probe_dist")
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        if isinstance(h, logging.FileHandler):
-            h.close()
-    root.propagate = True
-
-
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
     """`probe_dist.main.main(argv)` in this process; returns (exit code, stderr). Everything process-wide it sets is
     put back: signal handlers, the stop flag, probe_dist's log handlers, the warning filters, autograd anomaly mode
@@ -317,7 +308,7 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
         for s, handler in saved_signals.items():
             signal.signal(s, handler)
         stop.reset()
-        _reset_probe_logging()
+        reset_probe_logging()
         torch.autograd.set_detect_anomaly(anomaly, check_nan=anomaly_nan)
         torch.set_float32_matmul_precision(matmul)
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized()), \

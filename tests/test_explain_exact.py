@@ -26,12 +26,13 @@ import random
 import pytest
 import torch
 
-from probe_dist.data.toy_task import MAX_OPERAND
+from probe_dist.data.prompts import prompt_token_ids
 from probe_dist.explain.decompose import explain_e
 from probe_dist.measurement.sweep import snis_point
 from probe_dist.prediction.delta_h1 import predict_delta_h1
-from probe_dist.rollout.sample import prompt_token_ids, sample_batch
+from probe_dist.rollout.sample import sample_batch
 from probe_dist.scoring.score import base_entropy, score_batch
+from probe_dist.toy.task import MAX_OPERAND
 from probe_dist.update.gradient import update_gradient
 from probe_dist.update.step import set_theta, update_parts
 from tests.probe_harness import (

@@ -23,7 +23,7 @@ from probe_dist.update.relax import (
     soft_embedding,
     token_kl,
 )
-from tests.probe_harness import make_probe
+from tests.probe_harness import assert_same_sample_taylor, make_probe
 from tests.tolerances import (
     MAX_STATISTICAL_CHECKS,
     SUITE_ALPHA,
@@ -438,53 +438,15 @@ def test_probe_measures_a_grade_step(toy_checkpoint, loss, tmp_path, float64_nor
 
 
 def test_grade_same_sample_limit_is_linear_in_eta(toy_checkpoint, float64_throughout):
-    """ΔH_true(η)/η → δH₁/η for a GRADE update on the same samples, with the error the second-order term
-    ½η·Ĥ'' of the probe's own same-sample curvature (curvature/d2H_deta2, a forward-mode second derivative) up to
-    a remainder that scales as η² (third order).
-
-    The linear regime is built, not hoped for: a first run measures Ĥ' and Ĥ''; a second run on the same samples
-    sweeps η_k = η₀·10⁻ᵏ (k = 0..4) from η₀ = 0.02|Ĥ'|/|Ĥ''| (second-order term 1 % of the first). The test picks
-    the largest η_k whose remainder is at most a tenth of the second-order term (the series dominated by its
-    leading terms: the third-order scale can be far below |Ĥ'|/|Ĥ''| on a toy) and asserts one was found."""
-    overrides = [*GRADE_SMALL, "precision.dtype=float64", "estimators.eta_train=false"]
-    first = make_probe(toy_checkpoint, [*overrides, "estimators.etas=[1e-4]"]).run().summary()
-    slope, curvature = first["delta_h1/per_eta"], first["curvature/d2H_deta2"]
-    assert slope != 0.0 and math.isfinite(curvature) and curvature != 0.0, (slope, curvature)  # tol: exact
-    eta0 = 0.02 * abs(slope) / abs(curvature)
-    etas = [eta0 * 10.0 ** -k for k in range(5)]
-    probe = make_probe(toy_checkpoint, [*overrides, f"estimators.etas=[{','.join(repr(e) for e in etas)}]"])
-    summary = probe.run().summary()
-    assert summary["delta_h1/per_eta"] == slope and summary["curvature/d2H_deta2"] == curvature  # tol: exact
-    sweep = {s["eta"]: s["delta_h_true"] for s in summary["sweep"]}
-    # error of the first-order prediction and its remainder after the second-order term, per η
-    error = {eta: sweep[eta] / eta - slope for eta in etas}
-    remainder = {eta: error[eta] - 0.5 * eta * curvature for eta in etas}
-    # tol: fp ΔH_true is a difference of two float64 ratio estimators over at most B_E·G_E·max_new_tokens token
-    # terms of size |Ĥ| each (float64 throughout): fp_bound per Ĥ, divided by η
-    sampling = probe.cfg.sampling
-    tokens = sampling.B_E * sampling.G_E * sampling.max_new_tokens
-    floor = {eta: 2 * fp_bound(torch.float64, tokens, abs(summary["entropy/base"])) / eta for eta in etas}
-    # tol: bound precondition of the Taylor model at η₂: the remainder (third order and up) is at most a tenth of
-    # the second-order term there, and the float64 floor a hundredth of it (so the measured remainder is real)
-    regime = [eta for eta in etas[:-1] if abs(remainder[eta]) + floor[eta] <= 0.1 * 0.5 * eta * abs(curvature)
-              and floor[eta] <= 0.01 * 0.5 * eta * abs(curvature)]
-    assert regime, ("no η of the grid is in the Taylor regime", remainder, curvature)
-    eta2 = regime[0]
-    eta1 = eta2 / 10
-    # tol: bound the remainder is O(η²) (third order): at η₁ = η₂/10 it is |remainder(η₂)|/100, 4× safety for the
-    # fourth-order part (≤ a tenth of the third at η₂ by the same series argument), plus the float64 floors
-    tol = 4 * (abs(remainder[eta2]) + floor[eta2]) * (eta1 / eta2) ** 2 + floor[eta1]
-    assert abs(remainder[eta1]) <= tol, (eta2, error, remainder, tol)
-    # tol: bound teeth: δH₁ off by a factor 1 + ε moves error(η₁) by ε|Ĥ'|, Ĥ'' off by δ moves it by ½η₁δ; the
-    # tolerance (plus the second-order term it is compared after) stays below 0.2 % of |Ĥ'|, so a first order off
-    # by 0.2 % or more fails, and a wrong Ĥ'' leaves a remainder linear in η that the precondition rejects
-    assert tol + 0.5 * eta1 * abs(curvature) < 2e-3 * abs(slope), (tol, slope, curvature)
+    """ΔH_true(η)/η → δH₁/η for a GRADE update on the same samples, the error the second-order term ½η·Ĥ'' up to a
+    remainder O(η²), in a Taylor regime built from the measured curvature (tests/probe_harness.py)."""
+    assert_same_sample_taylor(toy_checkpoint, [*GRADE_SMALL, "precision.dtype=float64", "estimators.eta_train=false"])
 
 
 def test_grade_refusals(toy_checkpoint, tmp_path):
     from probe_dist.config import ConfigError, load_config
     from probe_dist.model.reward_model import RewardModelError
-    from probe_dist.validate import check_grade
+    from probe_dist.resolve import check_grade
 
     def cfg(*extra):
         return load_config(None, [f"checkpoint.path={toy_checkpoint}", "update.loss=grade", *extra])
@@ -536,8 +498,8 @@ def test_toy_reward_model_prefers_correct_answers(toy_checkpoint):
     import random
 
     from probe_dist.data.prompts import load_prompts
-    from probe_dist.data.toy_task import EOS_ID, encode_prompt, load_tokenizer
-    from probe_dist.toy_reward import examples
+    from probe_dist.toy.reward import examples
+    from probe_dist.toy.task import EOS_ID, encode_prompt, load_tokenizer
     from probe_dist.update.relax import SoftToken
 
     tok = load_tokenizer(toy_checkpoint / "tokenizer")
@@ -568,15 +530,16 @@ def test_toy_reward_model_prefers_correct_answers(toy_checkpoint):
     for ex in load_prompts("toy", "test"):
         prompt, answer = encode_prompt(tok, ex["prompt"]), int(ex["answer"])
         right = score(prompt, answer)
-        misses = [answer + d for d in (-5, -4, -3, -2, -1, 1, 2, 3, 4, 5) if answer + d >= 0]
+        misses = [answer + d for d in range(-10, 11) if d != 0 and answer + d >= 0]
         wins += sum(right > score(prompt, m) for m in misses)
         total += len(misses)
         # the misses of one prompt share its `right` score: win indicators of variance 1/4, pairwise covariance
         # P(r > a, r > b) − 1/4 = 1/3 − 1/4 = 1/12
         null_var += len(misses) / 4 + len(misses) * (len(misses) - 1) / 12
     # tol: bound precondition: the win rate exceeds chance (1/2) by more than z SEs of the win rate under that
-    # null, √(Var wins)/total ≈ 0.035 for 80 prompts × 10 misses (threshold ≈ 0.65; seed 0 on AVX-512: 0.76 —
-    # ±1 alone is 0.58, ±5 0.89: misses by ±1..±5, as the training set's ±1..±3 and random answers)
+    # null, √(Var wins)/total ≈ 0.033 for 80 prompts × ≤ 20 misses (threshold ≈ 0.64). Misses by ±1..±10: the
+    # realisations differ most at ±1 (0.56-0.58 on seeds 0-1) and agree further out (≥ 0.83 at ±5); over ±1..±10
+    # they give 0.79-0.82, so the check's power does not hang on one realisation's near misses.
     assert wins / total > 0.5 + z * math.sqrt(null_var) / total, (wins / total, math.sqrt(null_var) / total)
 
 

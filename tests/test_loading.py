@@ -18,16 +18,10 @@ import pytest
 import torch
 
 from probe_dist.config import ConfigError, load_config
-from probe_dist.model.load import (
-    CheckpointError,
-    check_trainable_count,
-    load_model,
-    load_optimizer,
-    optimizer_param_names,
-    resolve_paths,
-    save_optimizer,
-    trainable_parameters,
-)
+from probe_dist.errors import CheckpointError
+from probe_dist.state.model import check_trainable_count, load_model, trainable_parameters
+from probe_dist.state.optimizer import load_optimizer, optimizer_param_names, save_optimizer
+from probe_dist.state.paths import resolve_paths
 from tests.probe_harness import make_probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -259,7 +253,7 @@ def test_plain_state_dict_and_garbage_refused(tmp_path, loaded):
     trainable, blob = loaded
     # A bare optimizer.state_dict() has no names: they are rebuilt from the model (build_probe), not guessed here.
     msg = refusal(tmp_path, blob["state_dict"], trainable)
-    assert "no parameter names" in msg and "model.load.name_optimizer_blob" in msg
+    assert "no parameter names" in msg and "state.optimizer.name_optimizer_blob" in msg
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="could not read optimizer state"):

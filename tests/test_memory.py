@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from probe_dist.model.policy import PolicyModel
-from probe_dist.plan.meter import (
+from probe_dist.prediction.delta_h1 import predict_delta_h1
+from probe_dist.rollout.batch import Group, RolloutBatch, group_advantages
+from probe_dist.runtime.meter import (
     PhaseMemoryRecorder,
     SavedTensorsMeter,
     merge_phase_records,
@@ -29,8 +31,6 @@ from probe_dist.plan.meter import (
     reset_peak_rss,
     rss_bytes,
 )
-from probe_dist.prediction.delta_h1 import predict_delta_h1
-from probe_dist.rollout.batch import Group, RolloutBatch, group_advantages
 from probe_dist.scoring.score import base_entropy, score_batch
 from probe_dist.update.gradient import update_gradient
 from probe_dist.update.step import update_parts

@@ -11,8 +11,8 @@ import re
 import pytest
 import torch
 
+from probe_dist.data.prompts import prompt_token_ids
 from probe_dist.rollout.batch import Group
-from probe_dist.rollout.sample import prompt_token_ids
 from tests.model_families import (
     FAMILIES,
     MAX_NEW_TOKENS,
@@ -275,7 +275,7 @@ def test_soft_capped_entropy_equals_an_independent_full_forward(family_dir, name
     model64 = copy.deepcopy(probe.model).double()
     result = probe.run()
     tau = probe.cfg.sampling.temperature
-    total_h = total_t = total_tol = 0.0
+    total_h = total_t = total_tol = 0.0  # tol: fp summed from _scored_tolerance's per-token bounds below
     causal = probe.policy.lm
     with torch.no_grad():
         for group in result.batch_e.real_groups:
@@ -296,8 +296,8 @@ def test_soft_capped_entropy_equals_an_independent_full_forward(family_dir, name
 def test_consistency_check_refuses_a_scorer_that_skips_the_soft_cap(family_dir, monkeypatch):
     """The start-up check guards the whole kind: with the scorer's logit post-processing switched off (as for an
     unknown custom head), the run is refused with the model class and the size of the disagreement."""
+    from probe_dist.errors import CheckpointError
     from probe_dist.model import policy as policy_module
-    from probe_dist.model.load import CheckpointError
     from probe_dist.model.logits import LogitTransform
 
     ckpt, prompts = family_dir("gemma2")
@@ -333,7 +333,7 @@ def test_reduced_matmul_precision_loosens_the_start_up_check_to_its_format():
 def test_dynamic_ntk_rope_is_refused(tmp_path):
     """Dynamic-NTK RoPE rescales positions by the length seen so far, so cached decoding and a teacher-forced
     forward disagree: the start-up check refuses it rather than report η = 0 ≠ 0."""
-    from probe_dist.model.load import CheckpointError
+    from probe_dist.errors import CheckpointError
 
     ckpt = build_family_checkpoint("llama", tmp_path / "llama_dynamic", rope_scaling={"rope_type": "dynamic",
                                                                                       "factor": 4.0},

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from probe_dist.errors import UserInputError
-from probe_dist.model.checks import UnsafeCheckpointError
-from probe_dist.model.load import read_optimizer_file
+from probe_dist.state.checks import UnsafeCheckpointError
+from probe_dist.state.optimizer import read_optimizer_file
 from tests.test_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]

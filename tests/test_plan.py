@@ -18,13 +18,13 @@ from probe_dist.plan import (
     ALL_PROJECTIONS,
     GiB,
     LoraSpec,
-    main,
     model_shape,
     parse_bytes,
     phase_peaks,
     plan_memory,
     saved_activation_bytes,
 )
+from probe_dist.plan.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"a100_40gb_8gpu.yaml": "40GiB", "h100_80gb_8gpu.yaml": "80GiB"}
@@ -98,7 +98,7 @@ def test_activation_model_matches_saved_tensors(targets, padded, dtype):
     from transformers import Qwen2ForCausalLM
 
     from probe_dist.model.policy import PolicyModel
-    from probe_dist.plan.meter import SavedTensorsMeter
+    from probe_dist.runtime.meter import SavedTensorsMeter
 
     torch.manual_seed(0)
     config = _tiny_config(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=6)
@@ -265,8 +265,8 @@ def test_auto_microbatch_plan_proposes_the_sizes_and_leaves_the_config_alone():
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2ForCausalLM
 
-    from probe_dist.data.toy_task import build_tokenizer
     from probe_dist.plan import auto_microbatch_plan, proposed_sizes
+    from probe_dist.toy.task import build_tokenizer
 
     model = get_peft_model(Qwen2ForCausalLM(_tiny_config(vocab_size=4096)),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -298,7 +298,7 @@ def test_grade_kept_bytes_match_saved_tensors(top_k, steps, rows):
     from probe_dist.model.policy import PolicyModel
     from probe_dist.model.reward_model import RewardModel
     from probe_dist.plan.bytes import Settings, grade_pass
-    from probe_dist.plan.meter import SavedTensorsMeter
+    from probe_dist.runtime.meter import SavedTensorsMeter
     from probe_dist.update.grade import GradeSpec, SoftRolloutRunner, row_keys
 
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from probe_dist.runtime.snapshot import restore_snapshot, take_snapshot
 from probe_dist.scoring.score import base_entropy, score_batch
 from probe_dist.update.gradient import update_gradient
 from probe_dist.update.step import real_step, set_theta
-from tests.probe_harness import make_probe
+from tests.probe_harness import assert_same_sample_taylor, make_probe
 from tests.tolerances import fp_bound, two_path_tol64, unit_roundoff
 
 SMALL = ["sampling.B_E=6", "sampling.G_E=4", "sampling.B_U=4", "sampling.G_U=4"]
@@ -175,24 +175,10 @@ def _delta_h_true_float32(ckpt, overrides: list[str], result, etas: list[float])
     return out
 
 
-def test_same_sample_limit_is_linear_in_eta(toy_checkpoint):
-    """ΔH_true(η)/η → δH₁/η on one batch, with error shrinking linearly in η (docs/method.md §5.1)."""
-    # float64 and 1e-5 ≤ η ≤ 3e-4: off the fp32 floor (some layers compute in fp32 whatever the model dtype; below
-    # ~1e-5 it shows) and inside the linear regime (at 1e-3 higher orders already bend the error on some toys).
-    etas = [1e-5, 1e-4, 3e-4]
-    probe = make_probe(toy_checkpoint, SMALL + [f"estimators.etas={etas}", "precision.dtype=float64"])
-    summary = probe.run().summary()
-    per_eta = summary["delta_h1/per_eta"]
-    errors = [abs(s["delta_h_true"] / s["eta"] - per_eta) for s in summary["sweep"]]
-    for (small, eta_small), (big, eta_big) in zip(zip(errors, etas), zip(errors[1:], etas[1:])):
-        factor = eta_big / eta_small
-        assert factor / 2.5 < big / small < factor * 2.5, (errors, per_eta)  # ×f in η → ×~f in the error
-    # tol: bound η₀ is inside the linear regime: its error is the second-order term ½η₀|Ĥ''| of the probe's own
-    # same-sample curvature (curvature/d2H_deta2), up to the factor 2.5 the scaling check above allows (higher
-    # orders, the fp32-norm floor); ≪ |δH₁/η| (asserted), so a first order off by a few % fails
-    second_order = 0.5 * etas[0] * abs(summary["curvature/d2H_deta2"])
-    assert errors[0] <= 2.5 * second_order, (errors, second_order)
-    assert second_order < 1e-2 * abs(per_eta), (second_order, per_eta)  # tol: bound (teeth, above)
+def test_same_sample_limit_is_linear_in_eta(toy_checkpoint, float64_throughout):
+    """ΔH_true(η)/η → δH₁/η on one batch (docs/method.md §5.1): the error is the second-order term ½η·Ĥ'' up to a
+    remainder O(η²), in a Taylor regime built from the measured curvature (tests/probe_harness.py)."""
+    assert_same_sample_taylor(toy_checkpoint, [*SMALL, "precision.dtype=float64", "estimators.eta_train=false"])
 
 
 def test_negated_advantages_flip_the_prediction(toy_checkpoint):

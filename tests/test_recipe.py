@@ -12,9 +12,8 @@ import sys
 import pytest
 import torch
 
-from probe_dist.data.prompts import PromptError, load_prompts
+from probe_dist.data.prompts import PromptError, load_prompts, prompt_token_ids
 from probe_dist.data.rewards import decode_response
-from probe_dist.rollout.sample import prompt_token_ids
 from probe_dist.update.gradient import update_gradient
 from tests.probe_harness import make_probe, write_prompts
 from tests.test_cli import run_cli
@@ -238,8 +237,9 @@ def test_none_is_a_value_where_it_is_a_choice():
 def test_recipe_precedence_config_then_checkpoint_then_default():
     """Each setting: the config's value if given, else the recorded one (TRL's key names included), else the
     default — with its origin; config values that differ from the recorded ones are listed."""
-    from probe_dist.config import load_config
-    from probe_dist.recipe import RecipeError, explicit_keys, resolve_recipe
+    from probe_dist.config import explicit_keys, load_config
+    from probe_dist.resolve import resolve_recipe
+    from probe_dist.state.recipe import RecipeError
 
     recorded = {"temperature": 0.7, "max_completion_length": 64, "loss_type": "bnpo", "beta": 0.04,
                 "scale_rewards": False, "max_grad_norm": 0.5, "num_generations": 6, "bf16": True,
@@ -270,10 +270,11 @@ def test_recipe_refusals_name_the_setting(tmp_path):
     """Recorded training the probe cannot reproduce is refused naming the setting (TRL's generation_kwargs, a moving
     or absent KL reference, reward aggregation, fp16); required settings are asked for all at once; a training
     output folder points at its checkpoints."""
-    from probe_dist.config import load_config
-    from probe_dist.model.load import CheckpointError
-    from probe_dist.model.sources import open_checkpoint
-    from probe_dist.recipe import RecipeError, explicit_keys, resolve_recipe
+    from probe_dist.config import explicit_keys, load_config
+    from probe_dist.errors import CheckpointError
+    from probe_dist.resolve import resolve_recipe
+    from probe_dist.state.files import open_checkpoint
+    from probe_dist.state.recipe import RecipeError
 
     cfg = load_config(None, [])
     base = {"temperature": 1.0, "max_completion_length": 8, "loss_type": "grpo", "beta": 0.0}

@@ -281,7 +281,7 @@ def test_sbatch_multinode_probe_matches_torchrun(
     mismatches = {
         key: (slurm_values[key], plain_values[key])
         for key in slurm_values
-        if not math.isclose(slurm_values[key], plain_values[key], rel_tol=1e-9, abs_tol=1e-12)
+        if not math.isclose(slurm_values[key], plain_values[key], rel_tol=1e-9, abs_tol=1e-12)  # tol: fp (above)
     }
     assert not mismatches, f"Slurm vs torchrun differ: {mismatches}"
     for summary in (slurm_summary, plain_summary):

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from probe_dist.config import load_config
-from probe_dist.model.load import load_model, load_optimizer, resolve_paths, trainable_parameters
 from probe_dist.runtime.snapshot import restore_snapshot, state_hash, take_snapshot
 from probe_dist.scoring.score import score_batch
+from probe_dist.state.model import load_model, trainable_parameters
+from probe_dist.state.optimizer import load_optimizer
+from probe_dist.state.paths import resolve_paths
 from tests.probe_harness import make_probe
 
 SMALL = ["sampling.B_E=2", "sampling.G_E=4", "sampling.B_U=2", "sampling.G_U=4", "estimators.etas=[0,1e-3]"]

@@ -17,7 +17,8 @@ TESTS = Path(__file__).resolve().parent
 KINDS = ("fp", "stat", "exact", "bound")
 # atol=1e-6, rel=0.1, abs=..., tol=... ; comparisons with a float literal: < 0.5, <= 1e-7, > 2.5e3 ; pytest.approx(
 BOUND = re.compile(
-    r"\b(atol|rtol|abs|rel|tol|tolerance)\s*=\s*[\d.]"
+    r"\b\w*(atol|rtol|abs|rel|tol|tolerance)\s*=\s*[\d.]"  # also rel_tol=, abs_tol= (math.isclose)
+    r"|\b\w*(atol|rtol|tol|tolerance)\w*\s*:\s*\w+\s*=\s*[\d.]"  # a typed default: rtol: float = 1e-9
     r"|[<>]=?\s*-?\d*\.\d+"
     r"|[<>]=?\s*-?\d+(\.\d+)?e[-+]?\d+"
     r"|approx\("
@@ -77,6 +78,8 @@ def test_the_scan_sees_an_unannotated_bound(tmp_path):
     assert BOUND.search(_code("    assert err < 1e-6"))
     assert BOUND.search(_code("    torch.testing.assert_close(a, b, atol=1e-9, rtol=0)"))
     assert BOUND.search(_code("    assert x == pytest.approx(y)"))
+    assert BOUND.search(_code("    return math.isclose(x, y, rel_tol=rtol, abs_tol=1e-15)"))
+    assert BOUND.search(_code("def close(a, b, rtol: float = 1e-9):"))
     assert not BOUND.search(_code('    assert n > 0, "less than 0.5"'))
     assert not BOUND.search(_code("    assert len(rows) >= 2"))
     assert BOUND.search(_code("    assert abs(err) < 4 * se_mean"))

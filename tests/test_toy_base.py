@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from probe_dist.data import toy_task
 from probe_dist.data.prompts import load_prompts, select_prompts
 from probe_dist.data.rewards import decode_response, exact_match, get_reward_fn
-from probe_dist.data.toy_task import (
+from probe_dist.toy import task as toy_task
+from probe_dist.toy.task import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -76,7 +76,7 @@ def test_packaged_split_files_match_generator(tmp_path):
     for split in ("train", "test"):
         packaged = toy_task.split_file(split).read_text(encoding="utf-8")
         assert written[split].read_text(encoding="utf-8") == packaged, (
-            f"toy_{split}.jsonl is stale: run `python -c 'from probe_dist.data.toy_task import "
+            f"toy_{split}.jsonl is stale: run `python -c 'from probe_dist.toy.task import "
             "write_split_files; write_split_files()'`"
         )
 
@@ -189,7 +189,7 @@ def test_unknown_and_optional_rewards():
 
 
 def test_train_base_is_deterministic():
-    from probe_dist.toy_base import train_base
+    from probe_dist.toy.base import train_base
 
     threads = torch.get_num_threads()
     model_a, _, stats_a = train_base(0, steps=15, eval_samples=20, num_threads=1)
@@ -206,7 +206,7 @@ def test_train_base_is_deterministic():
 
 
 def test_train_base_default_gives_useful_accuracy():
-    from probe_dist.toy_base import sample_accuracy, train_base
+    from probe_dist.toy.base import sample_accuracy, train_base
 
     # the default recipe; one thread only because two threads on a loaded 2-core CI box are ~20x slower
     # (the weights are bitwise the same either way for this model)

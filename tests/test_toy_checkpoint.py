@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import probe_dist.toy_base
-import probe_dist.toy_reward
-from probe_dist import toy
+import probe_dist.toy.base
+import probe_dist.toy.reward
 from probe_dist.scoring.score import score_batch
+from probe_dist.toy import checkpoint as toy
 from tests.probe_harness import make_probe
 from tests.tolerances import within_se
 
@@ -138,9 +138,9 @@ def short_builds(tmp_path_factory):
     full extra build costs minutes)."""
     root = tmp_path_factory.mktemp("short_builds")
     patch = pytest.MonkeyPatch()
-    patch.setattr(probe_dist.toy_base, "train_base",
-                  functools.partial(probe_dist.toy_base.train_base, steps=20, eval_samples=8))
-    patch.setattr(probe_dist.toy_reward, "STEPS", 20)
+    patch.setattr(probe_dist.toy.base, "train_base",
+                  functools.partial(probe_dist.toy.base.train_base, steps=20, eval_samples=8))
+    patch.setattr(probe_dist.toy.reward, "STEPS", 20)
     try:
         states = {name: toy.build(root / name, seed=seed) for name, seed in (("s0", 0), ("s0_again", 0), ("s1", 1))}
     finally:

@@ -1,1 +1,1 @@
-"""Prompt sources, reward functions and the built-in toy task."""
+"""Prompt sources, reward functions and the checks of prompts against a run (the toy task is `probe_dist.toy`)."""

@@ -21,8 +21,10 @@ import zlib
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from probe_dist.config import ConfigError
-from probe_dist.data.toy_task import SPLITS
+from probe_dist.toy.task import SPLITS
 
 REQUIRED_KEYS = ("prompt", "answer")
 LINE_FORM = 'one JSON object per line, e.g. {"prompt": "2+2=", "answer": "4"}'
@@ -50,7 +52,7 @@ def load_prompts(source: str, split: str = "train", *, require_answer: bool = Tr
 
 def prompt_source_name(source: str, split: str = "train") -> str:
     """How messages name a prompt source: the file path, or the packaged toy split."""
-    return f"<package probe_dist.data>/toy_{split}.jsonl" if source == "toy" else str(Path(source).expanduser())
+    return f"<package probe_dist.toy>/data/toy_{split}.jsonl" if source == "toy" else str(Path(source).expanduser())
 
 
 DATASET_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -66,7 +68,7 @@ def load_prompts_with_lines(source: str, split: str = "train", *,
     if source == "toy":
         if split not in SPLITS:
             raise PromptError(f"unknown split {split!r} of the toy task; choose one of {', '.join(SPLITS)}")
-        resource = resources.files("probe_dist.data").joinpath(f"toy_{split}.jsonl")
+        resource = resources.files("probe_dist.toy").joinpath(f"data/toy_{split}.jsonl")
         return _parse_jsonl(resource.read_bytes(), prompt_source_name(source, split))
 
     path = Path(source).expanduser()
@@ -244,3 +246,31 @@ def select_prompts(prompts: list[dict], num: int, seed: int, batch_name: str) ->
     while len(indices) < num:
         indices.extend(_shuffled(len(prompts), rng)[: num - len(indices)])
     return [(i, prompts[i]) for i in indices]
+
+
+def prompt_token_ids(tokenizer, prompt, bos: str = "always") -> torch.Tensor:
+    """[P] long: the prompt's token ids as training built them.
+
+    prompt: a text, or a conversation (a list of {"role", "content"} messages) rendered by the tokenizer's chat
+    template with the generation prompt, as TRL does (apply_chat_template(add_generation_prompt=True)); the template
+    alone decides special tokens, so a template that starts with BOS is not given a second one. For a text, `bos`:
+    "auto" — the tokenizer's own rule (tokenizer(text), as TRL: Llama-style tokenizers add BOS, Qwen's none),
+    "always" — BOS in front whenever the tokenizer defines one, not doubled (the toy task's training), "never" — no
+    special tokens. Raises PromptError when a conversation meets a tokenizer without a chat template.
+    """
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise PromptError("the prompts are conversations (lists of chat messages), but the tokenizer has no chat "
+                              "template to render them; use a tokenizer with one (the training tokenizer), or "
+                              "write the prompts as plain text.")
+        out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return torch.tensor(list(out["input_ids"]), dtype=torch.long)
+    if bos == "auto":
+        return torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if bos == "never":
+        return ids
+    bos_id = tokenizer.bos_token_id
+    if bos_id is not None and (ids.numel() == 0 or ids[0] != bos_id):
+        ids = torch.cat([torch.tensor([bos_id]), ids])
+    return ids

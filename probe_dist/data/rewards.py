@@ -31,6 +31,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 def reward_names() -> list[str]:
+    """The names of the registered built-in reward functions, sorted."""
     return sorted(_REGISTRY)
 
 
@@ -128,6 +129,7 @@ class RewardSet:
 
     @property
     def names(self) -> list[str]:
+        """The functions' targets (`package.module:function`, weights stripped), in the order of the spec."""
         return [name for name, _, _ in self.functions]
 
     def score(self, tokenizer, record: dict, response_ids: Sequence[Sequence[int]]):

@@ -30,8 +30,8 @@ def snis_local_sums(log_w: torch.Tensor, global_max: float, h_new: torch.Tensor,
     summation order elsewhere (measured: Ĥ(θ) summed group by group was 1 ulp off at τ = 0.05).
 
     log_w, h_new, lam: [N] float64 per sequence (log w in nats, h' the payload total, λ = T_i or 1); global_max: the
-    all-reduced max of log w; clipped: optional [N] bool mask of clipped weights. Returns [8] float64 laid out as
-    SNIS_SUM_FIELDS. Raises nothing itself (torch raises on shape mismatch).
+    all-reduced max of log w; clipped: optional [N] bool mask of clipped weights. Returns [10] float64 laid out
+    as SNIS_SUM_FIELDS. Raises nothing itself (torch raises on shape mismatch).
 
     The KL(θ‖θ') estimates use the unstabilised weights w̃ = e^{log w} on samples from θ: k1 = mean(−log w),
     k3 = mean(w̃ − 1 − log w̃) (non-negative, lower variance).
@@ -49,6 +49,10 @@ def snis_local_sums(log_w: torch.Tensor, global_max: float, h_new: torch.Tensor,
 
 @dataclass
 class SnisResult:
+    """What `snis_finalize` returns for one η (plain floats, global over ranks): Ĥ(θ') (entropy_new, nats per
+    token or per sequence as Ĥ), ΔH_true = Ĥ(θ') − Ĥ(θ) (delta), the Kish ESS and ESS/N, the largest
+    self-normalised weight, the KL(θ‖θ') estimates k1 and k3 (nats), and the share of clipped log-weights."""
+
     entropy_new: float
     delta: float
     ess: float

@@ -30,6 +30,7 @@ class LogitTransform:
 
     @property
     def is_identity(self) -> bool:
+        """Whether the transform leaves the logits unchanged (no scale, divisor or soft-cap)."""
         return self.scale is None and self.divide is None and self.softcap is None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,7 @@ class LogitTransform:
         return logits
 
     def describe(self) -> str:
+        """The transform for messages, e.g. "×0.0625, soft-cap 30.0"; "none" for the identity."""
         parts = [f"×{self.scale}" if self.scale is not None else "", f"÷{self.divide}" if self.divide is not None else "",
                  f"soft-cap {self.softcap}" if self.softcap is not None else ""]
         return ", ".join(p for p in parts if p) or "none"

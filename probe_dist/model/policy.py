@@ -20,6 +20,10 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
 
 
 class PolicyModel(nn.Module):
+    """The root module DDP/FSDP2 wrap (runtime/strategy.py): `forward` scores teacher-forced ℓ and H through
+    the output head chunk by chunk (memory.logits_chunk rows, with the model's own logit post-processing,
+    model/logits.py); `decode` is one cached generation step. lm: a PeftModel or a plain causal LM."""
+
     def __init__(self, lm: nn.Module, logits_chunk: int = 1024):
         super().__init__()
         self.lm = lm  # PeftModel or plain causal LM
@@ -33,7 +37,8 @@ class PolicyModel(nn.Module):
                 response_mask: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced ℓ and H for the scored positions (response_mask over columns ≥ response_start).
 
-        Returns flat float32 tensors over the True entries of response_mask, row-major.
+        Returns flat float32 tensors (float64 for a float64 model) over the True entries of response_mask,
+        row-major.
         """
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         mask = attention_mask

@@ -19,6 +19,10 @@ from probe_dist.runtime.strategy import Strategy
 
 @dataclass
 class PolicyRunner:
+    """The policy as every step uses it: the model, how it is wrapped (`strategy`), θ as (name,
+    parameter) pairs in optimizer order, τ, the microbatch sizes in use, and the gradient helpers (float64
+    accumulators)."""
+
     model: torch.nn.Module                               # PeftModel (or a plain causal LM)
     strategy: Strategy                                   # how the policy is wrapped across ranks
     trainable: list[tuple[str, torch.nn.Parameter]]      # in optimizer order
@@ -34,15 +38,16 @@ class PolicyRunner:
                        device: torch.device | None = None, logits_chunk: int = 1024) -> PolicyRunner:
         """An unwrapped runner (world size 1) over `model`'s trainable parameters, `rows` rows per pass: what the
         toy builder and the tests use to run the probe's own forwards outside a probe run."""
-        from probe_dist.model.load import trainable_parameters
         from probe_dist.model.policy import PolicyModel
+        from probe_dist.state.model import trainable_parameters
 
         policy = PolicyModel(model, logits_chunk)
         return cls(model=model, strategy=Strategy("none", policy, policy, policy), trainable=trainable_parameters(model),
                    device=device or torch.device("cpu"), temperature=temperature, sizes=MicrobatchSizes(score=rows, grad=rows))
 
     def forward(self, mb: Microbatch, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced (ℓ, H) of the scored tokens: two [M] float32 tensors on the device (docs/method.md §3)."""
+        """Teacher-forced (ℓ, H) of the scored tokens: two [M] float32 tensors on the device (float64 for a
+        float64 model; docs/method.md §3)."""
         dev = self.device
         with torch.set_grad_enabled(grad):
             return self.strategy.root(input_ids=mb.input_ids.to(dev, non_blocking=True),
@@ -63,6 +68,8 @@ class PolicyRunner:
         return self.strategy.decoder
 
     def no_sync(self):
+        """Context in which backward passes skip the wrapper's gradient all-reduce (`Strategy.no_sync`): the
+        probe reduces gradients itself, in float64."""
         return self.strategy.no_sync()
 
     def reference(self):
@@ -70,6 +77,7 @@ class PolicyRunner:
         return self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
 
     def zero_grads(self) -> None:
+        """Set .grad of every trainable parameter to None."""
         for _, p in self.trainable:
             p.grad = None
 

@@ -4,8 +4,8 @@
 
 Modules: `shape` (the model's dimensions and exact parameter counts, on the meta device), `bytes` (the byte
 model: each phase's peak from the shape and the run's sizes), `planner` (inputs, plan_memory, the proposal,
-messages, auto_microbatch_plan), `meter` (what a run measures: bytes saved for backward, RSS, CUDA peaks per
-phase) and `__main__` (the command line).
+messages, auto_microbatch_plan) and `__main__` (the command line). What a run measures (bytes saved for
+backward, RSS, CUDA peaks per phase) is `runtime.meter`.
 """
 
 from probe_dist.phases import PHASES
@@ -45,15 +45,7 @@ __all__ = [
     "ALL_PROJECTIONS", "DEFAULT_MARGIN", "DEFAULT_RESERVE", "DTYPE_BYTES", "GRAD_LOGITS_FACTOR", "MIN_LOGITS_CHUNK",
     "NOGRAD_LOGITS_FACTOR", "PHASES", "SIZE_KEYS", "GiB", "LoraSpec", "ModelShape", "PlanError", "Settings",
     "auto_microbatch_plan", "builtin_model_config", "format_plan", "load_model_config", "logits_chunk_bytes",
-    "main", "model_shape", "parse_bytes", "phase_peaks", "plan_memory", "proposed_sizes", "resolve_lora",
+    "model_shape", "parse_bytes", "phase_peaks", "plan_memory", "proposed_sizes", "resolve_lora",
     "saved_activation_bytes",
 ]
 
-
-def __getattr__(name: str):
-    # `main` lives in __main__; importing it lazily keeps `python -m probe_dist.plan` from loading it twice.
-    if name == "main":
-        from probe_dist.plan.__main__ import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

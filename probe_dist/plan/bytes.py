@@ -68,6 +68,7 @@ class Settings:
 
     @property
     def seq_len(self) -> int:
+        """L = prompt_tokens + max_new_tokens: tokens per row of a microbatch."""
         return self.prompt_tokens + self.max_new_tokens
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from probe_dist.model.load import CheckpointError, CheckpointPaths
+from probe_dist.errors import CheckpointError
 from probe_dist.phases import DELTA_H1, EXPLAIN, SAMPLE, SCORE_BASE, SWEEP, UPDATE_GRADIENT
 from probe_dist.plan.bytes import (
     DTYPE_BYTES,
@@ -30,6 +30,7 @@ from probe_dist.plan.shape import (
     model_shape,
     resolve_lora,
 )
+from probe_dist.state.paths import CheckpointPaths
 
 log = logging.getLogger("probe_dist")
 
@@ -68,7 +69,7 @@ def _checkpoint(cfg, *, model_given: bool, notes: list[str]) -> CheckpointPaths 
     if not (ck.path or ck.base):
         return None
     try:
-        from probe_dist.model.sources import open_checkpoint
+        from probe_dist.state.files import open_checkpoint
 
         return open_checkpoint(ck).paths  # any format: probe_dist, HF Trainer/TRL, accelerate, DeepSpeed
     except CheckpointError as exc:
@@ -82,10 +83,11 @@ def _checkpoint(cfg, *, model_given: bool, notes: list[str]) -> CheckpointPaths 
 
 def _with_recipe_sizes(cfg, recorded: dict):
     """cfg with the memory-relevant settings (response cap, U's group size, KL term) taken from the recorded recipe
-    where the config leaves them to it, as `probe_dist.recipe` resolves them at run time."""
+    where the config leaves them to it, as `probe_dist.resolve` resolves them at run time."""
     from dataclasses import replace
 
-    from probe_dist.recipe import explicit_keys, recorded_value
+    from probe_dist.config import explicit_keys
+    from probe_dist.state.recipe import recorded_value
 
     explicit, sections = explicit_keys(cfg), {}
     for name in ("sampling.max_new_tokens", "sampling.G_U", "update.kl_coef"):
@@ -111,15 +113,14 @@ def _resolve_model(model_config, paths: CheckpointPaths | None) -> tuple[object,
 
 def _prompt_tokens(cfg, tokenizer_dir: Path | None, notes: list[str]) -> int:
     if cfg.sampling.prompts == "toy":
-        from probe_dist.data.toy_task import MAX_PROMPT_TOKENS
+        from probe_dist.toy.task import MAX_PROMPT_TOKENS
 
         return MAX_PROMPT_TOKENS
     path = Path(cfg.sampling.prompts)
     if path.is_file() and tokenizer_dir is not None:
         try:
-            from probe_dist.data.prompts import load_prompts
-            from probe_dist.model.load import load_tokenizer
-            from probe_dist.rollout.sample import prompt_token_ids
+            from probe_dist.data.prompts import load_prompts, prompt_token_ids
+            from probe_dist.state.model import load_tokenizer
 
             tok = load_tokenizer(tokenizer_dir)
             prompts = load_prompts(str(path), cfg.sampling.split, require_answer=False)
@@ -178,7 +179,7 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
     notes.extend(shape.notes)
     max_new = cfg.sampling.max_new_tokens  # the recipe's when the config leaves it (_with_recipe_sizes)
     if max_new is None and not (cfg.checkpoint.path or cfg.checkpoint.base):
-        from probe_dist.data.toy_task import MAX_ANSWER_TOKENS
+        from probe_dist.toy.task import MAX_ANSWER_TOKENS
 
         max_new = MAX_ANSWER_TOKENS
     if max_new is None:
@@ -382,8 +383,7 @@ def auto_microbatch_plan(cfg, model, world_size: int, device: torch.device, *, t
                else torch.cuda.get_device_properties(device).total_memory)
     prompt_tokens = None
     if tokenizer is not None:
-        from probe_dist.data.prompts import load_prompts
-        from probe_dist.rollout.sample import prompt_token_ids
+        from probe_dist.data.prompts import load_prompts, prompt_token_ids
 
         prompts = load_prompts(cfg.sampling.prompts, cfg.sampling.split, require_answer=False)
         prompt_tokens = max(len(prompt_token_ids(tokenizer, p["prompt"], cfg.sampling.bos or "always"))

@@ -36,7 +36,7 @@ def builtin_model_config(name: str):
             rms_norm_eps=1e-6, tie_word_embeddings=True, attention_dropout=0.0, bos_token_id=151643,
             eos_token_id=151643)
     if key == "toy":
-        from probe_dist.data.toy_task import model_config
+        from probe_dist.toy.task import model_config
 
         return model_config()
     raise PlanError(f"unknown model config name {name!r}: use 'qwen2.5-1.5b', 'toy', or a path to a model "
@@ -79,6 +79,7 @@ class LoraSpec:
 
     @property
     def full_finetune(self) -> bool:
+        """Whether this plans full fine-tuning: r = 0 and no peft_config (no adapter; all weights train)."""
         return self.r == 0 and self.peft_config is None
 
 
@@ -105,12 +106,15 @@ class ModelShape:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        """The dimensions and parameter counts (elements) with `targets_found`, as plain data: the plan's
+        "model" entry (plan/planner.py)."""
         return {k: getattr(self, k) for k in ("name", "model_type", "num_layers", "hidden", "intermediate", "heads",
                                               "kv_heads", "head_dim", "vocab", "tied", "base_params",
                                               "adapter_params", "layer_params")} | {"targets_found": self.targets_found}
 
     @property
     def targets_found(self) -> list[str]:
+        """The projection kinds the adapter was found on (the keys of lora_modules), sorted."""
         return sorted(self.lora_modules)
 
 
@@ -195,7 +199,7 @@ def resolve_lora(adapter_dir: Path | None, model_name: str, *, r: int | None = N
                         targets=tuple(sorted(tm)) if not isinstance(tm, str) else (tm,),
                         source=str(adapter_dir / "adapter_config.json"), peft_config=pc)
     if model_name == "toy" and r is None and not targets:
-        from probe_dist.toy import TRAINING_ARGS
+        from probe_dist.toy.checkpoint import TRAINING_ARGS
 
         lo = TRAINING_ARGS["lora"]
         return LoraSpec(r=lo["r"], alpha=lo["lora_alpha"], targets=tuple(lo["target_modules"]), source="toy recipe")

@@ -34,6 +34,9 @@ def ustat_units(batch_u: RolloutBatch, est: EstimatorsConfig) -> list[list[int]]
 
 
 class SingleBatchUStatistic:
+    """The single-batch (E = U) U-statistic of δH₁/η (docs/method.md §5.3), accumulated one unit at a time:
+    `add_group` for every E = U group in order, then `finish` once on every rank."""
+
     def __init__(self, runner: PolicyRunner, batch_u: RolloutBatch, update_grad: UpdateGradient, *,
                  est: EstimatorsConfig, update: UpdateConfig):
         """Accumulator for the U-statistic over batch_u's real groups (units per est.ustat / est.ustat_blocks).
@@ -49,6 +52,7 @@ class SingleBatchUStatistic:
         self.reset()
 
     def reset(self) -> None:
+        """Drop the current unit's sums and the diagonal Σ_p X_p·Y_p (a restarted phase starts from here)."""
         self.x_unit = self.y_unit = None
         self.diag = 0.0
 

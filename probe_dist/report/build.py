@@ -59,6 +59,9 @@ def sequence_rows(result: ProbeResult, decode=None) -> list[dict]:
 
 
 def provenance(cfg, rt, result: ProbeResult) -> dict:
+    """The `provenance/*` keys of summary.json: config hash, seed, world size, strategy, device, dtype, matmul
+    precision, intra-op threads, microbatch sizes as used, package versions, checkpoint, loss and its options,
+    BOS rule, reward, τ and max_new_tokens (docs/outputs.md)."""
     import peft
     import transformers
 
@@ -106,7 +109,7 @@ def build_outputs(cfg, rt, result: ProbeResult, summary: dict, *, out_dir: Path,
     if cfg.output.save_update_vector and result.update is not None:
         from safetensors.torch import save_file
 
-        from probe_dist.model.load import canonical_name
+        from probe_dist.state.optimizer import canonical_name
 
         save_file({canonical_name(n): u.to(torch.float64).contiguous()
                    for n, u in zip(param_names, result.update.u)},

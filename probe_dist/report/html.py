@@ -14,15 +14,21 @@ by a one-line note. Sizes stay bounded for any number of rows: two 10-row tables
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
 
-from probe_dist.report.write import _finite
+from probe_dist.report.figures import (
+    as_float,
+    diagnostics_figure,
+    entropy_change_figure,
+    finite,
+    png,
+    positive_sweep,
+    pyplot,
+)
 
 log = logging.getLogger("probe_dist")
 
@@ -30,8 +36,6 @@ REPORT_NAME = "report.html"
 TOP_SEQUENCES = 10    # rows in each "moved entropy most" table
 MAX_PROMPTS = 50      # rows in the per-prompt table
 TEXT_CHARS = 200      # response text shown per sequence
-DPI = 100
-KHAT_BAD = 0.7        # PSIS: k̂ above this, do not trust the η (measurement/sweep.py KHAT_UNRELIABLE)
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em auto; max-width: 70em; color: #222; }
@@ -67,7 +71,7 @@ def write_report(out_dir: Path, summary: dict, rows: list[dict]) -> Path | None:
         "<h2>Entropy change vs η</h2>",
         _guarded("entropy figure", lambda: _entropy_figure(plt, positive, summary)),
         "<h2>Importance-sampling diagnostics vs η</h2>",
-        _guarded("diagnostics figure", lambda: _diagnostics_figure(plt, positive)),
+        _guarded("diagnostics figure", lambda: _figure(plt, diagnostics_figure(plt, positive))),
         "<h2>Explanation: curvature, decompositions, covariance proxy</h2>",
         _guarded("scalars table", lambda: _scalars_table(summary)),
         "<h2>Sequences that moved entropy most</h2>",
@@ -107,11 +111,6 @@ def _guarded(name: str, make: Callable[[], str]) -> str:
         log.warning("report.html: %s left out (%s: %s)", name, type(exc).__name__, exc)
         log.debug("report.html: %s failed", name, exc_info=True)
         return _note(f"{name} left out: {type(exc).__name__}: {exc}")
-
-
-def _float(x) -> float:
-    """x as a float when it is a finite number (bools excluded), else NaN."""
-    return float(x) if _finite(x) else math.nan
 
 
 def _fmt(x, spec: str = ".4g") -> str:
@@ -177,7 +176,7 @@ def _header(summary: dict) -> str:
         out.append("<li>δH₁/η: not in the summary (written by completed runs only)</li>")
     groups = summary.get("se/num_groups")
     if groups is not None:
-        rough = " (below 30 the SEs are rough)" if _finite(groups) and groups < 30 else ""
+        rough = " (below 30 the SEs are rough)" if finite(groups) and groups < 30 else ""
         out.append(f"<li>prompt groups behind every SE: {_e(_fmt(groups, 'g'))}{_e(rough)}</li>")
     if "restore/verified" in summary:
         out.append(f"<li>restore verified on all ranks: {_e(summary['restore/verified'])}</li>")
@@ -207,130 +206,13 @@ def _header(summary: dict) -> str:
     return "\n".join(out)
 
 
-def positive_sweep(summary: dict) -> list[dict]:
-    """The sweep rows with a finite η > 0, in increasing η (what the figures plot on a log axis)."""
-    sweep = [s for s in summary.get("sweep") or [] if isinstance(s, dict)]
-    return sorted((s for s in sweep if _finite(s.get("eta")) and s["eta"] > 0), key=lambda s: s["eta"])
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib cannot be imported."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _png(plt, fig) -> str:
-    """The figure as an <img> with a base64 PNG data URI; closes the figure."""
-    try:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="figure" src="data:image/png;base64,{data}">'
-
-
-def _series(sweep: list[dict], key: str) -> list[float]:
-    return [_float(s.get(key)) for s in sweep]
-
-
 def _entropy_figure(plt, sweep: list[dict], summary: dict) -> str:
-    fig = entropy_change_figure(plt, sweep, summary)
-    return _note(fig) if isinstance(fig, str) else _png(plt, fig)
+    return _figure(plt, entropy_change_figure(plt, sweep, summary))
 
 
-def entropy_change_figure(plt, sweep: list[dict], summary: dict):
-    """ΔH_true, δH₁ and δH₁ + δH₂ against η (log axis) with ±1 SE bands and the resolved linear-regime η: the
-    figure of report.html and of delta_h.png. sweep: `positive_sweep(summary)`. Returns a matplotlib Figure, or a
-    string saying why there is none."""
-    if plt is None:
-        return "figure left out: matplotlib is not installed"
-    if not sweep:
-        return "figure left out: no η > 0 in the sweep"
-    etas = [s["eta"] for s in sweep]
-    true, true_se = _series(sweep, "delta_h_true"), _series(sweep, "delta_h_true_se")
-    d1, d1_se = _series(sweep, "delta_h1"), _series(sweep, "delta_h1_se")
-    d2, d2_se = _series(sweep, "delta_h2"), _series(sweep, "delta_h2_se")
-    second = [a + b for a, b in zip(d1, d2)]   # NaN wherever δH₂ (or δH₁) is not finite
-    second_se = [math.sqrt(a * a + b * b) for a, b in zip(d1_se, d2_se)]
-    if not any(math.isfinite(v) for v in true + d1):
-        return "figure left out: no finite ΔH_true or δH₁ at η > 0"
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-
-    def draw(values, ses, label, color, **style):
-        lo = [v - s for v, s in zip(values, ses)]
-        hi = [v + s for v, s in zip(values, ses)]
-        ax.fill_between(etas, lo, hi, color=color, alpha=0.2, linewidth=0)
-        ax.plot(etas, values, color=color, label=label, **style)
-
-    draw(true, true_se, "ΔH_true (SNIS) ± 1 SE", "C0", marker="o")
-    draw(d1, d1_se, "δH₁ (first order) ± 1 SE", "C1", linestyle="--")
-    if any(math.isfinite(v) for v in second):
-        draw(second, second_se, "δH₁ + δH₂ (second order) ± 1 SE", "C2", linestyle=":")
-    linear = summary.get("curvature/linear_regime_eta")
-    if _finite(linear) and etas[0] <= linear <= etas[-1] and summary.get("curvature/resolved") is True:
-        ax.axvline(linear, color="grey", linestyle="--", linewidth=1, label="first order within 10%")
-    eta_train = summary.get("eta_train")
-    if _finite(eta_train) and eta_train > 0:
-        ax.axvline(eta_train, color="C3", linestyle="-.", linewidth=1, label="eta_train (next training step's lr)")
-    ax.set_xscale("log")
-    ax.set_xlabel("η (learning rate)")
-    ax.set_ylabel("entropy change (entropy units)")
-    ax.axhline(0.0, color="grey", linewidth=0.5)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _diagnostics_figure(plt, sweep: list[dict]) -> str:
-    if plt is None:
-        return _note("figure left out: matplotlib is not installed")
-    if not sweep:
-        return _note("figure left out: no η > 0 in the sweep")
-    etas = [s["eta"] for s in sweep]
-    ess, khat = _series(sweep, "ess_frac"), _series(sweep, "khat")
-    if not any(math.isfinite(v) for v in ess + khat):
-        return _note("figure left out: no finite ESS/N or k̂ at η > 0")
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(etas, ess, color="C0", marker="o", label="ESS/N")
-    ax.set_xscale("log")
-    ax.set_xlabel("η (learning rate)")
-    ax.set_ylabel("ESS/N")
-    ak = ax.twinx()
-    reliable = [s.get("khat_reliable") is True for s in sweep]
-    good = [(x, k) for x, k, ok in zip(etas, khat, reliable) if ok and math.isfinite(k)]
-    noisy = [(x, k) for x, k, ok in zip(etas, khat, reliable) if not ok and math.isfinite(k)]
-    if good:
-        ak.plot(*zip(*good), color="C3", marker="s", linestyle="none", label=r"$\hat{k}$ (PSIS)")
-    if noisy:
-        ak.plot(*zip(*noisy), marker="s", linestyle="none", markerfacecolor="none", markeredgecolor="grey",
-                label=r"$\hat{k}$ unreliable (N < 100 or ESS/N ≥ 0.99)")
-    ak.axhline(KHAT_BAD, color="C3", linestyle="--", linewidth=1,
-               label=r"$\hat{k}$ = 0.7: above it, ΔH_true is not to be trusted")
-    thresholds = sorted({round(t, 3) for t in _series(sweep, "khat_threshold") if math.isfinite(t)})
-    if len(thresholds) > 3:
-        thresholds = thresholds[:1]   # one line per N; more than a few distinct N: show the strictest
-    for t in thresholds:
-        if t != KHAT_BAD:
-            ak.axhline(t, color="C3", linestyle=":", linewidth=1,
-                       label=rf"$\hat{{k}}$ threshold min(1 − 1/log₁₀N, 0.7) = {t:.3g}")
-    ak.set_ylabel(r"Pareto $\hat{k}$")
-    finite_k = [k for k in khat if math.isfinite(k)] + thresholds + [KHAT_BAD]
-    limits = (min(-0.05, min(finite_k) - 0.05), max(1.05, max(finite_k) + 0.05))   # k̂ may be negative or > 1
-    ax.set_ylim(*limits)   # one scale for both axes, so each line reads the same against either
-    ak.set_ylim(*limits)
-    handles, labels = ax.get_legend_handles_labels()
-    more_h, more_l = ak.get_legend_handles_labels()
-    # Below the axes: inside, "best" would only avoid ESS/N (the left axis' artists), not the k̂ points.
-    ax.legend(handles + more_h, labels + more_l, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15),
-              ncol=2)
-    return _png(plt, fig)
+def _figure(plt, fig) -> str:
+    """An embedded PNG of `fig`, or a note when it is a reason (a str) instead of a figure."""
+    return _note(fig) if isinstance(fig, str) else png(plt, fig)
 
 
 # (key, label, SE key or None, unit)
@@ -368,7 +250,7 @@ def _top_sequences(rows: list[dict], grade: bool = False) -> str:
     if not rows:
         return _note("no per-sequence rows (the run stopped before sampling)")
     out = []
-    e_rows = [r for r in rows if r.get("batch") == "E" and _finite(r.get("contrib_e"))]
+    e_rows = [r for r in rows if r.get("batch") == "E" and finite(r.get("contrib_e"))]
     e_rows.sort(key=lambda r: -abs(r["contrib_e"]))
     if e_rows:
         out.append(f"<p>E sequences by |c_i|, their contribution to δH₁/η (entropy units per unit η; Σ_i c_i = δH₁/η)"
@@ -379,7 +261,7 @@ def _top_sequences(rows: list[dict], grade: bool = False) -> str:
                             _num_cell(r["contrib_e"], ".6g"), _text_cell(r)] for r in e_rows[:TOP_SEQUENCES]]))
     else:
         out.append(_note("no E contributions c_i in the rows (explanation not run, or the run stopped before it finished)"))
-    u_rows = [r for r in rows if _finite(r.get("contrib_u"))]
+    u_rows = [r for r in rows if finite(r.get("contrib_u"))]
     u_rows.sort(key=lambda r: -abs(r["contrib_u"]))
     if u_rows:
         out.append(f"<p>Update-batch sequences by |d_j|, their contribution to δH₁/η through the update vector, with "
@@ -407,10 +289,10 @@ def _prompt_table(rows: list[dict]) -> str:
         return _note("no E rows" if rows else "no per-sequence rows (the run stopped before sampling)")
     stats = []
     for index, members in groups.items():
-        rewards = [_float(r.get("reward")) for r in members]
-        h = [_float(r.get("h_rb")) for r in members]
-        t = [_float(r.get("T")) for r in members]
-        c = [_float(r.get("contrib_e")) for r in members]
+        rewards = [as_float(r.get("reward")) for r in members]
+        h = [as_float(r.get("h_rb")) for r in members]
+        t = [as_float(r.get("T")) for r in members]
+        c = [as_float(r.get("contrib_e")) for r in members]
         finite_rewards = [x for x in rewards if math.isfinite(x)]
         total_t = sum(t)
         stats.append({"index": index, "n": len(members), "prompt": members[0],
@@ -422,7 +304,7 @@ def _prompt_table(rows: list[dict]) -> str:
         stats.sort(key=lambda s: (not math.isfinite(s["contrib"]), -abs(s["contrib"]) if math.isfinite(s["contrib"])
                                   else 0.0, str(s["index"])))
     else:
-        stats.sort(key=lambda s: (not _finite(s["index"]), _float(s["index"]) if _finite(s["index"]) else 0.0,
+        stats.sort(key=lambda s: (not finite(s["index"]), as_float(s["index"]) if finite(s["index"]) else 0.0,
                                   str(s["index"])))
     shown = stats[:MAX_PROMPTS]
     order = "largest |Σ c_i| first" if explained else "by prompt index (no c_i in the rows)"

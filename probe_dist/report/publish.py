@@ -45,6 +45,7 @@ def log_name(rank: int) -> str:
 
 
 def is_log(name: str) -> bool:
+    """Whether `name` is a probe log file: `probe.log` or `probe.rankN.log`."""
     return _LOG_NAME.fullmatch(name) is not None
 
 
@@ -66,10 +67,12 @@ def resolve_output_dir(path: str | os.PathLike) -> Path:
 
 
 def staging_path(out_dir: Path, run_id: str) -> Path:
+    """`<parent>/.<name>.staging-<run_id>`: the staging directory of run `run_id` next to `out_dir`."""
     return out_dir.parent / f".{out_dir.name}.staging-{run_id}"
 
 
 def old_path(out_dir: Path, run_id: str) -> Path:
+    """`<parent>/.<name>.old-<run_id>`: where run `run_id` moves an earlier `out_dir` while publishing."""
     return out_dir.parent / f".{out_dir.name}.old-{run_id}"
 
 
@@ -82,6 +85,7 @@ def live_log(output_dir: str | os.PathLike, rank: int = 0) -> Path | None:
 
 
 def glob_escape(name: str) -> str:
+    """`name` with the glob metacharacters *, ? and [ bracketed, so a glob pattern matches it literally."""
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 

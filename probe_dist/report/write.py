@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from probe_dist.report.figures import finite
+
 log = logging.getLogger("probe_dist")
 
 
@@ -30,12 +32,16 @@ def _clean(obj):
 
 
 def write_summary(out_dir: Path, summary: dict) -> Path:
+    """Write `summary` to out_dir/summary.json (strict JSON, indent 2: NaN/±inf become null, tensors lists);
+    returns the path."""
     path = out_dir / "summary.json"
     path.write_text(json.dumps(_clean(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 
 def write_table(out_dir: Path, rows: list[dict], fmt: str = "jsonl") -> Path:
+    """Write the per-sequence rows to out_dir/sequences.jsonl (NaN/±inf → null), or to sequences.parquet with
+    fmt="parquet" — JSONL, with a warning, when pandas or pyarrow is missing. Returns the path written."""
     if fmt == "parquet":
         try:
             import pandas as pd
@@ -55,7 +61,7 @@ def write_table(out_dir: Path, rows: list[dict], fmt: str = "jsonl") -> Path:
 def write_plot(out_dir: Path, summary: dict) -> Path | None:
     """delta_h.png: report.html's entropy-change figure (ΔH_true, δH₁, δH₁ + δH₂ against η) as a file; None when
     the sweep has no η > 0."""
-    from probe_dist.report.html import entropy_change_figure, positive_sweep, pyplot
+    from probe_dist.report.figures import entropy_change_figure, positive_sweep, pyplot
 
     plt = pyplot()
     fig = entropy_change_figure(plt, positive_sweep(summary), summary)
@@ -70,13 +76,9 @@ def write_plot(out_dir: Path, summary: dict) -> Path | None:
     return path
 
 
-def _finite(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _num(x, spec: str) -> str:
     """`x` formatted with `spec`, or "nan" (NaN, ±inf, None, missing) right-aligned to the spec's width."""
-    if _finite(x):
+    if finite(x):
         return format(float(x), spec)
     width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
     return format("nan", ">" + width)

@@ -32,6 +32,7 @@ class Microbatch:
 
     @property
     def num_rows(self) -> int:
+        """n, the rows of this microbatch."""
         return int(self.response_mask.shape[0])
 
     @cached_property
@@ -40,6 +41,7 @@ class Microbatch:
         return self.response_mask.nonzero(as_tuple=True)[0]
 
     def token_rows_on(self, device: torch.device) -> torch.Tensor:
+        """`token_rows` ([M] long, the row of each scored token) on `device`."""
         return self.token_rows.to(device)
 
     def row_sums(self, token_values: torch.Tensor) -> torch.Tensor:
@@ -73,6 +75,7 @@ class Group:
 
     @property
     def size(self) -> int:
+        """G, the number of responses of this group."""
         return int(self.responses.shape[0])
 
     def microbatches(self, rows: int) -> Iterator[Microbatch]:
@@ -85,6 +88,8 @@ class Group:
             yield self.layout(slice(start, min(start + rows, self.size)))
 
     def layout(self, sl: slice) -> Microbatch:
+        """The Microbatch of responses `sl` of this group: the prompt (no padding), then the responses
+        right-padded to the group-wide width max(max_i T_i, 1), so every chunk of the group has one shape."""
         lengths = self.lengths[sl]
         width = max(int(self.lengths.max()), 1)  # group-wide width: same shapes for every chunk of the group
         resp = self.responses[sl, :width]
@@ -140,6 +145,10 @@ def gather_rows(mb: Microbatch, per_group: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class RolloutBatch:
+    """One sampled batch (E or U) as this rank holds it: its prompt groups in global order, padded with
+    zero-weight copies so every rank runs the same passes, decoded and scored `block_size` groups at a time
+    (docs/method.md §2)."""
+
     name: str                          # "E" or "U"
     groups: list[Group]                # this rank's groups (plus zero-weight padding)
     block_size: int = 1                # groups decoded (and scored) together: consecutive runs of this many

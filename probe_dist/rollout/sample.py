@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from probe_dist.config_schema import SamplingConfig
-from probe_dist.data.prompts import load_prompts, prompt_text, select_prompts
+from probe_dist.data.prompts import load_prompts, prompt_text, prompt_token_ids, select_prompts
 from probe_dist.data.rewards import RewardSet, decode_response, get_rewards, is_plugin_spec
 from probe_dist.rollout.batch import (
     Group,
@@ -37,36 +37,6 @@ def response_eos_ids(tokenizer, generation_config=None) -> list[int]:
 
 
 BOS_RULES = ("auto", "always", "never")
-
-
-def prompt_token_ids(tokenizer, prompt, bos: str = "always") -> torch.Tensor:
-    """[P] long: the prompt's token ids as training built them.
-
-    prompt: a text, or a conversation (a list of {"role", "content"} messages) rendered by the tokenizer's chat
-    template with the generation prompt, as TRL does (apply_chat_template(add_generation_prompt=True)); the template
-    alone decides special tokens, so a template that starts with BOS is not given a second one. For a text, `bos`:
-    "auto" — the tokenizer's own rule (tokenizer(text), as TRL: Llama-style tokenizers add BOS, Qwen's none),
-    "always" — BOS in front whenever the tokenizer defines one, not doubled (the toy task's training), "never" — no
-    special tokens. Raises PromptError when a conversation meets a tokenizer without a chat template.
-    """
-    if isinstance(prompt, list):
-        if not getattr(tokenizer, "chat_template", None):
-            from probe_dist.data.prompts import PromptError
-
-            raise PromptError("the prompts are conversations (lists of chat messages), but the tokenizer has no chat "
-                              "template to render them; use a tokenizer with one (the training tokenizer), or "
-                              "write the prompts as plain text.")
-        out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return torch.tensor(list(out["input_ids"]), dtype=torch.long)
-    if bos == "auto":
-        return torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
-    ids = torch.tensor(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    if bos == "never":
-        return ids
-    bos_id = tokenizer.bos_token_id
-    if bos_id is not None and (ids.numel() == 0 or ids[0] != bos_id):
-        ids = torch.cat([torch.tensor([bos_id]), ids])
-    return ids
 
 
 def sample_group(decoder, tokenizer, prompt: dict, *, prompt_index: int, seed_key: tuple[int, str, int],

@@ -20,6 +20,10 @@ log = logging.getLogger("probe_dist")
 
 @dataclass
 class Runtime:
+    """This process's place in the job (rank, world size, local rank, device) and every collective the probe
+    uses, each the identity at world size 1. Built by `init_runtime`; cpu_group is the gloo group for the
+    float64 CPU collectives when the main backend is nccl (None: the default group)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -29,6 +33,7 @@ class Runtime:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0 (the rank that writes outputs)."""
         return self.rank == 0
 
     # ---- collectives (identity at world size 1) -------------------------------------------------------------
@@ -40,6 +45,7 @@ class Runtime:
         return out
 
     def max_f64(self, values: torch.Tensor) -> torch.Tensor:
+        """All-reduce MAX of a float64 CPU copy of `values`; returns a new tensor."""
         out = values.detach().to(dtype=torch.float64, device="cpu").clone()
         if self.world_size > 1:
             dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.cpu_group)
@@ -57,6 +63,7 @@ class Runtime:
         return out
 
     def sum_scalars(self, *scalars: float) -> list[float]:
+        """All-reduce SUM of the float scalars in one float64 collective; returns them in order as floats."""
         return self.sum_f64(torch.tensor(scalars, dtype=torch.float64)).tolist()
 
     def gather_objects(self, obj) -> list | None:
@@ -68,6 +75,7 @@ class Runtime:
         return out
 
     def broadcast_object(self, obj):
+        """Rank 0's picklable `obj` on every rank (`obj` itself at world size 1)."""
         if self.world_size == 1:
             return obj
         box = [obj]
@@ -75,6 +83,7 @@ class Runtime:
         return box[0]
 
     def all_gather_objects(self, obj) -> list:
+        """Every rank's picklable `obj`, as a list in rank order, on every rank."""
         if self.world_size == 1:
             return [obj]
         out = [None] * self.world_size
@@ -82,6 +91,7 @@ class Runtime:
         return out
 
     def barrier(self) -> None:
+        """Wait until every rank gets here (on cpu_group); nothing at world size 1."""
         if self.world_size > 1:
             dist.barrier(group=self.cpu_group)
 
@@ -104,6 +114,8 @@ class Runtime:
         self.initialized_pg = False
 
     def shutdown(self) -> None:
+        """Normal exit: barrier, then destroy the process group this runtime initialised (nothing when it did
+        not). A barrier's error propagates after the group is destroyed."""
         # barrier + destroy on every exit path: without it ~20% of 2-rank gloo runs abort at exit.
         if self.initialized_pg and dist.is_initialized():
             try:
@@ -111,6 +123,20 @@ class Runtime:
             finally:
                 dist.destroy_process_group()
             self.initialized_pg = False
+
+
+def runtime_of_process_group(device: torch.device) -> Runtime:
+    """The runtime of a process in a job another program launched (a trainer under torchrun or accelerate): rank
+    and world size from the initialised default process group (world size 1 without one), float64 CPU collectives
+    on a gloo side group when the default backend is not gloo. It initialises nothing and destroys nothing
+    (`shutdown` leaves the trainer's group alone). Must be called on every rank together when a side group is made."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Runtime(device=device)
+    rt = Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                 local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device)
+    if dist.get_backend() != "gloo":
+        rt.cpu_group = dist.new_group(backend="gloo")
+    return rt
 
 
 def _pick_device(requested: str, local_rank: int) -> torch.device:

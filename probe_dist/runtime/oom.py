@@ -26,10 +26,13 @@ class MicrobatchSizes:
     grad: int
 
     def as_dict(self) -> dict[str, int]:
+        """{"score": rows, "grad": rows}, as provenance/microbatch records them."""
         return {"score": self.score, "grad": self.grad}
 
 
 def is_oom(exc: BaseException) -> bool:
+    """Whether `exc` is an out-of-memory error: torch.OutOfMemoryError, MemoryError, or any exception whose
+    message contains "out of memory" (case-insensitive)."""
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
 
 

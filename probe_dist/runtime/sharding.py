@@ -11,6 +11,7 @@ def shard_bounds(num_groups: int, world_size: int, rank: int) -> tuple[int, int]
 
 
 def shard_groups(num_groups: int, world_size: int, rank: int) -> list[int]:
+    """The group indices `rank` holds: the contiguous block of `shard_bounds`, as a list."""
     start, stop = shard_bounds(num_groups, world_size, rank)
     return list(range(start, stop))
 

@@ -27,6 +27,8 @@ def _handler(signum, _frame):
 
 
 def install() -> None:
+    """Make SIGTERM, SIGUSR1 and SIGINT record a stop request (`requested`) instead of ending the process;
+    left at their defaults off the main thread, where signal.signal raises ValueError."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         try:
             signal.signal(sig, _handler)
@@ -35,8 +37,10 @@ def install() -> None:
 
 
 def requested() -> bool:
+    """Whether a stop signal has arrived since `install` (or the last `reset`); this process only."""
     return _requested["signal"] is not None
 
 
 def reset() -> None:
+    """Forget a recorded stop request."""
     _requested["signal"] = None

@@ -21,6 +21,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_digest(h, t: torch.Tensor) -> None:
+    """Feed `t` into the hashlib object `h`: its shape and dtype, then its raw bytes (a DTensor's local shard,
+    copied to CPU). Updates `h` in place."""
     t = _local(t).detach().to("cpu").contiguous()
     h.update(str((tuple(t.shape), str(t.dtype))).encode())
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -47,6 +49,10 @@ def state_hash(params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.op
 
 @dataclass
 class Snapshot:
+    """The training state copied to CPU by `take_snapshot` (docs/method.md §7): per trainable parameter its
+    value and .grad (None: no grad), its optimizer state and the param groups (without params), the
+    Python/NumPy/torch(/CUDA) RNG states, every module's training flag, and `state_hash` when taken."""
+
     params: list[torch.Tensor]
     grads: list[torch.Tensor | None]
     opt_state: list[dict]
@@ -73,6 +79,9 @@ def _set_rng_state(state: dict) -> None:
 
 def take_snapshot(model: torch.nn.Module, params: list[tuple[str, torch.nn.Parameter]],
                   optimizer: torch.optim.Optimizer | None) -> Snapshot:
+    """Copy (clone, no dtype cast) `params` — (name, parameter) in optimizer order, local shards under FSDP2 —
+    their grads, the optimizer's state and groups, the RNG states and `model`'s training flags to CPU, for
+    `restore_snapshot` to put back bit for bit (docs/method.md §7)."""
     with torch.no_grad():
         snap = Snapshot(
             params=[_local(p).detach().to("cpu", copy=True) for _, p in params],

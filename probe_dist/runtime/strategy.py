@@ -1,7 +1,7 @@
 """How the policy is wrapped across ranks: none (world size 1 or plain replicas), DDP, or FSDP2.
 
 The probe reduces every gradient itself, in float64 on CPU (so results agree across world sizes to ~1e-15, and
-every collective is a float64 sum as DESIGN.md asks): DDP backward passes run under no_sync, and FSDP2 shards
+every collective is a float64 sum, docs/architecture.md): DDP backward passes run under no_sync, and FSDP2 shards
 the frozen base while the trainable adapter stays replicated. A float32 DDP all-reduce of gradients would make
 the update depend on the world size at the 1e-7 level, and ΔH_true with it.
 """
@@ -18,12 +18,18 @@ from probe_dist.model.policy import PolicyModel
 
 @dataclass
 class Strategy:
+    """How the policy is wrapped (`build_strategy`): name "none", "ddp" or "fsdp2"; policy the PolicyModel;
+    root what scoring forwards call (the DDP wrapper under ddp, else policy); decoder what generation
+    calls."""
+
     name: str
     policy: PolicyModel
     root: torch.nn.Module      # what scoring forwards call
     decoder: object            # what generation calls (has .decode)
 
     def no_sync(self):
+        """Context in which backward passes do not synchronise gradients: DDP's no_sync, FSDP2's
+        set_requires_gradient_sync(False), else a nullcontext."""
         if self.name == "ddp":
             return self.root.no_sync()
         if self.name == "fsdp2":
@@ -40,7 +46,10 @@ def _fsdp_no_sync(module):
         module.set_requires_gradient_sync(True)
 
 
-def build_strategy(cfg, rt, model) -> Strategy | None:
+def build_strategy(cfg, rt, model) -> Strategy:
+    """Wrap `model` (PeftModel or causal LM) in a PolicyModel and as distributed.strategy says: unwrapped for
+    "none" or world size 1; DDP; or FSDP2 sharding every decoder layer and the root, the trainable
+    parameters left out (replicated). Raises ValueError for an unknown strategy."""
     policy = PolicyModel(model, cfg.memory.logits_chunk)
     name = cfg.distributed.strategy
     if name == "none" or rt.world_size == 1:

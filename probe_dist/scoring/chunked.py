@@ -20,7 +20,7 @@ def logp_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor, temper
                              overwrite: bool = False):
     """ℓ_t = log softmax(z/τ)[y_t] and H_t = −Σ_v p_v log p_v, in float32, without materialising log_softmax.
 
-    logits [M, V] (any float dtype), targets [M] long → (ℓ [M], H [M]) float32, nats. A −inf logit (a masked
+    logits [M, V] (any float dtype), targets [M] long → (ℓ [M], H [M]) float32 (float64 for float64 logits), nats. A −inf logit (a masked
     token) has p_v = 0 and adds 0 to H (not 0·(−inf) = NaN); ℓ of a −inf target is −inf. The logits are shifted
     by their (detached) row maximum first: ℓ and H are shift-invariant, and at large logits (soft-capped heads
     reach ±30/τ) the shift keeps fp32 cancellation out of ℓ = z_y − logsumexp z and H = logsumexp z − Σ p z.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from probe_dist.errors import CheckpointError
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.rollout.batch import Group
 
@@ -77,3 +78,29 @@ def sampler_scorer_gap(runner: PolicyRunner, group: Group, *, steps: int, pad_id
     if decoded.numel() == 0:
         return 0.0
     return float((decoded - scored).abs().max())
+
+
+def check_sampler_scorer(rt, runner: PolicyRunner, group: Group, *, pad_id: int, lockstep_steps: int,
+                         dtype_name: str, matmul_precision: str) -> float:
+    """The largest |ℓ_decode − ℓ_score| over every rank's first group (nats), or CheckpointError when it exceeds
+    `sampler_scorer_tolerance` (or is NaN): the model is then not supported as it is.
+
+    lockstep_steps: decode calls every rank makes under FSDP2 (sampling.max_new_tokens; ignored otherwise);
+    dtype_name, matmul_precision: precision.dtype and precision.matmul, for the tolerance and the message."""
+    steps = lockstep_steps if runner.strategy.name == "fsdp2" else 0
+    local = sampler_scorer_gap(runner, group, steps=steps, pad_id=pad_id)
+    gap = float(rt.max_f64(torch.tensor([local]))[0])
+    policy = runner.strategy.policy
+    tolerance = sampler_scorer_tolerance(policy.head.weight.dtype, matmul_precision)
+    if not gap <= tolerance:  # also NaN
+        lm = type(policy.lm.get_base_model() if hasattr(policy.lm, "get_base_model") else policy.lm)
+        raise CheckpointError(
+            f"the model's own decoding step and the probe's teacher-forced scorer disagree by up to {gap:.3g} "
+            f"nats in log-prob on the same tokens (tolerance {tolerance:g} for {dtype_name}, matmul "
+            f"precision {matmul_precision}), "
+            f"model class {lm.__name__}. The probe's importance weights and entropies would describe another "
+            "distribution than the samples. Known causes: logit post-processing the probe does not know "
+            "(a custom head or remote code), or position encodings that depend on the length seen so far "
+            "(e.g. dynamic-NTK RoPE scaling: use a fixed rope_scaling in the model config). This model is not "
+            "supported as it is.")
+    return gap

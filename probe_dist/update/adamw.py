@@ -13,6 +13,9 @@ import torch
 
 @dataclass(frozen=True)
 class AdamWHyper:
+    """One param group's AdamW hyperparameters besides the lr (torch.optim.AdamW's betas, eps, weight_decay,
+    amsgrad); the lr is η."""
+
     betas: tuple[float, float]
     eps: float
     weight_decay: float

@@ -51,6 +51,8 @@ class GradeSpec:
 
     @classmethod
     def from_config(cls, update, *, temperature: float, max_new_tokens: int) -> GradeSpec:
+        """The spec of config section `update` (loss grade or grade_st) with the run's resolved τ and
+        max_new_tokens."""
         return cls(steps=max_new_tokens, temperature=temperature, tau_g=update.grade_tau, top_k=update.grade_top_k,
                    straight_through=update.loss == "grade_st", kl_coef=update.kl_coef, embed=update.grade_embed)
 

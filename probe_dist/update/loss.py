@@ -47,16 +47,19 @@ class LossSpec:
 
     @classmethod
     def from_config(cls, update) -> LossSpec:
+        """The per-token options of config section `update`, its loss resolved (one of LOSS_FAMILIES)."""
         return cls(family=update.loss, kl_coef=update.kl_coef, kl_bias_correction=update.kl_bias_correction,
                    epsilon_high=update.epsilon_high, top_entropy_quantile=update.top_entropy_quantile,
                    entropy_coef=update.entropy_coef)
 
     @property
     def policy_scale(self) -> float:
+        """c of the module docstring: min(1, ε_high) for cispo (TRL's clamped ratio at ratio 1), else 1."""
         return min(1.0, self.epsilon_high) if self.family == "cispo" else 1.0
 
     @property
     def needs_entropy(self) -> bool:
+        """Whether the loss uses the per-token entropy H: a top-entropy token mask or an entropy bonus."""
         return self.top_entropy_quantile < 1.0 or self.entropy_coef != 0.0
 
 
@@ -81,6 +84,7 @@ class LossNormalisers:
 
     @property
     def num_rows(self) -> int:
+        """B·G, the sequences in U."""
         return self.num_prompts * self.group_size
 
     def blocks_of(self, prompt_index: int, size: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ def update_parts(optimizer: torch.optim.Optimizer, trainable: list[tuple[str, to
                  grad: list[torch.Tensor]) -> list[UpdateParts]:
     """u = u_base + coef ⊙ g per trainable tensor, with each parameter's own group hyperparameters and state.
 
-    A parameter whose group trains at k times the first group's lr (group["lr_ratio"] = k, `model.load.
+    A parameter whose group trains at k times the first group's lr (group["lr_ratio"] = k, `state.optimizer.
     set_lr_ratios`; 1 when absent) has u, u_base and coef scaled by k: η is the first group's learning rate.
     grad: float64 tensors in `trainable` order. Returns float64 CPU tensors shaped like the parameters.
     """

@@ -1,12 +1,13 @@
 """Checks of checkpoint files and tensors: weight files complete, every weight and optimizer tensor finite
 (exp_avg_sq ≥ 0), AdamW hyperparameters usable, and pickles that would run code refused (docs: README,
-"Pointing it at a real checkpoint"). Part of the input validation that `probe_dist.validate` orders.
+"Pointing it at a real checkpoint"), and the JSON reader every checkpoint file goes through.
 
 Every refusal is a `CheckpointError` (a `UserInputError`): the CLI prints its one paragraph and exits 2.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -15,11 +16,38 @@ from pathlib import Path
 
 import torch
 
-from probe_dist.model.load import CheckpointError
-from probe_dist.recipe import is_number
-from probe_dist.validate import read_json
+from probe_dist.errors import CheckpointError
 
 log = logging.getLogger("probe_dist")
+
+# Files that carry a tokenizer's vocabulary (or, for tokenizer_config.json, name a vocabulary-free one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+
+
+def is_number(value) -> bool:
+    """Whether `value` is an int or a float (bools excluded; NaN and ±inf included)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def read_json(path: Path, what: str, fix: str):
+    """The parsed JSON of `path`; CheckpointError naming the file, the line and column, and `fix` otherwise."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{what} {str(path)!r} cannot be read ({exc.strerror or exc}). {fix}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise CheckpointError(f"{what} {str(path)!r}, line {line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}). "
+                              f"{fix}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{what} {str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno}, column "
+                              f"{exc.colno}. {fix}") from None
+
 
 _CHUNK = 1 << 24  # elements per isfinite() pass: bounds the temporary bool tensor on large weights
 

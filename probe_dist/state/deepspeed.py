@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from probe_dist.model.load import CheckpointError, CheckpointPaths, canonical_name
-from probe_dist.model.sources import (
+from probe_dist.errors import CheckpointError
+from probe_dist.state.optimizer import canonical_name
+from probe_dist.state.paths import CheckpointPaths
+from probe_dist.state.source import (
     CheckpointSource,
     pick_tokenizer,
     read_recipe,
@@ -98,7 +100,7 @@ def read_zero(tag_dir: Path, param_shapes: list[dict]) -> tuple[dict, list[dict]
         import deepspeed.checkpoint.ds_to_universal as ds_to_universal
     except ImportError:
         raise CheckpointError(f"{str(tag_dir)!r} is a DeepSpeed checkpoint: {INSTALL}.") from None
-    from probe_dist.model.checks import is_unsafe_pickle_error, load_error_text, unsafe_pickle_error
+    from probe_dist.state.checks import is_unsafe_pickle_error, load_error_text, unsafe_pickle_error
 
     def load(path):
         return torch.load(str(path), map_location="cpu", weights_only=True)
@@ -144,12 +146,19 @@ def read_zero(tag_dir: Path, param_shapes: list[dict]) -> tuple[dict, list[dict]
 
 
 class DeepSpeedSource(CheckpointSource):
+    """A DeepSpeed ZeRO stage 1-3 checkpoint (`open_deepspeed`): tag_dir the global_stepN folder,
+    param_shapes the model states' {name: shape} per flat group, masters the fp32 master weights (set by
+    read_optimizer)."""
+
     tag_dir: Path
     param_shapes: list[dict]
     masters: dict | None = None
 
     def read_optimizer(self) -> dict:
-        from probe_dist.model.load import check_optimizer_blob
+        """The merged AdamW state (`read_zero`) as probe_dist's optimizer blob, checked, keeping the fp32
+        master weights for `load_weights`. Raises CheckpointError when a group is not AdamW with bias
+        correction or a file cannot be read."""
+        from probe_dist.state.optimizer import check_optimizer_blob
 
         params, groups = read_zero(self.tag_dir, self.param_shapes)
         self.masters = {canonical_name(n): e["fp32"] for n, e in params.items()}
@@ -194,7 +203,11 @@ class DeepSpeedSource(CheckpointSource):
 
 
 def open_deepspeed(ck, root: Path) -> DeepSpeedSource:
-    from probe_dist.model.sources.hf_trainer import trainer_model_paths
+    """The DeepSpeedSource of the ZeRO checkpoint at `root` (the folder with `latest`, or global_stepN
+    itself); the model from checkpoint.base/.adapter, else the adapter_config.json or config.json next to
+    global_stepN (as hf_trainer). Raises CheckpointError when neither gives it, or the tag folder or model
+    states are missing or unreadable."""
+    from probe_dist.state.hf_trainer import trainer_model_paths
 
     tag_dir = tag_folder(root)
     model_root = root if tag_dir != root else root.parent
@@ -224,7 +237,7 @@ def open_deepspeed(ck, root: Path) -> DeepSpeedSource:
 def read_model_states(tag_dir: Path) -> dict:
     """The rank-0 model states of a ZeRO checkpoint (param_shapes, lr_scheduler, ...), read once with the guarded
     weights_only loads. Raises CheckpointError when missing, unreadable or code-bearing."""
-    from probe_dist.model.checks import is_unsafe_pickle_error, load_error_text, unsafe_pickle_error
+    from probe_dist.state.checks import is_unsafe_pickle_error, load_error_text, unsafe_pickle_error
 
     files = sorted(tag_dir.glob("*_model_states.pt"))
     if not files:

@@ -1,7 +1,5 @@
-"""The built-in toy RL checkpoint: a tiny Qwen2 that learned short additions, then LoRA + real GRPO steps, and a
-reward model for GRADE (reward_model/, trained from the base to score answers; probe_dist/toy_reward.py).
-
-    python -m probe_dist.toy build --out DIR [--seed N]
+"""The toy checkpoint's last stage and its cache: LoRA + real GRPO steps on the pre-trained base (`toy.base`),
+the reward model for GRADE (`toy.reward`), the files in the probe's layout, and the cached build per seed.
 
 The GRPO steps use the probe's own sampler, layout and training loss (one update-loss function for every path),
 so the saved AdamW state is exactly what the probe will reproduce.
@@ -9,12 +7,10 @@ so the saved AdamW state is exactly what the probe will reproduce.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +19,11 @@ import torch
 
 from probe_dist.data.prompts import load_prompts, select_prompts
 from probe_dist.data.rewards import get_reward_fn
-from probe_dist.data.toy_task import MAX_ANSWER_TOKENS
-from probe_dist.model.load import save_optimizer, trainable_parameters
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.rollout.sample import sample_group
+from probe_dist.state.model import trainable_parameters
+from probe_dist.state.optimizer import save_optimizer
+from probe_dist.toy.task import MAX_ANSWER_TOKENS
 from probe_dist.update.loss import LossNormalisers, LossSpec, row_coefficients, update_loss
 
 log = logging.getLogger("probe_dist")
@@ -109,8 +106,8 @@ def build(out_dir: str | Path, seed: int = 0) -> dict:
 def _build(out: Path, seed: int, start: float) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    from probe_dist.toy_base import sample_stats, train_base
-    from probe_dist.toy_reward import train_reward_model
+    from probe_dist.toy.base import sample_stats, train_base
+    from probe_dist.toy.reward import train_reward_model
 
     base, tokenizer, base_stats = train_base(seed)
     base.save_pretrained(str(out / "base"))
@@ -145,6 +142,7 @@ def _build(out: Path, seed: int, start: float) -> dict:
 
 
 def default_cache_dir() -> Path:
+    """Where toy checkpoints are cached: $PROBE_DIST_CACHE, else ~/.cache/probe_dist."""
     return Path(os.environ.get("PROBE_DIST_CACHE", Path.home() / ".cache" / "probe_dist"))
 
 
@@ -168,27 +166,3 @@ def ensure_toy_checkpoint(seed: int = 0, cache_dir: str | None = None, rt=None) 
     if rt is not None:
         rt.barrier()
     return path
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m probe_dist.toy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build the toy checkpoint")
-    b.add_argument("--out", required=True, help="output directory")
-    b.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = Path(a.out)
-    if out.exists() and any(out.iterdir()):
-        print(f"error: --out {str(out)!r} exists and is not empty; choose a new directory.", file=sys.stderr)
-        return 2
-    state = build(out, a.seed)
-    print(json.dumps({"out": str(out), "final_sampled_accuracy": state["final_sampled_accuracy"],
-                      "final_token_entropy": state["final_token_entropy"],
-                      "build_seconds": round(state["build_seconds"], 1)}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
-from probe_dist.model.load import CheckpointError, CheckpointPaths, canonical_name
-from probe_dist.model.sources import (
+from probe_dist.errors import CheckpointError
+from probe_dist.state.optimizer import canonical_name
+from probe_dist.state.paths import CheckpointPaths
+from probe_dist.state.source import (
     CheckpointSource,
     local_base,
     pick_tokenizer,
@@ -33,6 +35,9 @@ MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 class AccelerateSource(CheckpointSource):
+    """An accelerate save_state folder (`open_accelerate`): the trainable weights come from `weights_file`
+    (model.safetensors or pytorch_model.bin), checked against the base built from checkpoint.base/.adapter."""
+
     weights_file: Path
 
     def load_weights(self, model: torch.nn.Module) -> int:
@@ -64,7 +69,7 @@ class AccelerateSource(CheckpointSource):
                                               f"{tuple(p.shape)}: checkpoint.base/adapter is not the trained model.")
                     p.copy_(value.to(device=p.device, dtype=p.dtype))
                     count += 1
-        from probe_dist.model.checks import check_finite_parameters
+        from probe_dist.state.checks import check_finite_parameters
 
         check_finite_parameters([(n, p) for n, p in model.named_parameters() if p.requires_grad], adapter=True,
                                 source=self.weights_file)
@@ -75,7 +80,7 @@ def _read_model_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        from probe_dist.model.checks import check_safetensors
+        from probe_dist.state.checks import check_safetensors
 
         check_safetensors(path, "accelerate model state")
         return load_file(str(path))
@@ -87,6 +92,10 @@ def _read_model_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def open_accelerate(ck, root: Path) -> AccelerateSource:
+    """The AccelerateSource of the save_state folder `root` (`ck`: the checkpoint config section): its model
+    state, optimizer.bin (or checkpoint.optimizer), scheduler.bin and recipe, with the base from
+    checkpoint.base or the adapter config. Raises CheckpointError when the model state or optimizer state is
+    missing, a LoRA state has no checkpoint.adapter (or one without adapter_config.json), or no base."""
     weights = next((root / f for f in MODEL_FILES if (root / f).is_file()), None)
     if weights is None:
         raise CheckpointError(f"no model state in the accelerate folder {str(root)!r} (expected "

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from probe_dist.model.load import CheckpointError, CheckpointPaths
-from probe_dist.model.sources import (
+from probe_dist.errors import CheckpointError
+from probe_dist.state.paths import CheckpointPaths
+from probe_dist.state.source import (
     CheckpointSource,
     local_base,
     pick_tokenizer,
@@ -55,6 +56,9 @@ def trainer_model_paths(ck, root: Path) -> tuple[Path, Path | None]:
 
 
 def open_hf_trainer(ck, root: Path) -> CheckpointSource:
+    """The CheckpointSource of an HF Trainer / TRL checkpoint-N folder `root`: the model
+    (`trainer_model_paths`), optimizer.pt (or checkpoint.optimizer), scheduler.pt, trainer_state.json, the
+    recipe and TRL's ref/ adapter. Raises CheckpointError when the optimizer state or the model is missing."""
     base, adapter = trainer_model_paths(ck, root)
     optimizer = Path(ck.optimizer) if ck.optimizer else root / "optimizer.pt"
     if not optimizer.is_file():

@@ -1,11 +1,11 @@
 """Checkpoint sources: where the model, tokenizer, AdamW state, learning-rate schedule and training recipe come from.
 
-    source = open_checkpoint(cfg.checkpoint)        # detects the format (checkpoint.format=auto) or uses the named one
+    source = open_checkpoint(cfg.checkpoint)        # state.files: detects the format or uses the named one
     source.paths                                    # base, adapter, tokenizer, optimizer file, recorded recipe
     blob = source.read_optimizer()                  # AdamW state (weights_only), names None when the file has none
     source.load_weights(model)                      # trainable weights saved outside the adapter (accelerate, ZeRO)
 
-Formats (each a module here, behind this one interface):
+Formats (each a module of `probe_dist.state`, behind this one interface):
 - ``probe_dist``  — the probe's own layout (base/, tokenizer/, adapter files, optimizer.pt with names,
   training_args.json), what `python -m probe_dist.toy build` writes;
 - ``hf_trainer``  — an HF Trainer / TRL ``checkpoint-N/`` (adapter or full model at the root, optimizer.pt as a bare
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from probe_dist.model.load import CheckpointError, CheckpointPaths
+from probe_dist.errors import CheckpointError
+from probe_dist.state.paths import CheckpointPaths
+from probe_dist.state.recipe import Recipe
 
 log = logging.getLogger("probe_dist")
 
@@ -36,7 +38,7 @@ FORMATS = ("probe_dist", "hf_trainer", "accelerate", "deepspeed")
 class SchedulerState:
     """What the saved lr scheduler says: the groups' base lrs and the lrs the next optimizer step would use."""
 
-    path: Path
+    path: Path | str  # the file it was read from, or a description ("in memory: LambdaLR")
     base_lrs: list[float] | None = None
     next_lrs: list[float] | None = None
 
@@ -57,9 +59,20 @@ class CheckpointSource:
     def read_optimizer(self) -> dict:
         """The AdamW state as probe_dist's optimizer blob ({"optimizer_class", "param_names" or None,
         "state_dict"}), checked, before the model loads. Raises CheckpointError."""
-        from probe_dist.model.load import read_optimizer_file
+        from probe_dist.state.optimizer import read_optimizer_file
 
         return read_optimizer_file(self.paths.optimizer)
+
+    @property
+    def recipe(self) -> Recipe:
+        """The recorded training settings (plain data), whose keys, and the file."""
+        return Recipe(fields=self.paths.training_args, kind=self.recipe_kind, path=self.paths.training_args_path,
+                      class_name=self.recipe_class)
+
+    @property
+    def has_adapter(self) -> bool:
+        """Whether the checkpoint holds an adapter (else a full fine-tune: no reference policy)."""
+        return self.paths.adapter is not None
 
     def load_weights(self, model: torch.nn.Module) -> int:
         """Copy trainable weights the format keeps outside the base/adapter folders into `model`; returns how many
@@ -89,6 +102,9 @@ class CheckpointSource:
         return out
 
     def provenance(self) -> dict:
+        """What summary.json records of the checkpoint (provenance/checkpoint_source): format, the pieces'
+        paths, the recipe file and class, trainer_state's global step and last logged lr, and the scheduler
+        file."""
         info = {"format": self.format, "base": str(self.paths.base), "optimizer": str(self.paths.optimizer),
                 "adapter": str(self.paths.adapter) if self.paths.adapter else None,
                 "tokenizer": str(self.paths.tokenizer),
@@ -115,53 +131,6 @@ def detect_format(root: Path) -> str:
                                                    and not (root / "training_args.json").is_file()):
         return "hf_trainer"
     return "probe_dist"
-
-
-def open_checkpoint(ck) -> CheckpointSource:
-    """The checkpoint `ck` (a CheckpointConfig) names, opened by its format. Raises CheckpointError (a user-input
-    error) when the folder or a piece is missing or unreadable."""
-    root = Path(ck.path) if ck.path else None
-    if root is not None and not root.is_dir():
-        raise CheckpointError(f"checkpoint.path {str(root)!r} is not a directory. Point it at a checkpoint directory "
-                              "(probe_dist's layout, an HF Trainer/TRL checkpoint-N, an accelerate save_state folder "
-                              "or a DeepSpeed checkpoint), or give checkpoint.base/adapter/optimizer.")
-    if root is not None and ck.format == "auto" and not any(root.glob("*optimizer*")) and not any(
-            (root / f).exists() for f in ("latest", "base", "adapter_config.json", "training_args.json")):
-        runs = sorted((p for p in root.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                      key=lambda p: int(p.name[11:]))
-        if runs:
-            raise CheckpointError(f"checkpoint.path {str(root)!r} is a training output folder holding "
-                                  f"{len(runs)} checkpoints ({', '.join(p.name for p in runs[-3:])}): point "
-                                  f"checkpoint.path at one of them, e.g. checkpoint.path={runs[-1]}")
-    fmt = ck.format
-    if fmt == "auto":
-        fmt = detect_format(root) if root is not None else "probe_dist"
-    if fmt != "probe_dist" and root is None:
-        raise CheckpointError(f"checkpoint.format={fmt} needs checkpoint.path (the folder the trainer saved).")
-    if fmt == "hf_trainer":
-        from probe_dist.model.sources.hf_trainer import open_hf_trainer
-
-        source = open_hf_trainer(ck, root)
-    elif fmt == "accelerate":
-        from probe_dist.model.sources.accelerate import open_accelerate
-
-        source = open_accelerate(ck, root)
-    elif fmt == "deepspeed":
-        from probe_dist.model.sources.deepspeed import open_deepspeed
-
-        source = open_deepspeed(ck, root)
-    else:
-        from probe_dist.model.load import resolve_paths
-
-        paths = resolve_paths(ck)
-        source = CheckpointSource("probe_dist", paths, recipe_kind="probe_dist" if paths.training_args_path else "none",
-                                  scheduler=read_scheduler(root / "scheduler.pt") if root else None,
-                                  trainer_state=read_trainer_state(root) if root else {})
-    log.info("checkpoint format %r%s: base %s, adapter %s, optimizer %s, recipe %s", source.format,
-             " (detected)" if ck.format == "auto" and root is not None else "", source.paths.base,
-             source.paths.adapter or "none (full model)", source.paths.optimizer,
-             source.paths.training_args_path or "none")
-    return source
 
 
 # ------------------------------------------------------------------------------------------------ shared readers
@@ -207,7 +176,7 @@ def scheduler_state(state: dict, path: Path) -> SchedulerState | None:
 def read_trainer_state(root: Path) -> dict:
     """trainer_state.json (global step, log history) as a dict; {} when absent. Raises CheckpointError when it is
     not a JSON object."""
-    from probe_dist.validate import read_json
+    from probe_dist.state.checks import read_json
 
     path = root / "trainer_state.json"
     if not path.is_file():
@@ -222,7 +191,7 @@ def read_trainer_state(root: Path) -> dict:
 def safe_torch_load(path: Path, what: str):
     """torch.load(weights_only=True) of `path`; a pickle that would run code is refused (UnsafeCheckpointError),
     any other failure is a CheckpointError naming the file."""
-    from probe_dist.model.checks import is_unsafe_pickle_error, load_error_text, unsafe_pickle_error
+    from probe_dist.state.checks import is_unsafe_pickle_error, load_error_text, unsafe_pickle_error
 
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
@@ -234,7 +203,9 @@ def safe_torch_load(path: Path, what: str):
 
 
 def read_json_object(path: Path, what: str, fix: str) -> dict:
-    from probe_dist.validate import read_json
+    """The JSON object in `path`. Raises CheckpointError naming `what` and `fix` when the file cannot be read,
+    is not valid UTF-8 JSON, or holds anything but an object."""
+    from probe_dist.state.checks import read_json
 
     parsed = read_json(path, what, fix)
     if not isinstance(parsed, dict):
@@ -246,6 +217,9 @@ def local_base(name: str, where: str) -> Path:
     """The local folder of the base model an adapter names (adapter_config.json's base_model_name_or_path): the
     path itself, or a Hugging Face hub id already in the local cache (nothing is downloaded). Raises
     CheckpointError telling the user to pass checkpoint.base otherwise."""
+    if not name:  # Path("") is the working directory: never take it for a model folder
+        raise CheckpointError(f"{where} does not name its base model (base_model_name_or_path): pass "
+                              "checkpoint.base=/path/to/the/base/model.")
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -266,7 +240,7 @@ def local_base(name: str, where: str) -> Path:
 def pick_tokenizer(ck, root: Path | None, base: Path) -> tuple[Path, str]:
     """(tokenizer folder, how it was chosen): checkpoint.tokenizer, the checkpoint root when it holds tokenizer
     files (HF Trainer saves them there), root/tokenizer, else the base model's folder."""
-    from probe_dist.validate import TOKENIZER_FILES
+    from probe_dist.state.checks import TOKENIZER_FILES
 
     if ck.tokenizer:
         return Path(ck.tokenizer), "checkpoint.tokenizer"
@@ -280,7 +254,7 @@ def pick_tokenizer(ck, root: Path | None, base: Path) -> tuple[Path, str]:
 def read_recipe(root: Path, explicit_optimizer: str | None = None) -> tuple[dict, Path | None, str, str | None]:
     """The recorded training recipe in `root`: (fields as plain data, file, kind, class name). training_args.bin (HF
     Trainer / TRL; read without running code, `restricted_pickle`) first, then probe_dist's training_args.json."""
-    from probe_dist.model.sources.restricted_pickle import UnreadableTrainingArgs, read_training_args_bin
+    from probe_dist.state.restricted_pickle import UnreadableTrainingArgs, read_training_args_bin
 
     binary = root / "training_args.bin"
     if binary.is_file():
@@ -294,11 +268,11 @@ def read_recipe(root: Path, explicit_optimizer: str | None = None) -> tuple[dict
         return fields, binary, kind, cls
     text = root / "training_args.json"
     if text.is_file():
-        from probe_dist.model.load import read_training_args_json
+        from probe_dist.state.paths import read_training_args_json
 
         return read_training_args_json(text), text, "probe_dist", None
     return {}, None, "none", None
 
 
-__all__ = ["CheckpointSource", "FORMATS", "SchedulerState", "detect_format", "open_checkpoint", "read_scheduler",
-           "read_trainer_state", "safe_torch_load"]
+__all__ = ["CheckpointSource", "FORMATS", "SchedulerState", "detect_format", "read_scheduler", "read_trainer_state",
+           "safe_torch_load"]

@@ -46,7 +46,7 @@ VOCAB_SIZE = len(VOCAB)  # 16
 MAX_PROMPT_TOKENS = 1 + len(f"{MAX_OPERAND}+{MAX_OPERAND}=")  # bos + "19+19=" = 7
 MAX_ANSWER_TOKENS = len(str(2 * MAX_OPERAND)) + 1  # "38" + eos = 3
 
-DATA_DIR = Path(__file__).resolve().parent
+DATA_DIR = Path(__file__).resolve().parent / "data"
 SPLITS = ("train", "test")
 
 
@@ -54,6 +54,7 @@ SPLITS = ("train", "test")
 
 
 def make_example(a: int, b: int) -> dict[str, str]:
+    """The record of a + b: {"prompt": "a+b=", "answer": str(a + b)}."""
     return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
 
 
@@ -73,12 +74,15 @@ def split_examples() -> dict[str, list[dict[str, str]]]:
 
 
 def split_file(split: str, directory: str | Path | None = None) -> Path:
+    """The JSONL file of toy split `split` (train or test) in `directory` (default: the package's data/).
+    Raises ValueError for another split."""
     if split not in SPLITS:
         raise ValueError(f"unknown toy split {split!r}; choose one of {SPLITS}")
     return Path(directory if directory is not None else DATA_DIR) / f"toy_{split}.jsonl"
 
 
 def render_jsonl(examples: list[dict[str, str]]) -> str:
+    """`examples` as JSONL text: one json.dumps line per example, each ending in a newline."""
     return "".join(json.dumps(ex) + "\n" for ex in examples)
 
 

@@ -22,13 +22,7 @@ import transformers
 
 from probe_dist.data.prompts import load_prompts
 from probe_dist.data.rewards import exact_match
-from probe_dist.data.toy_task import (
-    MAX_ANSWER_TOKENS,
-    build_tokenizer,
-    encode_answer,
-    encode_prompt,
-    model_config,
-)
+from probe_dist.toy.task import MAX_ANSWER_TOKENS, build_tokenizer, encode_answer, encode_prompt, model_config
 
 DEFAULT_STEPS = 200  # seeds 0-7: sampled train accuracy 0.535-0.625, token entropy 0.36-0.47 nats
 DEFAULT_BATCH_SIZE = 64

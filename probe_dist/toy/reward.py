@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from probe_dist.data.prompts import load_prompts
-from probe_dist.data.toy_task import EOS_ID, MAX_ANSWER_TOKENS, VOCAB_SIZE, encode_prompt
+from probe_dist.toy.task import EOS_ID, MAX_ANSWER_TOKENS, VOCAB_SIZE, encode_prompt
 
 STEPS = 2000
 BATCH = 64

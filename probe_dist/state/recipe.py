@@ -1,31 +1,27 @@
-"""The training recipe: every setting of the update the probe reproduces, with where its value came from.
+"""The training recipe a state records: every setting of the update the probe reproduces, read and checked.
 
-Precedence: a setting given in the config (YAML or command line) wins; else the checkpoint's recorded training
-settings (training_args.json, or HF Trainer / TRL training_args.bin); else the probe's default. Each setting the
-probe uses is logged once with its origin and recorded in summary.json (provenance/settings). Recorded values are
-typed and range-checked (`RecipeError` names the file, key, value and the override that fixes it). Recorded
-training the probe cannot reproduce (stale samples, vLLM importance correction, truncated sampling, another
-optimizer) is refused unless update.ignore_unsupported_recipe=true.
-
-Key names: probe_dist's own (loss, temperature, max_new_tokens, grad_clip, kl_coef, ...) and TRL's GRPOConfig
-(loss_type, max_completion_length, max_grad_norm, beta, scale_rewards, epsilon_high, mask_truncated_completions,
-top_entropy_quantile, entropy_coef, use_bias_correction_kl, bf16, per_device_train_batch_size, num_generations).
-TRL normalises advantages with ε = 1e-4 (a constant of its code, not a setting): a TRL recipe sets update.adv_eps so.
+`SETTINGS` maps each config key the recipe can fill to the recorded keys that give it — probe_dist's own (loss,
+temperature, max_new_tokens, grad_clip, kl_coef, ...) and TRL's GRPOConfig (loss_type, max_completion_length,
+max_grad_norm, beta, scale_rewards, epsilon_high, mask_truncated_completions, top_entropy_quantile, entropy_coef,
+use_bias_correction_kl, bf16, per_device_train_batch_size, num_generations) — with the parser that types and
+range-checks the value (`RecipeError` names the file, key, value and the override that fixes it).
+`unsupported_training` names recorded training the probe cannot reproduce (stale samples, vLLM importance
+correction, truncated sampling, another optimizer). TRL normalises advantages with ε = 1e-4 (a constant of its
+code, not a setting). The config is resolved against a recipe (config > recipe > default) by `probe_dist.resolve`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from probe_dist.model.load import CheckpointError
-from probe_dist.rollout.batch import default_scale_rewards
+from probe_dist.errors import CheckpointError
+from probe_dist.state.checks import is_number
 from probe_dist.update.loss import LOSS_FAMILIES
 
 log = logging.getLogger("probe_dist")
@@ -39,11 +35,23 @@ class RecipeError(CheckpointError):
     probe cannot reproduce."""
 
 
-def is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+@dataclass(frozen=True)
+class Recipe:
+    """The training settings a checkpoint (or a live trainer) records, as plain data.
+
+    fields: the recorded keys and values (probe_dist's own names, or HF Trainer / TRL's); kind: whose keys
+    ("probe_dist", "trl", "hf_trainer", "none"); path: the file they came from (None: none, or in memory);
+    class_name: the recorded arguments' class (e.g. trl.trainer.grpo_config.GRPOConfig)."""
+
+    fields: dict = field(default_factory=dict)
+    kind: str = "none"
+    path: Path | None = None
+    class_name: str | None = None
 
 
 def describe(value) -> str:
+    """A recorded value for messages: its JSON (at most 60 characters) and its kind, e.g.
+    '"0.5" (a string)'."""
     kind = {str: "a string", list: "a list", dict: "an object", bool: "a boolean", type(None): "null"}.get(type(value))
     return f"{json.dumps(value, default=str)[:60]} ({kind or type(value).__name__})"
 
@@ -96,6 +104,9 @@ def _bos(v):
 
 @dataclass(frozen=True)
 class Setting:
+    """How one config key is read from a recorded recipe: the recorded keys tried in order, the parser that
+    types and range-checks the value, what is accepted (for RecipeError), and whether it has no default."""
+
     name: str  # the config key, "section.key"
     keys: tuple[str, ...]  # recorded keys, first non-null wins
     parse: Callable[[Any], Any]  # recorded value -> config value, or None when unusable
@@ -132,19 +143,6 @@ def recorded_value(name: str, recorded: dict):
     setting = next(s for s in SETTINGS if s.name == name)
     found = next((k for k in setting.keys if recorded.get(k) is not None), None)
     return setting.parse(recorded[found]) if found is not None else None
-
-
-def _get(cfg, name: str):
-    section, key = name.split(".")
-    return getattr(getattr(cfg, section), key)
-
-
-def _set(cfg, values: dict[str, Any]):
-    sections: dict[str, dict] = {}
-    for name, value in values.items():
-        section, key = name.split(".")
-        sections.setdefault(section, {})[key] = value
-    return replace(cfg, **{s: replace(getattr(cfg, s), **kv) for s, kv in sections.items()})
 
 
 def _reshapes_sampling(key: str, value, temperature) -> bool:
@@ -226,98 +224,6 @@ def unsupported_training(recorded: dict, kind: str) -> list[str]:
     return out
 
 
-def resolve_recipe(cfg, recorded: dict, *, explicit: frozenset[str], kind: str, source: Path | None,
-                   ref_adapter: Path | None = None, has_adapter: bool = True):
-    """(the config with every recipe setting resolved, {setting: {"value", "origin"}}, overrides, unsupported).
-
-    recorded: the checkpoint's training settings as plain data; explicit: config keys the user gave ("section.key");
-    kind: whose keys `recorded` uses ("probe_dist", "trl", "hf_trainer", "none"); source: the file, for messages;
-    ref_adapter: TRL's saved KL-reference adapter (ref/), refused when the KL term is on (the probe's reference is
-    the base with the adapter disabled); has_adapter: whether the model has an adapter (without one there is no
-    reference policy, so a KL term is refused).
-    overrides: explicit settings that differ from the recorded value ("setting=value (checkpoint's key=value)").
-    Raises RecipeError for a recorded value the probe would use that is unusable, for a required setting neither
-    given nor recorded, and for unsupported training unless update.ignore_unsupported_recipe."""
-    where = str(source) if source is not None else "training_args.json"
-    unsupported = unsupported_training(recorded, kind)
-    if unsupported and not cfg.update.ignore_unsupported_recipe:
-        raise RecipeError(
-            f"training settings file {where!r} records training the probe cannot reproduce: "
-            f"{'; '.join(unsupported)}. The probe's δH₁ and ΔH_true would describe another update than training "
-            "took. Probe a checkpoint trained on-policy, or set update.ignore_unsupported_recipe=true to measure the "
-            "on-policy step anyway (the summary then says which settings were ignored).")
-    if unsupported:
-        log.warning("ignoring training settings the probe cannot reproduce (update.ignore_unsupported_recipe): %s",
-                    "; ".join(unsupported))
-    values, origins, overrides, missing = {}, {}, [], []
-    for s in SETTINGS:
-        found = next((k for k in s.keys if recorded.get(k) is not None), None)
-        if s.name in explicit:
-            value, origin = _get(cfg, s.name), "config"
-            if found is not None and s.parse(recorded[found]) is not None and s.parse(recorded[found]) != value:
-                overrides.append(f"{s.name}={value!r} (checkpoint: {found}={recorded[found]!r})")
-            elif found is None and s.name == "update.adv_eps" and kind == "trl" and value != TRL_ADV_EPS:
-                overrides.append(f"{s.name}={value!r} (checkpoint: TRL's constant {TRL_ADV_EPS:g})")
-        elif found is not None:
-            value = s.parse(recorded[found])
-            if value is None:
-                raise RecipeError(f"training settings file {where!r}: {found!r} is {describe(recorded[found])}, but "
-                                  f"the probe needs {s.need} for {s.name}. Fix the value in the file, or set it "
-                                  f"explicitly, e.g. {s.name}=...")
-            origin = f"checkpoint ({found})"
-        elif s.name == "update.adv_eps" and kind == "trl":
-            value, origin = TRL_ADV_EPS, "checkpoint (TRL's constant)"
-        elif s.required and _get(cfg, s.name) is None:
-            missing.append(s.name)
-            continue
-        else:
-            value, origin = _get(cfg, s.name), "default"
-        values[s.name], origins[s.name] = value, origin
-    if missing:
-        what = {"none": "the checkpoint records no training recipe",
-                "hf_trainer": f"the checkpoint's {where!r} is an HF Trainer recipe, not a GRPO one (no sampling or "
-                              "loss settings)"}.get(kind, f"the checkpoint's {where!r} does not record "
-                                                          f"{'it' if len(missing) == 1 else 'them'}")
-        raise RecipeError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set and {what}; set "
-                          f"{'it' if len(missing) == 1 else 'them'} explicitly, e.g. "
-                          + " ".join(f"{m}=..." for m in missing))
-    cfg = _set(cfg, values)
-    # Defaults that depend on other settings.
-    if cfg.update.scale_rewards is None:
-        cfg = _set(cfg, {"update.scale_rewards": default_scale_rewards(cfg.update.loss)})
-    if cfg.sampling.bos is None:  # the toy task put BOS in front of every prompt
-        cfg = _set(cfg, {"sampling.bos": "always" if recorded.get("task") == "toy_addition" else "auto"})
-        if recorded.get("task") == "toy_addition":
-            origins["sampling.bos"] = "checkpoint (task)"
-    if cfg.update.max_len is None:  # dr_grpo's L_max defaults to the response cap
-        cfg = _set(cfg, {"update.max_len": cfg.sampling.max_new_tokens})
-    if cfg.precision.dtype == "float64" and cfg.update.autocast != "none":
-        origin = "the config" if "update.autocast" in explicit else "the checkpoint's recipe (bf16 training)"
-        raise RecipeError(
-            f"precision.dtype=float64 with update.autocast={cfg.update.autocast} (from {origin}) would mix an exact "
-            "float64 model with a bf16-rounded head: the gradient would match neither training nor exact math. Set "
-            "update.autocast=none for an exact float64 gradient, or precision.dtype=float32 to reproduce the bf16 "
-            "training gradient.")
-    if not has_adapter and cfg.update.kl_coef > 0:
-        origin = "the config" if "update.kl_coef" in explicit else "the checkpoint's recipe"
-        raise RecipeError(
-            f"update.kl_coef={cfg.update.kl_coef:g} (from {origin}) needs a reference policy, and the probe's is the "
-            "base with the adapter disabled: this checkpoint is a full fine-tune (no adapter), whose reference — "
-            "the model training started from — the probe does not hold, and with θ itself as reference the KL "
-            "gradient would be exactly 0. Set update.kl_coef=0 to measure the step without the KL term.")
-    if ref_adapter is not None and cfg.update.kl_coef > 0:
-        why = (f"a KL reference adapter {str(ref_adapter)!r} (TRL keeps the adapter it was given as the reference of "
-               f"the β = {cfg.update.kl_coef:g} KL term; the probe's reference is the base with the adapter disabled)")
-        if not cfg.update.ignore_unsupported_recipe:
-            raise RecipeError(f"the checkpoint holds {why}, so the probe's KL term would differ from training's. Set "
-                              "update.kl_coef=0 to measure the update without the KL term, or "
-                              "update.ignore_unsupported_recipe=true to use the base as the reference anyway.")
-        unsupported.append(why)
-        log.warning("ignoring %s (update.ignore_unsupported_recipe)", why)
-    settings = {name: {"value": _get(cfg, name), "origin": origins[name]} for name in origins}
-    return cfg, settings, overrides, unsupported
-
-
 def recipe_notes(recorded: dict, cfg) -> list[str]:
     """Recorded training settings the probe cannot read but the user can match (warnings, not refusals)."""
     notes = []
@@ -331,23 +237,6 @@ def recipe_notes(recorded: dict, cfg) -> list[str]:
         notes.append(f"training rendered conversational prompts with chat_template_kwargs={template!r}, which the "
                      "probe does not pass to the chat template: conversational prompts may differ from training's")
     return notes
-
-
-def explicit_keys(cfg) -> frozenset[str]:
-    """The config keys the user gave (`probe_dist.config.load_config` records them); for a config built in code,
-    the keys whose value differs from the schema default."""
-    given = getattr(cfg, "_explicit", None)
-    if given is not None:
-        return given
-    from probe_dist.config_schema import ProbeConfig
-
-    default, out = ProbeConfig(), set()
-    for section in dataclasses.fields(ProbeConfig):
-        ours, theirs = getattr(cfg, section.name), getattr(default, section.name)
-        if dataclasses.is_dataclass(ours):
-            out |= {f"{section.name}.{f.name}" for f in dataclasses.fields(ours)
-                    if getattr(ours, f.name) != getattr(theirs, f.name)}
-    return frozenset(out)
 
 
 def format_settings(settings: dict) -> str:

@@ -188,6 +188,7 @@ class SavedTensorsMeter:
                 self.current_bytes -= entry[1]
 
     def reset_peak(self) -> None:
+        """Restart the peak from the bytes held now (peak_bytes = current_bytes)."""
         with self._lock:
             self.peak_bytes = self.current_bytes
 

@@ -1,0 +1,174 @@
+"""The model and tokenizer of a checkpoint: base + adapter (trainable) loaded without running code, every weight
+finite, the tokenizer present and non-empty, and the model's maximum positions (for the prompt-length check).
+
+Pickle weight files (*.bin) are read with torch.load(weights_only=True), and one that would need arbitrary code is
+refused (`state.checks.UnsafeCheckpointError`); remote code (config auto_map) is never trusted. Every refusal is a
+`CheckpointError` (a `UserInputError`: exit 2) naming the folder and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from probe_dist.errors import CheckpointError
+from probe_dist.state.checks import TOKENIZER_FILES, read_json
+from probe_dist.state.paths import CheckpointPaths
+
+log = logging.getLogger("probe_dist")
+
+
+def load_tokenizer(path: Path, source: str = ""):
+    """The tokenizer in `path`; CheckpointError when there is none, it cannot be loaded, or it is empty.
+
+    source: how `path` was chosen (`CheckpointPaths.tokenizer_source`), for the message."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+
+    path = Path(path)
+    chosen = f" (chosen as {source})" if source else ""
+    fix = ("Copy the tokenizer saved with the model (tokenizer.save_pretrained) into the checkpoint's tokenizer/ "
+           "folder, or set checkpoint.tokenizer=DIR.")
+    if not path.is_dir():
+        raise CheckpointError(f"tokenizer folder {str(path)!r}{chosen} does not exist. {fix}")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"no tokenizer in {str(path)!r}{chosen}: none of {', '.join(TOKENIZER_FILES)} is there. "
+                              f"{fix}")
+    try:
+        # A fast tokenizer saved next to a Qwen2 config reloads through AutoTokenizer with other ids: load it directly.
+        if (path / "tokenizer.json").exists():
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer file is the same problem whatever the parser says
+        raise CheckpointError(f"the tokenizer in {str(path)!r}{chosen} cannot be loaded: {type(exc).__name__}: "
+                              f"{str(exc)[:300]}. {fix}") from None
+    if len(tok) == 0:
+        raise CheckpointError(f"the tokenizer in {str(path)!r}{chosen} is empty (vocabulary size 0). {fix}")
+    if tok.pad_token_id is None:
+        log.info("tokenizer has no pad token: using EOS %r as pad (pad is never scored)", tok.eos_token)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _weight_pickles(directory: Path, names: tuple[str, ...]) -> str:
+    found = [str(directory / n) for n in names if (directory / n).is_file()]
+    found += [str(f) for f in sorted(Path(directory).glob("pytorch_model-*.bin"))]
+    return ", ".join(repr(f) for f in found) or f"a pickle weight file in {str(directory)!r}"
+
+
+def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device):
+    """Base + adapter (trainable), in eval mode on `device`.
+
+    Before loading: the safetensors files are complete and the adapter's tensors finite (`state.checks.
+    check_weight_files`); pickle weight files (*.bin) are read with weights_only=True, and one that would run code
+    is refused (UnsafeCheckpointError). After loading: every weight finite. Any load failure is a CheckpointError
+    naming the folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from probe_dist.state.checks import (
+        check_finite_parameters,
+        check_weight_files,
+        is_unsafe_pickle_error,
+        load_error_text,
+        unsafe_pickle_error,
+    )
+
+    hf_logging.disable_progress_bar()  # rank-prefixed logs instead of one progress bar per rank
+    check_weight_files(paths.base, paths.adapter)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(str(paths.base), dtype=dtype, weights_only=True)
+    except (torch.OutOfMemoryError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unloadable base is the user's to fix, whatever the loader raised
+        if is_unsafe_pickle_error(exc):
+            raise unsafe_pickle_error(_weight_pickles(paths.base, ("pytorch_model.bin",)), exc) from None
+        raise CheckpointError(f"could not load the base model from {str(paths.base)!r}: {load_error_text(exc)}. "
+                              "Check that it is a complete Hugging Face model folder "
+                              "(config.json + *.safetensors, as written by save_pretrained).") from None
+    base.to(device)  # the finiteness pass below runs on the device (fast on a GPU), with the base file's names
+    check_finite_parameters([*base.named_parameters(), *base.named_buffers()], adapter=False, source=paths.base)
+    if paths.adapter is not None:
+        try:
+            model = PeftModel.from_pretrained(base, str(paths.adapter), is_trainable=True)
+        except (torch.OutOfMemoryError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - as above
+            if is_unsafe_pickle_error(exc):
+                raise unsafe_pickle_error(_weight_pickles(paths.adapter, ("adapter_model.bin",)), exc) from None
+            raise CheckpointError(
+                f"could not load the adapter from {str(paths.adapter)!r} onto the base {str(paths.base)!r}: "
+                f"{load_error_text(exc)}. Check that adapter_config.json and adapter_model.safetensors "
+                "are complete and were trained on this base model.") from None
+        check_finite_parameters(trainable_parameters(model), adapter=True, source=paths.adapter)
+    else:
+        model = base
+    model.to(device)
+    model.eval()  # dropout (LoRA dropout included) off for every probe pass
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter with requires_grad, in named_parameters() order: θ."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def check_trainable_count(trainable, max_params: int, allow_full: bool) -> int:
+    """The number of trainable elements in `trainable` ((name, parameter) pairs). Raises CheckpointError
+    when it is 0, or above `max_params` (memory.max_trainable_params) unless `allow_full`
+    (memory.allow_full_finetune)."""
+    count = sum(p.numel() for _, p in trainable)
+    if count == 0:
+        raise CheckpointError("the model has no trainable parameters: was the adapter loaded with is_trainable=True?")
+    if count > max_params and not allow_full:
+        raise CheckpointError(
+            f"{count:,} trainable parameters exceed memory.max_trainable_params={max_params:,}. This usually means "
+            "full-model gradients by accident (adapter missing or base not frozen). Load a LoRA adapter, or set "
+            "memory.allow_full_finetune=true (and raise memory.max_trainable_params) if you really fine-tune fully.")
+    return count
+
+
+def model_max_positions(base: Path) -> int | None:
+    """The model's maximum positions from its config (max_position_embeddings or an alias), or None if it has none.
+
+    Reads only config.json; raises CheckpointError naming the file when it is missing or cannot be read."""
+    config_file = Path(base) / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"the base model directory {str(base)!r} has no config.json. Point checkpoint.base (or "
+                              "checkpoint.path with a base/ folder) at a Hugging Face model directory saved with "
+                              "save_pretrained (config.json + *.safetensors).")
+    read_json(config_file, "base model config", "Re-save the base model with save_pretrained.")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(base))
+    except Exception as exc:  # noqa: BLE001 - any unreadable config is the same problem for the user
+        raise CheckpointError(f"base model config {str(config_file)!r} cannot be used: {type(exc).__name__}: "
+                              f"{str(exc)[:300]}. Re-save the base model with save_pretrained, or check its "
+                              "model_type against the installed transformers.") from None
+    return config_max_positions(config)
+
+
+def config_max_positions(config) -> int | None:
+    """The maximum positions a transformers config allows (max_position_embeddings or an alias, times a RoPE
+    scaling's extension), or None if it names none. config: a `PretrainedConfig` (a composite one's text config)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value * rope_extension_factor(text)
+    return None
+
+
+def rope_extension_factor(config) -> int:
+    """How far a RoPE scaling extends the context beyond max_position_embeddings (1 without one).
+
+    Scaled RoPE (linear, dynamic NTK, YaRN, LongRoPE) is made to run past max_position_embeddings by its
+    `factor`; whether the sampler and the scorer then agree is the start-up consistency check's question."""
+    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    return max(1, int(factor)) if isinstance(factor, int | float) and factor > 1 else 1
