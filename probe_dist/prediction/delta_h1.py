@@ -30,7 +30,7 @@ log = logging.getLogger("probe_dist")
 
 def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores], *,
                      base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig,
-                     ustat: SingleBatchUStatistic | None = None) -> DeltaH1:
+                     ustat: SingleBatchUStatistic | None = None, reverse_fallback: bool = True) -> DeltaH1:
     """δH₁/η, its SE over E's prompt groups (conditional on u) and, on the reverse-mode path, ∇Ĥ (float64, CPU,
     all-reduced).
 
@@ -41,9 +41,16 @@ def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: 
     ∇Ĥ kept.
     u: the update vector (float64 tensors in optimizer order, param-shaped). With `ustat` (single_batch mode) each
     E group's ∇ surrogate also feeds the U-statistic of §5.3, whose value the result carries as `ustat_per_eta`.
-    δH₁/η is in nats per unit η. Raises ValueError for an unknown est.delta_h1 method; OOM that survives the
-    runner's retries propagates.
+    δH₁/η is in nats per unit η. With reverse_fallback=False (the online probe: no backward pass may reach the
+    trainer's gradients) forward mode is the only path: ForwardModeUnavailable when it cannot run or gives a
+    non-finite derivative. Raises ValueError for an unknown est.delta_h1 method; OOM that survives the runner's
+    retries propagates.
     """
+    if not reverse_fallback:
+        result = _forward_mode(rt, runner, batch_e, scores_e, base=base, u=u, est=est)
+        if result is None:
+            raise ForwardModeUnavailable("the forward-mode pass gave non-finite derivatives on some rank")
+        return result
     if ustat is None:
         try:
             result = _forward_mode(rt, runner, batch_e, scores_e, base=base, u=u, est=est)
