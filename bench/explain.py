@@ -22,9 +22,7 @@ CPU configuration only; --smoke --device cuda is refused (exit 2) and the cuda c
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -32,22 +30,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (str(REPO), str(REPO / "bench")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
+import memory as bench_memory  # noqa: E402  (bench/memory.py: the smoke helpers, the model builders, versions)
 import torch  # noqa: E402
 
 
-def _memory_bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "bench" / "memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(ckpt: Path, device: str, overrides: list[str]) -> dict:
+    from probe_dist.assemble import build_probe
     from probe_dist.config import load_config
-    from probe_dist.main import build_probe
     from probe_dist.runtime.dist import Runtime
 
     cfg = load_config(None, [f"checkpoint.path={ckpt}", f"device={device}", "log_level=warning",
@@ -75,7 +68,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     import transformers
 
-    bench_memory = _memory_bench()
     if args.smoke:
         if args.device == "cuda":
             print("error: --smoke is the CPU configuration; run --device cuda without --smoke", file=sys.stderr)
@@ -114,8 +106,7 @@ def main(argv=None) -> int:
               "run_seconds_ratio": with_explain["seconds"] / without["seconds"],
               "passes_per_microbatch": {"delta_h1": "1 forward + 2 backward (E)",
                                         "explain": "nested jvp over E (primal + 3 tangents), jvp over U (+1)"},
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "python": platform.python_version()}}
+              "versions": bench_memory.versions()}
     text = json.dumps(result, indent=2, default=str)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

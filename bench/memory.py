@@ -10,7 +10,7 @@ at once). With
 --scale-e (the default) B_E grows with B_U, so the δH₁ pass (over E) is exercised at the same sizes.
 
 GPU part (only when CUDA is available; --no-gpu skips it): builds a random-weight Qwen2.5-1.5B-shaped checkpoint
-(LoRA r=64 on all projections, a synthetic AdamW state saved like probe_dist.model.load.save_optimizer, a
+(LoRA r=64 on all projections, a synthetic AdamW state saved like probe_dist.state.optimizer.save_optimizer, a
 character tokenizer widened to the model's vocabulary) in a temporary directory, caps this process at 40 GiB with
 torch.cuda.set_per_process_memory_fraction, runs configs/a100_40gb_8gpu.yaml on one GPU with one GPU's share of
 the batches (B_E = 512/8, B_U = 64/8; peaks do not depend on the number of groups, which the CPU part shows), and
@@ -54,8 +54,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from probe_dist.phases import DELTA_H1, PHASES, UPDATE_GRADIENT  # noqa: E402
-from probe_dist.plan.meter import PhaseMemoryRecorder, merge_phase_records  # noqa: E402
-from probe_dist.probe import PhaseClock  # noqa: E402
+from probe_dist.runtime.clock import PhaseClock  # noqa: E402
+from probe_dist.runtime.meter import PhaseMemoryRecorder, merge_phase_records  # noqa: E402
 
 GiB = 1 << 30
 RESULTS = REPO / "bench" / "results"
@@ -90,7 +90,7 @@ class ProfilingClock(PhaseClock):
 
 
 def build_probe_profiled(cfg):
-    from probe_dist.main import build_probe
+    from probe_dist.assemble import build_probe
     from probe_dist.runtime.dist import Runtime, init_runtime
 
     rt = init_runtime(cfg.device) if cfg.device != "cpu" else Runtime()
@@ -99,13 +99,30 @@ def build_probe_profiled(cfg):
     return probe
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions() -> dict:
+    """Where a bench ran: library versions, the CPU (model, torch's ATen kernel ISA, cores), threads, UTC date —
+    every committed result names the machine its figures were measured on."""
+    import datetime
+
     import peft
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "cuda": torch.version.cuda, "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+            "cpu": cpu_model(), "aten_isa": torch.backends.cpu.get_cpu_capability(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
 
 
 def smoke_out_path(out: str | None, name: str) -> Path:
@@ -189,7 +206,7 @@ def run_one_size(args) -> dict:
 
 
 def cpu_part(args) -> dict:
-    from probe_dist.toy import ensure_toy_checkpoint
+    from probe_dist.toy.checkpoint import ensure_toy_checkpoint
 
     ckpt = Path(args.checkpoint) if args.checkpoint else ensure_toy_checkpoint(0, args.toy_cache)
     runs = []
@@ -220,7 +237,7 @@ def wide_char_tokenizer(vocab_size: int):
     import transformers
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    from probe_dist.data.toy_task import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, VOCAB
+    from probe_dist.toy.task import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, VOCAB
 
     vocab = dict(VOCAB)
     vocab.update({f"<x{i}>": i for i in range(len(VOCAB), vocab_size)})
@@ -238,9 +255,10 @@ def build_random_checkpoint(out: Path, model_config, device: torch.device, lora_
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from probe_dist.data.toy_task import BOS_ID, EOS_ID, PAD_ID
-    from probe_dist.model.load import save_optimizer, trainable_parameters
     from probe_dist.plan import ALL_PROJECTIONS
+    from probe_dist.state.model import trainable_parameters
+    from probe_dist.state.optimizer import save_optimizer
+    from probe_dist.toy.task import BOS_ID, EOS_ID, PAD_ID
 
     out.mkdir(parents=True, exist_ok=True)
     config = model_config
@@ -353,7 +371,7 @@ def grade_case(*, vocab: int, hidden: int, layers: int, rows: int, prompt_len: i
 
     from probe_dist.model.policy import PolicyModel
     from probe_dist.model.reward_model import RewardModel
-    from probe_dist.plan.meter import SavedTensorsMeter
+    from probe_dist.runtime.meter import SavedTensorsMeter
     from probe_dist.update.grade import GradeSpec, SoftRolloutRunner, row_keys
     from probe_dist.update.loss import grade_loss_per_sequence
 

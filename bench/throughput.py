@@ -112,8 +112,8 @@ def left_padded(groups, pad_id: int):
 def cpu_case(args, ckpt: Path, group: int) -> dict:
     from transformers import GenerationConfig
 
+    from probe_dist.assemble import build_probe
     from probe_dist.config import load_config
-    from probe_dist.main import build_probe
     from probe_dist.prediction.delta_h1 import predict_delta_h1
     from probe_dist.rollout.batch import block_microbatches
     from probe_dist.runtime.dist import Runtime
@@ -216,8 +216,8 @@ def write_prompt_file(path: Path, count: int) -> Path:
 
 def gpu_part(args) -> dict:
     """The predecessor's workload as one probe run on one GPU: wall time and peak memory per phase."""
+    from probe_dist.assemble import build_probe
     from probe_dist.config import load_config
-    from probe_dist.main import build_probe
     from probe_dist.plan import builtin_model_config
     from probe_dist.runtime.dist import Runtime
 
