@@ -17,6 +17,7 @@ appended to `state.log_history` only.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -78,9 +79,13 @@ class EntropyProbeCallback(TrainerCallback):
         self.phase_seconds: dict[str, float] = {}  # wall time per probe phase, summed over the probed steps
 
     # ------------------------------------------------------------------------------------------------ set-up
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """Refuse what cannot be probed, with the supported setups named; set up the runtime of this process."""
-        if not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
+                       processing_class=None, **kwargs):
+        """Refuse what cannot be probed, with the supported setups named; set up the runtime of this process; and
+        assemble the probe once on the trainer's objects, so that a prompt, an override or a recipe setting the
+        probe cannot use fails now, not at the first probed step."""
+        every = self.every_n_steps
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise OnlineProbeError(f"EntropyProbeCallback(every_n_steps={self.every_n_steps!r}): give an integer ≥ 1 "
                                    "(probe every n-th optimizer step).")
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
@@ -97,15 +102,38 @@ class EntropyProbeCallback(TrainerCallback):
                 "reproduce.")
         if model is None or not any(p.requires_grad for p in model.parameters()):
             raise OnlineProbeError("EntropyProbeCallback: the model has no trainable parameters.")
-        if isinstance(self.eval_prompts, list):
-            fd, name = tempfile.mkstemp(prefix="entropy-probe-prompts-", suffix=".jsonl")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(row) + "\n" for row in self.eval_prompts)
-            self._prompts_file = name
+        self._write_prompt_list()
         self.rt = runtime_of_process_group(next(model.parameters()).device)
-        # The prompts and the overrides are read now: a bad file or key fails before the first step.
         load_prompts_with_lines(self._prompts_file or self.eval_prompts, "train", require_answer=False)
-        self._config(args, 0)
+        state_0 = TrainingState.from_objects(model, inner, processing_class, recipe=args,
+                                             scheduler=getattr(lr_scheduler, "scheduler", lr_scheduler))
+        with training_precision():
+            probe_from_state(self._config(args, 0, float(inner.param_groups[0]["lr"]) or 1e-3), state_0, self.rt)
+
+    def _write_prompt_list(self) -> None:
+        """eval_prompts given as objects (a list of {"prompt": ...}, or a `datasets.Dataset`): checked, then written
+        to a temporary JSONL file that the probe reads as a prompt source (removed at the end of training, or at
+        exit if training fails)."""
+        rows = self.eval_prompts
+        if isinstance(rows, str | os.PathLike):
+            self.eval_prompts = str(rows)
+            return
+        if hasattr(rows, "to_list"):  # datasets.Dataset
+            rows = rows.to_list()
+        if not isinstance(rows, list | tuple) or not rows:
+            raise OnlineProbeError(
+                f"EntropyProbeCallback(eval_prompts=...) takes a prompt source (\"toy\", a JSONL file, a datasets "
+                f"folder or data file), a non-empty list of {{\"prompt\": ...}} dicts or a datasets.Dataset with a "
+                f"\"prompt\" column; got {type(self.eval_prompts).__name__}{' (empty)' if not rows else ''}.")
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict) or "prompt" not in r), None)
+        if bad is not None:
+            raise OnlineProbeError(f"EntropyProbeCallback(eval_prompts=...): item {bad} is {rows[bad]!r:.80}, not a "
+                                   "dict with a \"prompt\" (a text, or a list of chat messages).")
+        fd, name = tempfile.mkstemp(prefix="entropy-probe-eval_prompts-", suffix=".jsonl")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, default=str) + "\n" for row in rows)
+        self._prompts_file = name
+        atexit.register(Path(name).unlink, missing_ok=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         """Remove the temporary prompt file of a list of prompts."""
@@ -180,7 +208,7 @@ class EntropyProbeCallback(TrainerCallback):
         given = recorded.get("loss_type") in LOSS_FAMILIES or any(o.startswith("update.loss=") for o in self.overrides)
         loss = [] if given else ["update.loss=grpo"]
         return load_config(None, [*loss,
-            f"device={self.rt.device.type}", f"sampling.prompts={source}", f"sampling.B_E={self.B_E}",
+            f"device={self.rt.device.type}", f"sampling.prompts={json.dumps(source)}", f"sampling.B_E={self.B_E}",
             f"sampling.G_E={self.G_E}", "sampling.B_U=2", f"sampling.seed={self.seed + step}",
             "sampling.reward=probe_dist.callback:no_reward", f"estimators.etas=[{eta!r}]", "estimators.explain=false",
             "estimators.eta_train=false", "update.ignore_unsupported_recipe=true", "update.kl_coef=0",

@@ -60,7 +60,7 @@ def resolve(cfg, facts, rt, *, explicit: frozenset[str]) -> Resolution:
     recipe = facts.recipe
     cfg, settings, overrides, unsupported = resolve_recipe(cfg, recipe.fields, explicit=explicit, kind=recipe.kind,
                                                            source=recipe.path, ref_adapter=facts.ref_adapter,
-                                                           has_adapter=facts.has_adapter)
+                                                           has_adapter=facts.has_adapter, label=recipe.label)
     eta_train = next_step_lr(facts.scheduler)
     if eta_train is not None and eta_train > 0 and cfg.estimators.eta_train and eta_train not in cfg.estimators.etas:
         cfg = replace(cfg, estimators=replace(cfg.estimators, etas=sorted([*cfg.estimators.etas, eta_train])))
@@ -85,7 +85,7 @@ def resolve(cfg, facts, rt, *, explicit: frozenset[str]) -> Resolution:
 
 
 def resolve_recipe(cfg, recorded: dict, *, explicit: frozenset[str], kind: str, source: Path | None,
-                   ref_adapter: Path | None = None, has_adapter: bool = True):
+                   ref_adapter: Path | None = None, has_adapter: bool = True, label: str | None = None):
     """(the config with every recipe setting resolved, {setting: {"value", "origin"}}, overrides, unsupported).
 
     recorded: the checkpoint's training settings as plain data; explicit: config keys the user gave ("section.key");
@@ -97,10 +97,11 @@ def resolve_recipe(cfg, recorded: dict, *, explicit: frozenset[str], kind: str, 
     Raises RecipeError for a recorded value the probe would use that is unusable, for a required setting neither
     given nor recorded, and for unsupported training unless update.ignore_unsupported_recipe."""
     where = str(source) if source is not None else "training_args.json"
+    named = label or f"training settings file {where!r}"  # in memory: the recipe given to from_objects
     unsupported = unsupported_training(recorded, kind)
     if unsupported and not cfg.update.ignore_unsupported_recipe:
         raise RecipeError(
-            f"training settings file {where!r} records training the probe cannot reproduce: "
+            f"{named} records training the probe cannot reproduce: "
             f"{'; '.join(unsupported)}. The probe's δH₁ and ΔH_true would describe another update than training "
             "took. Probe a checkpoint trained on-policy, or set update.ignore_unsupported_recipe=true to measure the "
             "on-policy step anyway (the summary then says which settings were ignored).")
@@ -119,7 +120,7 @@ def resolve_recipe(cfg, recorded: dict, *, explicit: frozenset[str], kind: str, 
         elif found is not None:
             value = s.parse(recorded[found])
             if value is None:
-                raise RecipeError(f"training settings file {where!r}: {found!r} is {describe(recorded[found])}, but "
+                raise RecipeError(f"{named}: {found!r} is {describe(recorded[found])}, but "
                                   f"the probe needs {s.need} for {s.name}. Fix the value in the file, or set it "
                                   f"explicitly, e.g. {s.name}=...")
             origin = f"checkpoint ({found})"
@@ -132,10 +133,13 @@ def resolve_recipe(cfg, recorded: dict, *, explicit: frozenset[str], kind: str, 
             value, origin = _get(cfg, s.name), "default"
         values[s.name], origins[s.name] = value, origin
     if missing:
-        what = {"none": "the checkpoint records no training recipe",
-                "hf_trainer": f"the checkpoint's {where!r} is an HF Trainer recipe, not a GRPO one (no sampling or "
-                              "loss settings)"}.get(kind, f"the checkpoint's {where!r} does not record "
-                                                          f"{'it' if len(missing) == 1 else 'them'}")
+        them = "it" if len(missing) == 1 else "them"
+        if kind == "none":
+            what = f"{label} records no training recipe" if label else "the checkpoint records no training recipe"
+        elif kind == "hf_trainer":
+            what = f"{named} is an HF Trainer recipe, not a GRPO one (no sampling or loss settings)"
+        else:
+            what = f"{named} does not record {them}"
         raise RecipeError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set and {what}; set "
                           f"{'it' if len(missing) == 1 else 'them'} explicitly, e.g. "
                           + " ".join(f"{m}=..." for m in missing))

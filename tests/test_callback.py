@@ -196,11 +196,12 @@ def _args(tmp_path, **kw):
 
 
 def test_setups_it_cannot_probe_are_refused_at_train_begin(tmp_path):
+    from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2ForCausalLM, TrainerControl, TrainerState
 
     from probe_dist.callback import EntropyProbeCallback, OnlineProbeError
-    from probe_dist.toy.task import model_config
+    from probe_dist.toy.task import build_tokenizer, model_config
 
     model = get_peft_model(Qwen2ForCausalLM(model_config()), LoraConfig(r=2, target_modules=["q_proj"]))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -212,6 +213,8 @@ def test_setups_it_cannot_probe_are_refused_at_train_begin(tmp_path):
 
     with pytest.raises(OnlineProbeError, match="every_n_steps=0"):
         begin(EntropyProbeCallback(every_n_steps=0))
+    with pytest.raises(OnlineProbeError, match="every_n_steps=True"):
+        begin(EntropyProbeCallback(every_n_steps=True))  # a bool is not a step count
     with pytest.raises(OnlineProbeError, match="torch.optim.AdamW.*SGD"):
         begin(EntropyProbeCallback(), optimizer=torch.optim.SGD(trainable, lr=0.1))
     with pytest.raises(OnlineProbeError, match="not with DeepSpeed or FSDP"):
@@ -223,9 +226,29 @@ def test_setups_it_cannot_probe_are_refused_at_train_begin(tmp_path):
 
     with pytest.raises(PromptError, match="does not exist"):
         begin(EntropyProbeCallback(eval_prompts=str(tmp_path / "missing.jsonl")))
-    callback = EntropyProbeCallback(eval_prompts=[{"prompt": "1+2="}, {"prompt": "3+4="}])
-    begin(callback)  # a list of prompts is accepted (written to a temporary file, removed at the end)
-    callback.on_train_end(_args(tmp_path), state, control)
+    with pytest.raises(OnlineProbeError, match="item 1 is '3\\+4=', not a dict"):
+        begin(EntropyProbeCallback(eval_prompts=[{"prompt": "1+2="}, "3+4="]))
+    with pytest.raises(OnlineProbeError, match="got dict"):
+        begin(EntropyProbeCallback(eval_prompts={"prompt": "1+2="}))
+    # Everything the first probed step would refuse is refused at train begin, before any training step.
+    from probe_dist.state.recipe import RecipeError
+
+    tok = build_tokenizer()
+    known = ["sampling.temperature=1.0", "sampling.max_new_tokens=3"]
+    with pytest.raises(RecipeError, match="sampling.temperature, sampling.max_new_tokens are not set"):
+        begin(EntropyProbeCallback(), processing_class=tok)  # plain TrainingArguments record no sampling settings
+    with pytest.raises(PromptError, match="conversations"):  # the toy tokenizer has no chat template
+        begin(EntropyProbeCallback(eval_prompts=[{"prompt": [{"role": "user", "content": "1+2="}]}], overrides=known),
+              processing_class=tok)
+    with pytest.raises(PromptError, match="leaves no room for a prompt"):
+        begin(EntropyProbeCallback(overrides=["sampling.temperature=1.0", "sampling.max_new_tokens=100000"]),
+              processing_class=tok)
+    weird = tmp_path / "eval #1.jsonl"  # a '#' in a path is no YAML comment here
+    weird.write_text('{"prompt": "1+2="}\n{"prompt": "3+4="}\n')
+    for prompts in ([{"prompt": "1+2="}, {"prompt": "3+4="}], str(weird), Dataset.from_list([{"prompt": "5+6="}])):
+        callback = EntropyProbeCallback(eval_prompts=prompts, overrides=known)
+        begin(callback, processing_class=tok)  # accepted; a list is written to a temporary file, removed at the end
+        callback.on_train_end(_args(tmp_path), state, control)
 
 
 def test_the_probe_leaves_training_matmul_precision_as_it_was():

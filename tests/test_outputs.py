@@ -181,11 +181,13 @@ def test_full_disk_while_writing_leaves_output_dir_unchanged(toy_checkpoint, ear
 # ------------------------------------------------------------------------------------------- refused up front
 
 
-@pytest.mark.parametrize("case", ["under_a_file", "is_a_file", "foreign_entries"])
+@pytest.mark.parametrize("case", ["under_a_file", "is_a_file", "foreign_entries", "name_too_long"])
 def test_unusable_output_dir_exits_2_before_anything(tmp_path, case):
     blocker = tmp_path / "file"
     blocker.write_text("a regular file\n")
-    if case == "under_a_file":
+    if case == "name_too_long":  # NAME_MAX is 255 bytes on Linux filesystems: the staging directory cannot exist
+        out, expected = tmp_path / ("x" * 300), "File name too long"
+    elif case == "under_a_file":
         out, expected = blocker / "out", "is a file, not a directory"
     elif case == "is_a_file":
         out, expected = blocker, "exists and is not a directory"

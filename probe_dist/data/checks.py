@@ -77,6 +77,12 @@ def check_prompts_fit(prompts: list[tuple[int, dict]], tokenizer, *, max_new_tok
                                 f"({len(empty)} prompt(s) do). Give every prompt text the tokenizer can encode.")
     if max_positions is not None:
         budget = max_positions - max_new_tokens
+        if budget < 1:
+            where = f" ({config_file})" if config_file is not None else ""
+            raise PromptLengthError(
+                f"sampling.max_new_tokens={max_new_tokens} leaves no room for a prompt: the model's "
+                f"max_position_embeddings is {max_positions}{where}. Set sampling.max_new_tokens below "
+                f"{max_positions} minus the longest prompt's tokens ({max(lengths)}).")
         too_long = [k for k, n in enumerate(lengths) if n > budget]
         if too_long:
             k = max(too_long, key=lambda i: lengths[i])

@@ -159,7 +159,7 @@ def create_staging(out_dir: Path, run_id: str, shown: str) -> Staging:
         for d in reversed(created):
             _rmdir_quietly(d)
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC,
-                         errno.EDQUOT):
+                         errno.EDQUOT, errno.ENOENT, errno.ENAMETOOLONG, errno.EINVAL, errno.ELOOP):
             raise OutputDirError(f"output.dir {shown!r} cannot be used: creating {str(exc.filename or path)!r} "
                                  f"failed ({exc.strerror}). Choose an output.dir you can write to.") from exc
         raise

@@ -47,6 +47,7 @@ class Recipe:
     kind: str = "none"
     path: Path | None = None
     class_name: str | None = None
+    label: str | None = None  # how messages name a recipe that is no file (None: the file, or the checkpoint)
 
 
 def describe(value) -> str:

@@ -119,12 +119,15 @@ def _scheduler_state(scheduler) -> SchedulerState | None:
 
 def _recipe(recipe) -> Recipe:
     """A `Recipe` from what `from_objects` accepts (see there)."""
-    if recipe is None or isinstance(recipe, Recipe):
-        return recipe or Recipe()
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe is None:
+        return Recipe(label="the in-memory training state (TrainingState.from_objects without recipe=)")
     if isinstance(recipe, dict):
-        return Recipe(fields=dict(recipe), kind="probe_dist")
+        return Recipe(fields=dict(recipe), kind="probe_dist",
+                      label="the recipe given to TrainingState.from_objects")
     if hasattr(recipe, "to_dict"):
         cls = f"{type(recipe).__module__}.{type(recipe).__qualname__}"
         return Recipe(fields=recipe.to_dict(), kind="trl" if cls.startswith("trl.") else "hf_trainer",
-                      class_name=cls)
+                      class_name=cls, label=f"the training arguments ({type(recipe).__name__}) given in memory")
     raise TypeError(f"recipe must be a Recipe, a dict or a TrainingArguments-like object, got {type(recipe).__name__}")
