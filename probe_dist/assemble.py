@@ -31,9 +31,11 @@ from probe_dist.model.runner import PolicyRunner
 from probe_dist.probe import Probe
 from probe_dist.resolve import Resolution, resolve
 from probe_dist.rollout.sample import response_eos_ids
+from probe_dist.runtime import signals
 from probe_dist.runtime.dist import Runtime
 from probe_dist.runtime.oom import MicrobatchSizes
 from probe_dist.runtime.strategy import build_strategy
+from probe_dist.state import bounds
 from probe_dist.state.files import load_training_state, open_checkpoint
 from probe_dist.state.model import load_tokenizer, model_max_positions
 from probe_dist.state.optimizer import check_real_step_dtypes
@@ -47,8 +49,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 def build_probe(cfg: ProbeConfig, rt) -> Probe:
     """From files (the CLI's path): checked inputs → opened checkpoint → resolved config → loaded state → Probe.
 
+    Files are read within the reading bounds (`state.bounds`, checkpoint.read_limits), and a stop signal during
+    the reading ends it at once; then every rank agrees on a stop (one all-reduce) and raises StopRequested.
     rt: the `runtime.dist.Runtime` of this process. Raises UserInputError subclasses (ConfigError, PromptError,
-    CheckpointError, RecipeError, RewardModelError) for anything the user can fix."""
+    CheckpointError, RecipeError, RewardModelError, ReadLimitError) for anything the user can fix."""
     explicit = explicit_keys(cfg)  # before any `replace`, which drops the record
     prompts = _prompts(cfg)
     if not (cfg.checkpoint.path or cfg.checkpoint.base):
@@ -56,16 +60,32 @@ def build_probe(cfg: ProbeConfig, rt) -> Probe:
 
         toy = ensure_toy_checkpoint(cfg.checkpoint.toy_seed, cfg.checkpoint.toy_cache, rt)
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, path=str(toy)))
-    source = open_checkpoint(cfg.checkpoint)
-    resolution = resolve(cfg, source, rt, explicit=explicit)
-    paths = source.paths
-    tokenizer = load_tokenizer(paths.tokenizer, paths.tokenizer_source)
-    _check_prompts(prompts, tokenizer, resolution, model_max_positions(paths.base), paths.base / "config.json", rt)
-    memory = resolution.cfg.memory
-    state = load_training_state(source, tokenizer, dtype=DTYPES[resolution.cfg.precision.dtype], device=rt.device,
-                                max_trainable_params=memory.max_trainable_params,
-                                allow_full_finetune=memory.allow_full_finetune, is_main=rt.is_main)
-    return assemble(resolution, state, rt)
+    with bounds.using(cfg.checkpoint.read_limits):  # every file this build reads (the reward model's too)
+        state, resolution = _read_checkpoint(cfg, prompts, explicit, rt)
+        return assemble(resolution, state, rt)
+
+
+def _read_checkpoint(cfg: ProbeConfig, prompts: list, explicit, rt) -> tuple[TrainingState, Resolution]:
+    """The reading part of `build_probe`: a stop signal ends it at once (no collective inside), then every rank
+    agrees on a stop (one all-reduce) and raises StopRequested."""
+    stopped = False
+    try:
+        with signals.interruptible():
+            source = open_checkpoint(cfg.checkpoint)
+            resolution = resolve(cfg, source, rt, explicit=explicit)
+            paths = source.paths
+            tokenizer = load_tokenizer(paths.tokenizer, paths.tokenizer_source)
+            _check_prompts(prompts, tokenizer, resolution, model_max_positions(paths.base),
+                           paths.base / "config.json", rt)
+            memory = resolution.cfg.memory
+            state = load_training_state(source, tokenizer, dtype=DTYPES[resolution.cfg.precision.dtype],
+                                        device=rt.device, max_trainable_params=memory.max_trainable_params,
+                                        allow_full_finetune=memory.allow_full_finetune, is_main=rt.is_main)
+    except signals.StoppedWhileLoading:
+        stopped = True
+    if rt.any_flag(stopped or signals.requested()):  # every rank stops here, loaded or not
+        raise signals.StopRequested("while loading the checkpoint")
+    return state, resolution
 
 
 def probe_from_state(cfg: ProbeConfig, state: TrainingState, rt=None) -> Probe:

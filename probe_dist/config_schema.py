@@ -36,6 +36,9 @@ class CheckpointConfig:
     tokenizer: str | None = _f(None, help="explicit tokenizer directory (default: <path>/tokenizer or base)")
     toy_seed: int = _f(0, ge=0, help="seed of the built-in toy checkpoint used when no checkpoint is given")
     toy_cache: str | None = _f(None, help="where the toy checkpoint is cached (default ~/.cache/probe_dist)")
+    read_limits: str | None = _f(None, help="raise (or lower) the bounds on reading checkpoint files, e.g. "
+                                            "'trainer_state_mib=256,depth=128' (names and defaults: README, "
+                                            "'Reading limits')")
 
 
 @dataclass(frozen=True)

@@ -80,10 +80,19 @@ def run(cfg, rt, out_dir: Path) -> dict:
     """Build and run the probe; write every output file into `out_dir` (the staging directory) on rank 0."""
     from probe_dist.assemble import build_probe
     from probe_dist.report.build import build_outputs
+    from probe_dist.results import ProbeResult
     from probe_dist.runtime.clock import send_test_signal
+    from probe_dist.runtime.signals import StopRequested
 
     send_test_signal(cfg.debug.signal, rt.rank, "load")
-    probe = build_probe(cfg, rt)
+    try:
+        probe = build_probe(cfg, rt)
+    except StopRequested:  # a stop signal while the checkpoint was read: nothing computed, nothing to restore
+        log.warning("stop requested while loading the checkpoint: nothing was computed and no training state was "
+                    "changed; writing an interrupted summary")
+        result = ProbeResult(status="interrupted", restore_verified_ranks=[True] * rt.world_size)
+        return build_outputs(cfg, rt, result, {**result.summary(), "interrupted_while": "loading"}, out_dir=out_dir,
+                             param_names=[])
     result = probe.run()
     summary = result.summary()
     summary.update(probe.load_info)

@@ -394,6 +394,29 @@ def test_zero_checkpoint_that_would_run_code_is_refused(zero_checkpoint, toy_che
     assert not marker.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["model_states", "optim_states"])
+def test_zero_checkpoint_files_are_read_within_bounds(zero_checkpoint, toy_checkpoint, tmp_path, where):
+    """The reading bounds (state.bounds) hold inside DeepSpeed's own loaders too: a shared-reference bomb in the
+    model states (read by the probe) or in a ZeRO shard (read by ds_to_universal) is refused with exit 2, within
+    the bounds of tests/test_bounded_readers.py, the checkpoint untouched."""
+    from tests.test_bounded_readers import assert_refused, shared_reference_bomb
+
+    stage, out = zero_checkpoint
+    if stage != 2:
+        pytest.skip("one stage suffices")
+    copy = tmp_path / "ds"
+    shutil.copytree(out / "ds", copy)
+    pattern = "mp_rank_00_model_states.pt" if where == "model_states" else "zero_pp_rank_0_*optim_states.pt"
+    shard = next((copy / "global_step2").glob(pattern))
+    blob = torch.load(str(shard), weights_only=False)  # our own file, written by the fixture
+    blob["hostile"] = shared_reference_bomb(40)
+    torch.save(blob, str(shard))
+    assert_refused(copy, tmp_path, shard.name, "shared references are expanded",
+                   extra=(f"checkpoint.base={toy_checkpoint / 'base'}", f"checkpoint.adapter={copy / 'adapter'}",
+                          f"checkpoint.tokenizer={toy_checkpoint / 'tokenizer'}"))
+
+
 # ----------------------------------------------------------------------------------------------- unit checks
 
 

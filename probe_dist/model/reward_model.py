@@ -76,6 +76,12 @@ class RewardModel:
             raise RewardModelError(f"update.reward_model {str(folder)!r} holds no config.json; point it at a "
                                    "transformers sequence-classification model folder (save_pretrained of a reward "
                                    "model with one label, e.g. TRL's RewardTrainer output).")
+        from probe_dist.state.bounds import check_safetensors_header
+        from probe_dist.state.checks import read_json
+
+        read_json(folder / "config.json", "the reward model's config", "Re-save the reward model with save_pretrained.")
+        for f in sorted(folder.glob("*.safetensors")):  # within the reading bounds before the loader reads them
+            check_safetensors_header(f, "reward model weight file")
         try:
             config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         except (ValueError, OSError) as exc:

@@ -250,8 +250,11 @@ def _grade_notes(cfg, notes: list[str]) -> int:
         return 0
     from safetensors import safe_open
 
+    from probe_dist.state.bounds import check_safetensors_header
+
     count = 0
     for f in files:
+        check_safetensors_header(f, "reward model weight file")
         with safe_open(str(f), framework="pt") as handle:
             for key in handle.keys():
                 count += math.prod(handle.get_slice(key).get_shape())

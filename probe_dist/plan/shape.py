@@ -6,7 +6,6 @@ peft on the meta model, so parameter counts are exact.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,10 +59,13 @@ def load_model_config(spec):
         d = dict(spec)
         return transformers.AutoConfig.for_model(d.pop("model_type", "qwen2"), **d)
     path = Path(str(spec)).expanduser()
+    from probe_dist.state.checks import read_json
+
     if path.is_dir() and (path / "config.json").is_file():
+        read_json(path / "config.json", "model config", "Re-save the model with save_pretrained.")  # bounded
         return transformers.AutoConfig.from_pretrained(str(path))
     if path.is_file():
-        return load_model_config(json.loads(path.read_text()))
+        return load_model_config(read_json(path, "model config", "Pass a config.json saved by save_pretrained."))
     return builtin_model_config(str(spec))
 
 

@@ -139,6 +139,9 @@ def _has_lora_weights(path: Path) -> bool:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
+        from probe_dist.state.bounds import check_safetensors_header
+
+        check_safetensors_header(path, "accelerate model state")
         with safe_open(str(path), "pt") as f:
             return any("lora_" in k for k in f.keys())
     return False

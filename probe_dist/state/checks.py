@@ -30,10 +30,14 @@ def is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def read_json(path: Path, what: str, fix: str):
-    """The parsed JSON of `path`; CheckpointError naming the file, the line and column, and `fix` otherwise."""
+def read_json(path: Path, what: str, fix: str, *, limit: str = "json_mib"):
+    """The parsed JSON of `path`, within the reading bounds (`state.bounds`: limits().<limit> MiB, depth, object
+    count). Raises CheckpointError naming the file (the line and column of a syntax error) and `fix`;
+    ReadLimitError (a CheckpointError) when a bound is hit."""
+    from probe_dist.state.bounds import check_structure, read_bytes
+
     try:
-        data = Path(path).read_bytes()
+        data = read_bytes(Path(path), what, limit)
     except OSError as exc:
         raise CheckpointError(f"{what} {str(path)!r} cannot be read ({exc.strerror or exc}). {fix}") from None
     try:
@@ -43,10 +47,20 @@ def read_json(path: Path, what: str, fix: str):
         raise CheckpointError(f"{what} {str(path)!r}, line {line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}). "
                               f"{fix}") from None
     try:
-        return json.loads(text)
+        parsed = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{what} {str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno}, column "
                               f"{exc.colno}. {fix}") from None
+    except RecursionError:  # json's C scanner stops at the interpreter's recursion limit
+        from probe_dist.state.bounds import limits
+
+        raise CheckpointError(f"{what} {str(path)!r} nests deeper than {limits().depth} levels (deeper than Python's "
+                              f"parser goes). Real files nest a few levels: copy it again from the training run. "
+                              f"{fix}") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (Python's int-parsing limit)
+        raise CheckpointError(f"{what} {str(path)!r} holds a value Python cannot read ({exc}). {fix}") from None
+    check_structure(parsed, path, what)
+    return parsed
 
 
 _CHUNK = 1 << 24  # elements per isfinite() pass: bounds the temporary bool tensor on large weights
@@ -121,12 +135,15 @@ def safetensors_files(directory: Path, single: str, index: str) -> list[Path]:
 
 def check_safetensors(path: Path, what: str) -> list[str]:
     """The tensor names of a safetensors file after checking its header covers the file exactly (a truncated or
-    padded file fails here, named); CheckpointError otherwise."""
+    padded file fails here, named) and is within the reading bounds (`state.bounds`); CheckpointError otherwise."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise CheckpointError(f"{what} {str(path)!r} does not exist (it is listed by the index next to it). "
                               "Copy the missing shard, or re-save the model.")
+    from probe_dist.state.bounds import check_safetensors_header
+
+    check_safetensors_header(path, what)
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
@@ -142,8 +159,21 @@ ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 def check_weight_files(base: Path, adapter: Path | None) -> None:
     """Before the model loads: the base's and the adapter's weight files exist, their safetensors files are complete,
-    and the adapter's tensors are finite (a NaN adapter otherwise crashes in sampling)."""
+    the adapter's tensors are finite (a NaN adapter otherwise crashes in sampling), and what the loaders will read
+    is within the reading bounds (`state.bounds`: safetensors headers, the pickle record of *.bin weight files,
+    generation_config.json and index files)."""
+    from probe_dist.state.bounds import check_pickle_record
+
     base = Path(base)
+    for folder in (base, Path(adapter) if adapter is not None else None):  # what from_pretrained will read
+        if folder is None or not folder.is_dir():
+            continue
+        for name in ("generation_config.json", "pytorch_model.bin.index.json"):
+            if (folder / name).exists():
+                read_json(folder / name, "model file", "Re-save the model with save_pretrained.")
+        for f in sorted(folder.glob("*.bin")):  # torch.load(weights_only=True) by transformers / peft
+            if f.name != "training_args.bin":
+                check_pickle_record(f, "model weight file")
     if base.is_dir() and not any((base / f).is_file() for f in BASE_WEIGHT_FILES):
         raise CheckpointError(f"no model weights in the base model folder {str(base)!r}: expected "
                               f"{' or '.join(BASE_WEIGHT_FILES)}. Copy the weights saved with save_pretrained there.")
@@ -224,6 +254,24 @@ def _is_weights_only_refusal(exc: BaseException) -> bool:
     import pickle
 
     return isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc)
+
+
+def bounded_torch_load(path: Path, what: str, unreadable):
+    """torch.load(path, weights_only=True, map_location="cpu") within the reading bounds (`state.bounds`: the pickle
+    record's size before, the structure's depth, object count and expanded size after). `what` names the file in
+    messages ("the optimizer state"); `unreadable(exc)` builds the CheckpointError for a file torch cannot read.
+    Raises UnsafeCheckpointError for a pickle that would run code (nothing runs), ReadLimitError for a bound."""
+    from probe_dist.state.bounds import check_pickle_record, check_structure
+
+    check_pickle_record(path, what)
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        if is_unsafe_pickle_error(exc):
+            raise unsafe_pickle_error(f"{what} {str(path)!r}", exc) from None
+        raise unreadable(exc) from None
+    check_structure(loaded, path, what)
+    return loaded
 
 
 def is_unsafe_pickle_error(exc: BaseException) -> bool:

@@ -56,13 +56,22 @@ def _allowed_globals() -> list:
 @contextlib.contextmanager
 def weights_only_loads():
     """Within the block every torch.load is weights_only=True (map_location cpu) with the ZeRO allow-list, whatever
-    the caller passes. Not thread-safe (it replaces torch.load for the block)."""
+    the caller passes, and a file within the reading bounds (`state.bounds`). Not thread-safe (it replaces
+    torch.load for the block)."""
+    from probe_dist.state.bounds import check_pickle_record, check_structure
+
     original = torch.load
 
     def guarded(*args, **kwargs):
         kwargs["weights_only"] = True
         kwargs.setdefault("map_location", "cpu")
-        return original(*args, **kwargs)
+        source = args[0] if args else kwargs.get("f")
+        if isinstance(source, str | Path):  # a file: the reading bounds (`state.bounds`) before and after
+            check_pickle_record(Path(source), "the DeepSpeed checkpoint file")
+        loaded = original(*args, **kwargs)
+        if isinstance(source, str | Path):
+            check_structure(loaded, source, "the DeepSpeed checkpoint file")
+        return loaded
 
     torch.load = guarded
     try:
@@ -78,7 +87,9 @@ def tag_folder(root: Path) -> Path:
         return root
     latest = root / "latest"
     if latest.is_file():
-        tag = latest.read_text(encoding="utf-8").strip()
+        from probe_dist.state.bounds import read_bytes
+
+        tag = read_bytes(latest, "DeepSpeed's tag file", "json_mib").decode("utf-8", "replace").strip()
         if (root / tag).is_dir():
             return root / tag
         raise CheckpointError(f"{str(latest)!r} names {tag!r}, which is not a folder in {str(root)!r}: copy the whole "
@@ -248,6 +259,8 @@ def read_model_states(tag_dir: Path) -> dict:
             states = torch.load(str(files[0]), map_location="cpu", weights_only=True)
     except ImportError:
         raise CheckpointError(f"{str(tag_dir)!r} is a DeepSpeed checkpoint: {INSTALL}.") from None
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's to fix
         if is_unsafe_pickle_error(exc):
             raise unsafe_pickle_error(f"the DeepSpeed model states {str(files[0])!r}", exc) from None

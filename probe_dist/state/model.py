@@ -36,6 +36,7 @@ def load_tokenizer(path: Path, source: str = ""):
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise CheckpointError(f"no tokenizer in {str(path)!r}{chosen}: none of {', '.join(TOKENIZER_FILES)} is there. "
                               f"{fix}")
+    _check_tokenizer_files(path)
     try:
         # A fast tokenizer saved next to a Qwen2 config reloads through AutoTokenizer with other ids: load it directly.
         if (path / "tokenizer.json").exists():
@@ -51,6 +52,19 @@ def load_tokenizer(path: Path, source: str = ""):
         log.info("tokenizer has no pad token: using EOS %r as pad (pad is never scored)", tok.eos_token)
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """The reading bounds (`state.bounds`) on what the tokenizer loader will read from `path`: its JSON files parsed
+    within depth and size, the vocabulary files within tokenizer_mib. Raises ReadLimitError."""
+    from probe_dist.state.bounds import check_size
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        if (path / name).exists():
+            read_json(path / name, "tokenizer file", "Re-save the tokenizer with save_pretrained.")
+    for name in TOKENIZER_FILES + ("merges.txt",):
+        if name != "tokenizer_config.json":
+            check_size(path / name, "tokenizer file", "tokenizer_mib")
 
 
 def _weight_pickles(directory: Path, names: tuple[str, ...]) -> str:

@@ -41,22 +41,17 @@ def canonical_name(name: str) -> str:
 def read_optimizer_file(path: Path) -> dict:
     """The saved optimizer file, checked before any model is loaded.
 
-    Loaded with torch.load(weights_only=True): a pickle that would run code is refused (UnsafeCheckpointError) and
-    never executed. Two forms are accepted: probe_dist's ({"optimizer_class", "param_names": [...], "state_dict"})
+    Loaded with torch.load(weights_only=True) within the reading bounds (`state.checks.bounded_torch_load`): a
+    pickle that would run code is refused (UnsafeCheckpointError) and never executed. Two forms are accepted: probe_dist's ({"optimizer_class", "param_names": [...], "state_dict"})
     and a bare `optimizer.state_dict()` as HF Trainer / TRL (optimizer.pt) and accelerate (optimizer.bin) write it,
     whose parameter names are rebuilt from the model later (`state.param_names`; "param_names" is then None).
     Then its values (`state.checks.check_optimizer_values`: finite state, exp_avg_sq ≥ 0, usable hyperparameters),
     naming the parameter. Returns the probe_dist form; raises CheckpointError otherwise."""
-    from probe_dist.state.checks import is_unsafe_pickle_error, load_error_text, unsafe_pickle_error
+    from probe_dist.state.checks import bounded_torch_load, load_error_text
 
-    try:
-        blob = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
-        if is_unsafe_pickle_error(exc):
-            raise unsafe_pickle_error(f"the optimizer state {str(path)!r}", exc) from None
-        raise CheckpointError(f"could not read optimizer state {str(path)!r}: {load_error_text(exc)}. "
-                              "It should be a torch.save file written by the training run; copy it again or re-save "
-                              "it.") from None
+    blob = bounded_torch_load(path, "the optimizer state", lambda exc: CheckpointError(
+        f"could not read optimizer state {str(path)!r}: {load_error_text(exc)}. It should be a torch.save file "
+        "written by the training run; copy it again or re-save it."))
     if isinstance(blob, dict) and "state" in blob and "param_groups" in blob and "state_dict" not in blob:
         blob = {"optimizer_class": None, "param_names": None, "state_dict": blob}  # bare state_dict: names later
     return check_optimizer_blob(blob, path)

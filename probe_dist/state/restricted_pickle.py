@@ -17,6 +17,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from probe_dist.state.bounds import MiB, check_structure, containers, limits, read_bytes
+
 
 class UnreadableTrainingArgs(ValueError):
     """The file is not a pickled training-arguments object this reader understands (the message says why)."""
@@ -58,9 +60,18 @@ class _RecordingUnpickler(pickle.Unpickler):
                                      "does")
 
 
+def _references(value) -> tuple | None:
+    """What a recorded object or a container refers to (`bounds.check_structure`'s children)."""
+    if isinstance(value, PickledObject):
+        return (*value.args, value.state)
+    return containers(value)
+
+
 def plain(value: Any) -> Any:
     """A recorded object as plain Python data: a stand-in with a state dict → that dict (values made plain); one
-    called with a single argument (an enum member, torch.device('cpu')) → that argument; else its dotted name."""
+    called with a single argument (an enum member, torch.device('cpu')) → that argument; else its dotted name.
+    Expands shared references into a tree: call it on a structure `bounds.check_structure` accepted (bounded
+    depth and expanded size, no cycle), as `read_training_args_bin` does."""
     if isinstance(value, PickledObject):
         if isinstance(value.state, dict):
             return {str(k): plain(v) for k, v in value.state.items()}
@@ -80,24 +91,36 @@ def read_training_args_bin(path: str | Path) -> tuple[str, dict]:
     """(the class's dotted name, its fields as plain data) of a `torch.save`d TrainingArguments (or subclass, e.g.
     TRL's GRPOConfig). Nothing from the file is imported or run.
 
+    Read within the reading bounds (`state.bounds`: the file's and the pickle record's size, then the recorded
+    structure's depth, container count and expanded size, and no cycle) before anything is expanded.
     Raises UnreadableTrainingArgs when the file is not a torch zip archive holding one pickled object with a field
-    dict (a legacy or corrupted file, or something else)."""
+    dict (a legacy or corrupted file, or something else); ReadLimitError when a bound is hit."""
     path = Path(path)
+    what = "the training settings"
+    blob = read_bytes(path, what, "training_args_mib")  # whole file; data.pkl's inflated size is bounded below
+    bound = int(limits().training_args_mib * MiB)
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
             names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
             if len(names) != 1:
                 raise UnreadableTrainingArgs("it is a zip archive without exactly one data.pkl (not torch.save's "
                                              "format)")
-            data = archive.read(names[0])
+            with archive.open(names[0]) as record:  # a compressed record could inflate far past the file's size
+                data = record.read(bound + 1)
+            if len(data) > bound:
+                raise UnreadableTrainingArgs(f"its pickle record inflates past {bound} bytes (a compressed record; "
+                                             "torch.save stores it uncompressed)")
     except zipfile.BadZipFile:
         raise UnreadableTrainingArgs("it is not a torch.save zip archive (torch ≥ 1.6 writes one)") from None
     try:
         obj = _RecordingUnpickler(io.BytesIO(data)).load()
     except UnreadableTrainingArgs:
         raise
+    except RecursionError:
+        raise UnreadableTrainingArgs("its pickle nests deeper than Python's unpickler goes") from None
     except Exception as exc:  # noqa: BLE001 - a corrupted pickle, whatever the opcode error
         raise UnreadableTrainingArgs(f"its pickle cannot be read ({type(exc).__name__}: {exc})") from None
+    check_structure(obj, path, what, _references)  # depth, size, and no cycle before `plain` expands it
     if isinstance(obj, PickledObject) and obj.state is None and obj.args:
         raise UnreadableTrainingArgs(f"it is a pickle that would call {obj.global_name} when loaded normally — "
                                      "code, not a TrainingArguments (nothing was run)")

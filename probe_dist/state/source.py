@@ -181,7 +181,8 @@ def read_trainer_state(root: Path) -> dict:
     path = root / "trainer_state.json"
     if not path.is_file():
         return {}
-    state = read_json(path, "trainer state", "Copy trainer_state.json again from the training run, or remove it.")
+    state = read_json(path, "trainer state", "Copy trainer_state.json again from the training run, or remove it.",
+                      limit="trainer_state_mib")
     if not isinstance(state, dict):
         raise CheckpointError(f"trainer state {str(path)!r} is not a JSON object. Copy it again from the training "
                               "run, or remove it.")
@@ -189,17 +190,12 @@ def read_trainer_state(root: Path) -> dict:
 
 
 def safe_torch_load(path: Path, what: str):
-    """torch.load(weights_only=True) of `path`; a pickle that would run code is refused (UnsafeCheckpointError),
-    any other failure is a CheckpointError naming the file."""
-    from probe_dist.state.checks import is_unsafe_pickle_error, load_error_text, unsafe_pickle_error
+    """torch.load(weights_only=True) of `path` within the reading bounds (`bounded_torch_load`); a pickle that would
+    run code is refused (UnsafeCheckpointError), any other failure is a CheckpointError naming the file."""
+    from probe_dist.state.checks import bounded_torch_load, load_error_text
 
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
-        if is_unsafe_pickle_error(exc):
-            raise unsafe_pickle_error(f"the {what} {str(path)!r}", exc) from None
-        raise CheckpointError(f"could not read the {what} {str(path)!r}: {load_error_text(exc)}. Copy it again from "
-                              "the training run.") from None
+    return bounded_torch_load(path, f"the {what}", lambda exc: CheckpointError(
+        f"could not read the {what} {str(path)!r}: {load_error_text(exc)}. Copy it again from the training run."))
 
 
 def read_json_object(path: Path, what: str, fix: str) -> dict:
