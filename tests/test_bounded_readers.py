@@ -191,6 +191,15 @@ def test_compressed_record_in_training_args_bin(trainer_checkpoint, tmp_path):
     assert_refused(ckpt, tmp_path, "training_args.bin", "inflates past")
 
 
+def test_memo_slot_far_beyond_the_pickle_in_training_args_bin(trainer_checkpoint, tmp_path):
+    """A 10-byte pickle that stores into memo slot 4*10^8: Python's C unpickler would zero-fill an 8*10^8-slot memo
+    (6 GB) before reading on."""
+    ckpt = hostile_copy(trainer_checkpoint, tmp_path)
+    with zipfile.ZipFile(ckpt / "training_args.bin", "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02]r" + (4 * 10**8).to_bytes(4, "little") + b".")
+    assert_refused(ckpt, tmp_path, "training_args.bin", "memo slot")
+
+
 def _rewrite_optimizer(ckpt: Path, value) -> None:
     blob = torch.load(str(ckpt / "optimizer.pt"), weights_only=True)
     state_dict = blob["state_dict"] if "state_dict" in blob else blob

@@ -87,6 +87,27 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _check_memo_indices(data: bytes) -> None:
+    """Refuse a pickle that stores into a memo slot beyond its own length. Python's C unpickler grows its memo
+    array to twice the largest index it is given (and zero-fills it): a 10-byte pickle naming slot 10^8 takes 1.5
+    GB, slot 2^31 tens of GB. A pickler numbers its memo slots 0, 1, 2, ..., so no real file names a slot past the
+    number of its opcodes. The opcodes are scanned by pickletools (no object is built; the record is at most
+    training_args_mib)."""
+    import pickletools
+
+    count = 0
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            count += 1
+            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > len(data):
+                raise UnreadableTrainingArgs(f"its pickle stores into memo slot {int(arg)}, beyond anything a "
+                                             f"pickle of {len(data)} bytes can number")
+    except UnreadableTrainingArgs:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed opcode stream, whatever pickletools says
+        raise UnreadableTrainingArgs(f"its pickle cannot be read ({type(exc).__name__}: {exc})") from None
+
+
 def read_training_args_bin(path: str | Path) -> tuple[str, dict]:
     """(the class's dotted name, its fields as plain data) of a `torch.save`d TrainingArguments (or subclass, e.g.
     TRL's GRPOConfig). Nothing from the file is imported or run.
@@ -112,6 +133,7 @@ def read_training_args_bin(path: str | Path) -> tuple[str, dict]:
                                              "torch.save stores it uncompressed)")
     except zipfile.BadZipFile:
         raise UnreadableTrainingArgs("it is not a torch.save zip archive (torch ≥ 1.6 writes one)") from None
+    _check_memo_indices(data)
     try:
         obj = _RecordingUnpickler(io.BytesIO(data)).load()
     except UnreadableTrainingArgs:
