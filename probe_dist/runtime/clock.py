@@ -29,16 +29,19 @@ class PhaseClock:
 
     @contextmanager
     def phase(self, name: str):
-        """Context that times phase `name` (seconds add up over repeated entries; with `profile`, memory too).
+        """Context that times phase `name` (seconds add up over repeated entries, also for a phase that raises;
+        with `profile`, memory too, for phases that finish).
         On entry it raises RuntimeError when debug.fault names this rank and phase, and sends debug.signal."""
         if self.fault and self.fault == f"{self.rank}:{name}":
             raise RuntimeError(f"injected fault (debug.fault={self.fault})")
         send_test_signal(self.signal, self.rank, name)
         recorder = PhaseMemoryRecorder(self.device) if self.profile else nullcontext()
         start = time.perf_counter()
-        with recorder:  # resets the CUDA peaks and peak RSS, meters bytes saved for backward
-            yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        try:
+            with recorder:  # resets the CUDA peaks and peak RSS, meters bytes saved for backward
+                yield
+        finally:  # a phase that ends by a stop or an error still reports the time it took
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         if self.profile:
             self.memory[name] = merge_phase_records(self.memory.get(name), recorder.result)
 
