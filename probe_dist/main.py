@@ -245,6 +245,8 @@ def _stage(cfg: ProbeConfig, rt):
 def _user_error(exc: BaseException) -> int:
     """One paragraph on stderr, no traceback."""
     text = re.sub(r"\n\s*\n", "\n", str(exc).strip())
+    if len(text) > 4000:  # a value from a damaged file can be megabytes: keep the start (what) and the end (fix)
+        text = f"{text[:2000]} [... {len(text) - 3000} characters left out ...] {text[-1000:]}"
     print(f"error: {text}", file=sys.stderr, flush=True)
     return EXIT_USAGE
 

@@ -68,26 +68,42 @@ def tree_digest(root: Path) -> dict[str, tuple]:
     out = {}
     for path in sorted(root.rglob("*")):
         st = path.lstat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else None
+        digest = None
+        if path.is_file() and not path.is_symlink():  # hashed in chunks: a sparse 3 GiB file stays cheap
+            h = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    h.update(chunk)
+            digest = h.hexdigest()
         out[str(path.relative_to(root))] = (st.st_mode, digest)
     return out
 
 
+# The probe runs as a grandchild: a child's peak RSS (ru_maxrss) starts at its parent's RSS when it is spawned
+# (Linux carries the high-water mark across fork and exec), so measured from this test process it would include
+# whatever the test worker holds. A small wrapper spawns the probe and reports the probe's own rusage.
+_WRAPPER = """
+import os, subprocess, sys, threading
+child = subprocess.Popen(sys.argv[2:])
+timer = threading.Timer(float(sys.argv[1]), child.kill)
+timer.start()
+_, status, usage = os.wait4(child.pid, 0)
+timer.cancel()
+sys.stderr.write(f"\\nPEAK_RSS_KIB {usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_probe(ckpt: Path, out: Path, *extra: str, timeout: float = 120.0) -> tuple[int, str, float, int]:
-    """(exit code, stderr, wall seconds, peak RSS bytes) of the CLI on `ckpt`; the RSS is this child's own
-    (os.wait4), not the maximum over every child the test process ever had."""
+    """(exit code, stderr, wall seconds, peak RSS bytes) of the CLI on `ckpt`; the RSS is the probe process's own
+    (os.wait4 in a small wrapper), not inherited from the test process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "probe_dist.main", f"checkpoint.path={ckpt}", f"output.dir={out}", *SMALL, *extra]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    stderr = proc.stderr.read().decode("utf-8", "replace")
-    proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, stderr, time.monotonic() - start, usage.ru_maxrss * 1024  # ru_maxrss: KiB on Linux
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, str(timeout), *cmd], cwd=REPO, env=env,
+                          capture_output=True, text=True, errors="replace", timeout=timeout + 30)
+    stderr, _, rss = proc.stderr.rpartition("\nPEAK_RSS_KIB ")
+    return proc.returncode, stderr, time.monotonic() - start, int(rss.strip()) * 1024  # ru_maxrss: KiB on Linux
 
 
 def assert_refused(ckpt: Path, tmp_path: Path, *needles: str, extra: tuple[str, ...] = ()) -> str:
@@ -249,8 +265,9 @@ def test_trainer_state_json(trainer_checkpoint, tmp_path):
 
 def test_adapter_config_json(toy_checkpoint, trainer_checkpoint, tmp_path):
     """A 5000-digit integer (Python's int parser refuses past 4300: a ValueError, not a JSONDecodeError), and the
-    file replaced by /dev/zero (endless: stopped at the byte bound; in probe_dist's layout, whose reader takes an
-    adapter_config.json that exists — HF Trainer's takes only a regular file and calls anything else absent)."""
+    file replaced by /dev/zero (endless) or by a FIFO nobody writes (opening it blocks forever): refused before
+    opening (in probe_dist's layout, whose reader takes an adapter_config.json that exists — HF Trainer's takes
+    only a regular file and calls anything else absent)."""
     ckpt = hostile_copy(trainer_checkpoint, tmp_path)
     cfg = json.loads((ckpt / "adapter_config.json").read_text())
     (ckpt / "adapter_config.json").write_text(json.dumps(cfg)[:-1] + ', "r2": ' + "9" * 5000 + "}")
@@ -259,7 +276,10 @@ def test_adapter_config_json(toy_checkpoint, trainer_checkpoint, tmp_path):
     ckpt = hostile_copy(toy_checkpoint, tmp_path)  # probe_dist's layout reads any adapter_config.json that exists
     (ckpt / "adapter_config.json").unlink()
     (ckpt / "adapter_config.json").symlink_to("/dev/zero")
-    assert_refused(ckpt, tmp_path, "adapter_config.json", "larger than 16 MiB")
+    assert_refused(ckpt, tmp_path, "adapter_config.json", "not a regular file")
+    (ckpt / "adapter_config.json").unlink()
+    os.mkfifo(ckpt / "adapter_config.json")  # no writer: opening it would block forever
+    assert_refused(ckpt, tmp_path, "adapter_config.json", "not a regular file")
 
 
 def test_base_config_json_deeply_nested(toy_checkpoint, trainer_checkpoint, tmp_path):
@@ -301,8 +321,135 @@ def test_tokenizer_file_size_bound(trainer_checkpoint, tmp_path):
 def test_read_limits_are_checked(trainer_checkpoint, tmp_path):
     ckpt = hostile_copy(trainer_checkpoint, tmp_path)
     for bad, needle in (("nonsense=1", "is not name=value"), ("depth=-1", "must be > 0"),
-                        ("depth=100000", "at most 500"), ("json_mib=many", "is not a number")):
+                        ("depth=100000", "at most 500"), ("json_mib=many", "is not a number"),
+                        ("json_mib=inf", "finite"), ("depth=1.5", "whole number")):
         assert_refused(ckpt, tmp_path, needle, extra=(f"checkpoint.read_limits={bad}",))
+
+
+# ------------------------------------------------------------------------------------------------ damaged values
+# Files within the size bounds whose values no trainer writes. Each mutation edits a copy of the HF-Trainer-layout
+# checkpoint; each must end in exit 2 with a readable paragraph naming the file (found by a fresh-user trial: each
+# of these was a traceback, hours of work, gigabytes, or a completed run on the wrong model).
+
+
+def _json_edit(name: str, **fields):
+    def mutate(ckpt: Path) -> None:
+        data = json.loads((ckpt / name).read_text())
+        data.update(fields)
+        (ckpt / name).write_text(json.dumps(data))
+    return mutate
+
+
+def _optimizer_edit(edit):
+    def mutate(ckpt: Path) -> None:
+        blob = torch.load(str(ckpt / "optimizer.pt"), weights_only=True)
+        edit(blob["state_dict"] if "state_dict" in blob else blob)
+        torch.save(blob, str(ckpt / "optimizer.pt"))
+    return mutate
+
+
+def _first_state(sd: dict) -> dict:
+    return sd["state"][next(iter(sd["state"]))]
+
+
+def _deflated_record(ckpt: Path) -> None:
+    """optimizer.pt with its byteorder record deflated: 64 MiB inflated from ~64 KB (torch.save stores records)."""
+    path = ckpt / "optimizer.pt"
+    records = {i.filename: zipfile.ZipFile(path).read(i) for i in zipfile.ZipFile(path).infolist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in records.items():
+            if name.endswith("byteorder"):
+                archive.writestr(name, b"l" * (64 << 20), compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                archive.writestr(name, data, compress_type=zipfile.ZIP_STORED)
+
+
+def _adapter_without_weights(ckpt: Path) -> None:
+    """An adapter file holding one of its tensors: peft only warns and starts the others fresh."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(ckpt / "adapter_model.safetensors"))
+    first = sorted(tensors)[0]
+    save_file({first: tensors[first]}, str(ckpt / "adapter_model.safetensors"))
+
+
+def _base_elsewhere(ckpt: Path, edit) -> None:
+    """A copy of the base next to the checkpoint, edited, and named by adapter_config.json."""
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    base = ckpt.parent / "base"
+    shutil.copytree(cfg["base_model_name_or_path"], base)
+    edit(base)
+    cfg["base_model_name_or_path"] = str(base)
+    (ckpt / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _long_shard_name(base: Path) -> None:
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "s" * 300}}))
+
+
+def _nan_config(base: Path) -> None:
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["rms_norm_eps"] = float("nan")
+    (base / "config.json").write_text(json.dumps(cfg))
+
+
+DAMAGED = {
+    "optimizer_lr_beyond_a_float": (_optimizer_edit(lambda sd: sd["param_groups"][0].update(lr=10**400)),
+                                    ("optimizer.pt", "integer of 1329 bits")),
+    "optimizer_params_not_ids": (_optimizer_edit(lambda sd: sd["param_groups"][0].update(params=[[0]])),
+                                 ("optimizer.pt", "malformed")),
+    "optimizer_stride_zero_view": (_optimizer_edit(lambda sd: _first_state(sd).update(
+        exp_avg=torch.zeros(1).expand(2**40))), ("optimizer.pt", "over a storage of 1 elements")),
+    "optimizer_deflated_record": (_deflated_record, ("optimizer.pt", "compressed record")),
+    "scheduler_lr_beyond_a_float": (lambda c: torch.save({"base_lrs": [10**400], "_last_lr": [1e-3]},
+                                                         str(c / "scheduler.pt")), ("scheduler.pt", "integer of")),
+    "adapter_config_nan_alpha": (_json_edit("adapter_config.json", lora_alpha=float("nan")),
+                                 ("adapter_config.json", "NaN or infinite")),
+    "adapter_missing_tensors": (_adapter_without_weights, ("adapter_model.safetensors", "lacks")),
+    "adapter_base_name_too_long": (_json_edit("adapter_config.json", base_model_name_or_path="b" * 300),
+                                   ("neither a local folder",)),
+    "base_config_nan": (lambda c: _base_elsewhere(c, _nan_config), ("config.json", "NaN or infinite")),
+    "base_index_shard_name_too_long": (lambda c: _base_elsewhere(c, _long_shard_name), ("cannot be looked up",)),
+    "chat_template_sparse_3_gib": (lambda c: os.truncate(_touch(c / "tokenizer" / "chat_template.jinja"), 3 << 30),
+                                   ("chat_template.jinja", "larger than 16 MiB")),
+    "trainer_state_many_objects": (lambda c: (c / "trainer_state.json").write_text("[" + "{}," * 5000 + "{}]"),
+                                   ("trainer_state.json", "objects and arrays")),
+}
+
+
+def _touch(path: Path) -> Path:
+    path.touch()
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_damaged_values_are_refused_readably(trainer_checkpoint, tmp_path, case):
+    mutate, needles = DAMAGED[case]
+    ckpt = hostile_copy(trainer_checkpoint, tmp_path)
+    mutate(ckpt)
+    extra = ("checkpoint.read_limits=objects=1000",) if case == "trainer_state_many_objects" else ()
+    assert_refused(ckpt, tmp_path, *needles, extra=extra)
+
+
+@pytest.mark.parametrize("case", ["log_history_not_a_list", "generation_kwargs_deep_string"])
+def test_odd_but_harmless_values_do_not_crash(trainer_checkpoint, tmp_path, case):
+    """Values the probe does not need: ignored (exit 0), never a traceback."""
+    ckpt = hostile_copy(trainer_checkpoint, tmp_path)
+    if case == "log_history_not_a_list":
+        _json_edit("trainer_state.json", log_history=7)(ckpt)
+    else:
+        _rewrite_training_args(ckpt, generation_kwargs="[" * 100_000)
+    code, stderr, _, _ = run_probe(ckpt, tmp_path / "out")
+    assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
+
+
+def test_long_error_text_is_shortened(trainer_checkpoint, tmp_path):
+    """A value echoed from a damaged file (here a 500,000-character optimizer name) keeps the paragraph short."""
+    ckpt = hostile_copy(trainer_checkpoint, tmp_path)
+    _rewrite_training_args(ckpt, optim="x" * 500_000)
+    code, stderr, _, _ = run_probe(ckpt, tmp_path / "out")
+    error = stderr[stderr.index("error: "):]
+    assert code == 2 and "Traceback" not in stderr and len(error) < 5000 and "characters left out" in error, error[:300]
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
@@ -368,28 +515,17 @@ def test_real_files_are_far_inside_the_bounds(which, request):
 # ------------------------------------------------------------------------------------------------ SIGTERM
 
 
-def _slow_fifo(path: Path, stop: threading.Event) -> threading.Thread:
-    """`path` becomes a FIFO whose writer sends one byte a second and never finishes: a file slow to read (a
-    stalled network filesystem); reading it blocks in the read system call."""
-    os.mkfifo(path)
-
-    def trickle():
-        try:
-            fd = os.open(path, os.O_WRONLY)  # blocks until the probe opens it for reading
-        except OSError:
-            return
-        try:
-            os.write(fd, b"{")
-            while not stop.wait(1.0):
-                os.write(fd, b" ")
-        except OSError:  # the reader went away (BrokenPipe): the probe stopped
-            pass
-        finally:
-            os.close(fd)
-
-    thread = threading.Thread(target=trickle, daemon=True)
-    thread.start()
-    return thread
+def _slow_optimizer_file(path: Path, opcodes: int) -> None:
+    """`path` becomes an optimizer.pt whose pickle record is `opcodes` BININT1 opcodes (each pushes a cached small
+    int: ~8 bytes of memory, ~1 µs of torch's weights_only unpickler) then an empty dict: a regular file that takes
+    tens of seconds to load and is then refused (not an optimizer state) — a file slow to read."""
+    buf = io.BytesIO()
+    torch.save({}, buf)
+    template = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    record = b"\x80\x02" + b"K\x00" * opcodes + b"}."
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for info in template.infolist():
+            archive.writestr(info.filename, record if info.filename.endswith("data.pkl") else template.read(info))
 
 
 def _children_of(pid: int) -> list[int]:
@@ -405,12 +541,13 @@ def _children_of(pid: int) -> list[int]:
     return out
 
 
-def _stop_while_reading(ckpt: Path, out: Path, sig: int, nproc: int) -> tuple[subprocess.Popen, str, float]:
+def _stop_while_reading(ckpt: Path, out: Path, sig: int, nproc: int,
+                        extra: tuple[str, ...]) -> tuple[subprocess.Popen, str, float]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     cmd = [*launcher, "-m", "probe_dist.main", f"checkpoint.path={ckpt}", f"output.dir={out}", *SMALL,
-           "distributed.timeout_s=120"]
+           "distributed.timeout_s=120", *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
@@ -420,7 +557,7 @@ def _stop_while_reading(ckpt: Path, out: Path, sig: int, nproc: int) -> tuple[su
             [line for line in lines if "staging this run" in line]) < nproc:
         assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
         time.sleep(0.2)
-    time.sleep(3.0)  # now every rank is blocked reading the FIFO (it never finishes)
+    time.sleep(3.0)  # now every rank is reading the checkpoint (the optimizer file alone takes tens of seconds)
     assert proc.poll() is None, "".join(lines)[-3000:]
     sent = time.monotonic()
     for pid in (_children_of(proc.pid) if nproc > 1 else [proc.pid]):
@@ -441,19 +578,16 @@ def _stop_while_reading(ckpt: Path, out: Path, sig: int, nproc: int) -> tuple[su
                                             pytest.param(signal.SIGTERM, 2, id="sigterm-two_ranks",
                                                          marks=pytest.mark.slow)])
 def test_stop_signal_while_a_file_is_slow_to_read(toy_checkpoint, tmp_path, sig, nproc):
-    """SIGTERM while adapter_config.json is being read from a file that never finishes: the run stops within 30 s
-    like at any other phase — exit 0, an `interrupted` summary (nothing computed, nothing to restore), no
-    traceback — and the checkpoint is as it was."""
+    """A stop signal while the checkpoint is read — here an optimizer.pt whose 64 MiB pickle record (allowed by
+    checkpoint.read_limits) takes tens of seconds to unpickle — ends the run within 30 s like at any other phase:
+    exit 0, an `interrupted` summary (nothing computed, nothing to restore), no traceback, the checkpoint as it
+    was. Not stopped, the same run would exit 2 once the record is read (not an optimizer state), so exit 0 with
+    `interrupted_while: loading` is the signal's doing."""
     ckpt = hostile_copy(toy_checkpoint, tmp_path)
-    (ckpt / "adapter_config.json").unlink()
-    stop = threading.Event()
-    _slow_fifo(ckpt / "adapter_config.json", stop)
+    _slow_optimizer_file(ckpt / "optimizer.pt", opcodes=32 << 20)
     before = tree_digest(ckpt)
     out = tmp_path / "out"
-    try:
-        proc, stderr, after_signal = _stop_while_reading(ckpt, out, sig, nproc)
-    finally:
-        stop.set()
+    proc, stderr, after_signal = _stop_while_reading(ckpt, out, sig, nproc, ("checkpoint.read_limits=pickle_mib=80",))
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert after_signal <= WALL_LIMIT_S, after_signal
@@ -461,6 +595,24 @@ def test_stop_signal_while_a_file_is_slow_to_read(toy_checkpoint, tmp_path, sig,
     assert summary["status"] == "interrupted" and summary["interrupted_while"] == "loading"
     assert summary["restore/verified_ranks"] == [True] * nproc and "entropy/base" not in summary
     assert tree_digest(ckpt) == before
+
+
+def test_a_blocked_read_is_interrupted(tmp_path):
+    """The mechanism for a read blocked in the kernel (a stalled network filesystem): within
+    `signals.interruptible()` the handler raises out of the blocked system call (EINTR). A FIFO nobody writes
+    stands in for the stalled file (the probe itself refuses FIFOs before opening them)."""
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    code = ("import sys\nfrom probe_dist.runtime import signals\nsignals.install()\nprint('reading', flush=True)\n"
+            "try:\n    with signals.interruptible():\n        open(sys.argv[1], 'rb').read()\n"
+            "except signals.StoppedWhileLoading as exc:\n    print('stopped', exc.signum)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(fifo)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "reading"
+    time.sleep(1.0)  # now blocked in open(): no writer will ever come
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=WALL_LIMIT_S)
+    assert out.strip() == f"stopped {int(signal.SIGTERM)}" and proc.returncode == 0
 
 
 # ------------------------------------------------------------------------------------------------ real TRL

@@ -79,7 +79,8 @@ class RewardModel:
         from probe_dist.state.bounds import check_safetensors_header
         from probe_dist.state.checks import read_json
 
-        read_json(folder / "config.json", "the reward model's config", "Re-save the reward model with save_pretrained.")
+        read_json(folder / "config.json", "the reward model's config", "Re-save the reward model with save_pretrained.",
+                  finite=True)
         for f in sorted(folder.glob("*.safetensors")):  # within the reading bounds before the loader reads them
             check_safetensors_header(f, "reward model weight file")
         try:

@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     import warnings
 
     from probe_dist.config import ConfigError, load_config
+    from probe_dist.errors import UserInputError
+    from probe_dist.state import bounds
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -54,12 +56,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         cfg = load_config(a.config, a.overrides)
-        plan = plan_memory(cfg, parse_bytes(a.gpu_mem) if a.gpu_mem else None, a.model_config,
-                           lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-                           lora_targets=[t for t in a.lora_targets.split(",") if t] if a.lora_targets else None,
-                           world_size=a.world_size, prompt_tokens=a.prompt_tokens, margin=a.margin,
-                           reserve_bytes=parse_bytes(a.reserve))
-    except (ConfigError, PlanError) as exc:
+        with bounds.using(cfg.checkpoint.read_limits):  # the checkpoint files it reads, as the probe reads them
+            plan = plan_memory(cfg, parse_bytes(a.gpu_mem) if a.gpu_mem else None, a.model_config,
+                               lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+                               lora_targets=[t for t in a.lora_targets.split(",") if t] if a.lora_targets else None,
+                               world_size=a.world_size, prompt_tokens=a.prompt_tokens, margin=a.margin,
+                               reserve_bytes=parse_bytes(a.reserve))
+    except (ConfigError, PlanError, UserInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(plan, indent=2) if a.json else format_plan(plan))

@@ -23,12 +23,17 @@ Every refusal is a `ReadLimitError` (a CheckpointError: exit 2, one paragraph).
 
 from __future__ import annotations
 
+import math
+import os
+import stat
 import struct
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+
+import torch
 
 from probe_dist.errors import CheckpointError
 
@@ -47,16 +52,18 @@ class ReadLimits:
     # *.index.json, DeepSpeed's `latest`: real ones are 1-100 KB (a 1,000-shard index ~150 KB). json.loads needs
     # ~20x the text in the worst case (`[[],[],...]`): ~300 MB at 16 MiB.
     json_mib: float = 16.0
-    # trainer_state.json grows with log_history: ~1 KB per logged GRPO step (TRL logs ~25 keys), so 64 MiB holds a
-    # 64,000-step run logged at every step; the toy's is 3 KB.
+    # trainer_state.json grows with log_history: ~1.3 KB per logged GRPO step (TRL logs ~25 keys), so 64 MiB holds a
+    # ~50,000-step run logged at every step (the toy's is 3 KB); JSON files are also refused past `objects`
+    # containers before parsing, which bounds the parser's memory (~1 GB at 64 MiB).
     trainer_state_mib: float = 64.0
     # training_args.bin (a pickled TrainingArguments / GRPOConfig): 7.6 KB for TRL 0.2x's GRPOConfig (data.pkl 6.4 KB).
     training_args_mib: float = 1.0
     # The pickle record (data.pkl) of a torch.save file (optimizer.pt, scheduler.pt, accelerate's *.bin, DeepSpeed's
     # *_states.pt, pytorch_model.bin): 6 KB for a LoRA optimizer.pt, 16 KB for a DeepSpeed model-states file of
-    # the toy; ~6 MB for a 100,000-tensor model's parameter-shape table. torch's weights_only unpickler allocates
-    # at most one object per opcode byte: measured 6.6 s and 300 MB for 4 M opcodes, so ~1.2 GB / ~30 s at 16 MiB.
-    pickle_mib: float = 16.0
+    # the toy, ~100 bytes per parameter tensor (30 KB for a 7B model's 291 tensors; a 40,000-tensor MoE's full
+    # fine-tune needs pickle_mib raised). torch's weights_only unpickler allocates up to ~250 bytes per opcode byte
+    # (16 MiB of EMPTY_SET: 4 GB, 38 s), so 4 MiB keeps the worst case near 1 GB / 10 s.
+    pickle_mib: float = 4.0
     # A safetensors header (JSON, before the tensor bytes): ~150 bytes per tensor; 100 KB for 700 tensors.
     safetensors_header_mib: float = 16.0
     # tokenizer.json / tokenizer.model / vocab files: 2-35 MB for current models (Gemma 3's tokenizer.json 33 MB).
@@ -91,9 +98,15 @@ def parse_limits(text: str | None) -> ReadLimits:
             raise CheckpointError(f"checkpoint.read_limits: {pair!r} is not name=value with a name among "
                                   f"{', '.join(names)}. Example: checkpoint.read_limits=\"trainer_state_mib=256\".")
         try:
-            number = float(value) if names[key] == "float" else int(value)
+            number = float(value)
         except ValueError:
             raise CheckpointError(f"checkpoint.read_limits: {key}={value!r} is not a number.") from None
+        if not math.isfinite(number):
+            raise CheckpointError(f"checkpoint.read_limits: {key}={value} must be a finite number.")
+        if names[key] == "int":
+            if not number.is_integer():
+                raise CheckpointError(f"checkpoint.read_limits: {key}={value} must be a whole number.")
+            number = int(number)
         if not number > 0 or (key == "depth" and number > _MAX_DEPTH):
             raise CheckpointError(f"checkpoint.read_limits: {key}={value} must be > 0"
                                   + (f" and at most {_MAX_DEPTH}" if key == "depth" else "") + ".")
@@ -138,9 +151,12 @@ def _mib(n: float) -> str:
 
 
 def read_bytes(path: Path, what: str, key: str) -> bytes:
-    """The bytes of `path`, read in 1 MiB chunks and refused past limits().<key> (MiB), whatever the file is (a
-    regular file, /dev/zero, a FIFO that never ends). Raises ReadLimitError; OSError passes to the caller."""
+    """The bytes of the regular file `path`, read in 1 MiB chunks and refused past limits().<key> (MiB) (a file that
+    grows while read stops there too). A device, FIFO or socket is refused before it is opened (a FIFO would block
+    forever, /dev/zero never end). Raises ReadLimitError; OSError (missing file, ...) passes to the caller."""
     bound = int(getattr(limits(), key) * MiB)
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block forever, a device never end
+        raise _refuse(path, what, "is not a regular file (a device, FIFO or socket)", None)
     parts, total = [], 0
     with open(path, "rb") as handle:
         while True:
@@ -152,6 +168,16 @@ def read_bytes(path: Path, what: str, key: str) -> bytes:
             if total > bound:
                 raise _refuse(path, what, f"is larger than {_mib(bound)} (the bound for this kind of file)", key)
     return b"".join(parts)
+
+
+def check_json_containers(data: bytes, path: Path | str, what: str) -> None:
+    """Before parsing JSON text: at most limits().objects '{' and '[' bytes (an upper bound on its containers, as
+    brackets inside strings are counted too). The parser's memory is then bounded (`{},` repeated costs ~60
+    bytes per input byte otherwise). Raises ReadLimitError."""
+    count = data.count(b"{") + data.count(b"[")
+    if count > limits().objects:
+        raise _refuse(path, what, f"holds more than {limits().objects:,} objects and arrays ({count:,} brackets)",
+                      "objects")
 
 
 def check_size(path: Path, what: str, key: str) -> None:
@@ -168,7 +194,8 @@ def check_size(path: Path, what: str, key: str) -> None:
 
 def check_pickle_record(path: Path, what: str) -> None:
     """Before torch.load(weights_only=True) of `path`: a regular file whose pickle record (data.pkl of a torch.save
-    zip archive; the whole file for the legacy pre-1.6 format) is within limits().pickle_mib, and a zip directory of
+    zip archive; the whole file for the legacy pre-1.6 format) is within limits().pickle_mib, every record stored
+    uncompressed (as torch.save writes them: a deflated record could inflate to gigabytes), and a zip directory of
     at most limits().objects entries. Raises ReadLimitError."""
     path = Path(path)
     if not path.is_file():
@@ -186,6 +213,9 @@ def check_pickle_record(path: Path, what: str) -> None:
             raise _refuse(path, what, f"is an archive of {len(infos)} records, more than {limits().objects}",
                           "objects")
         for info in infos:
+            if info.compress_type != zipfile.ZIP_STORED:  # torch.save stores every record raw
+                raise _refuse(path, what, f"holds a compressed record ({info.filename}, {_mib(info.file_size)} "
+                                          "inflated), which torch.save never writes", None)
             if info.filename.endswith("data.pkl") and info.file_size > bound:
                 raise _refuse(path, what, f"has a {_mib(info.file_size)} pickle record ({info.filename}), larger "
                                           f"than {_mib(bound)}", "pickle_mib")
@@ -214,6 +244,26 @@ def check_safetensors_header(path: Path, what: str) -> None:
 # ------------------------------------------------------------------------------------------------ structure
 
 
+def _check_leaf(value, path, what: str, finite: bool) -> None:
+    """An int beyond 2**1024 (no float holds it: every later check would raise OverflowError), a tensor whose shape
+    covers more elements than its storage holds (a stride-0 view: checking 2**40 elements of a 1,000-element
+    storage takes hours), and with `finite` a NaN or infinite float."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > 1024:
+            raise _refuse(path, what, f"holds an integer of {value.bit_length()} bits, beyond any float (a trainer "
+                                      "writes none)", None)
+    elif isinstance(value, float):
+        if finite and not math.isfinite(value):
+            raise _refuse(path, what, f"holds the value {value} (NaN or infinite), which no model setting can be",
+                          None)
+    elif isinstance(value, torch.Tensor) and value.layout == torch.strided and value.numel() > 0:
+        capacity = value.untyped_storage().nbytes() // max(value.element_size(), 1) - value.storage_offset()
+        if value.numel() > capacity:
+            raise _refuse(path, what, f"holds a tensor of shape {tuple(value.shape)} over a storage of {capacity:,} "
+                                      "elements (a view that repeats its storage; a trainer saves dense tensors)",
+                          None)
+
+
 def containers(value) -> tuple | None:
     """The references a container holds (None for a leaf: numbers, strings, bytes, tensors, anything else)."""
     if isinstance(value, dict):
@@ -223,7 +273,7 @@ def containers(value) -> tuple | None:
     return None
 
 
-def check_structure(value, path: Path | str, what: str, children=containers) -> None:
+def check_structure(value, path: Path | str, what: str, children=containers, *, finite: bool = False) -> None:
     """Refuse (ReadLimitError naming `what` and `path`) a parsed or unpickled structure that is nested deeper than
     limits().depth, holds more than limits().objects distinct containers, would exceed limits().expanded nodes with
     its shared references expanded, or contains itself.
@@ -239,6 +289,7 @@ def check_structure(value, path: Path | str, what: str, children=containers) -> 
     def visit(node, depth: int) -> int:
         refs = children(node)
         if refs is None:
+            _check_leaf(node, path, what, finite)
             return 1
         key = id(node)
         if key in sizes:
@@ -265,4 +316,4 @@ def check_structure(value, path: Path | str, what: str, children=containers) -> 
 
 
 __all__ = ["DEFAULTS", "ReadLimitError", "ReadLimits", "check_pickle_record", "check_safetensors_header",
-           "check_size", "check_structure", "containers", "limits", "parse_limits", "read_bytes", "set_limits", "using"]
+           "check_json_containers", "check_size", "check_structure", "containers", "limits", "parse_limits", "read_bytes", "set_limits", "using"]

@@ -30,11 +30,12 @@ def is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def read_json(path: Path, what: str, fix: str, *, limit: str = "json_mib"):
-    """The parsed JSON of `path`, within the reading bounds (`state.bounds`: limits().<limit> MiB, depth, object
-    count). Raises CheckpointError naming the file (the line and column of a syntax error) and `fix`;
-    ReadLimitError (a CheckpointError) when a bound is hit."""
-    from probe_dist.state.bounds import check_structure, read_bytes
+def read_json(path: Path, what: str, fix: str, *, limit: str = "json_mib", finite: bool = False):
+    """The parsed JSON of `path`, within the reading bounds (`state.bounds`: limits().<limit> MiB, a regular file,
+    the count of objects and arrays before parsing, then depth and leaves); with `finite`, NaN and Infinity are
+    refused too (model configs; a trainer_state.json may log a NaN loss). Raises CheckpointError naming the file
+    (the line and column of a syntax error) and `fix`; ReadLimitError (a CheckpointError) when a bound is hit."""
+    from probe_dist.state.bounds import check_json_containers, check_structure, read_bytes
 
     try:
         data = read_bytes(Path(path), what, limit)
@@ -46,6 +47,7 @@ def read_json(path: Path, what: str, fix: str, *, limit: str = "json_mib"):
         line = data.count(b"\n", 0, exc.start) + 1
         raise CheckpointError(f"{what} {str(path)!r}, line {line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}). "
                               f"{fix}") from None
+    check_json_containers(data, path, what)
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -59,7 +61,7 @@ def read_json(path: Path, what: str, fix: str, *, limit: str = "json_mib"):
                               f"{fix}") from None
     except ValueError as exc:  # e.g. an integer of more than 4300 digits (Python's int-parsing limit)
         raise CheckpointError(f"{what} {str(path)!r} holds a value Python cannot read ({exc}). {fix}") from None
-    check_structure(parsed, path, what)
+    check_structure(parsed, path, what, finite=finite)
     return parsed
 
 
@@ -138,7 +140,12 @@ def check_safetensors(path: Path, what: str) -> list[str]:
     padded file fails here, named) and is within the reading bounds (`state.bounds`); CheckpointError otherwise."""
     from safetensors import safe_open
 
-    if not path.is_file():
+    try:
+        present = path.is_file()
+    except OSError as exc:  # e.g. a name too long for the filesystem, from an index file
+        raise CheckpointError(f"{what} {str(path)[:300]!r} cannot be looked up ({exc.strerror}). Re-save the model "
+                              "with save_pretrained.") from None
+    if not present:
         raise CheckpointError(f"{what} {str(path)!r} does not exist (it is listed by the index next to it). "
                               "Copy the missing shard, or re-save the model.")
     from probe_dist.state.bounds import check_safetensors_header
@@ -170,7 +177,7 @@ def check_weight_files(base: Path, adapter: Path | None) -> None:
             continue
         for name in ("generation_config.json", "pytorch_model.bin.index.json"):
             if (folder / name).exists():
-                read_json(folder / name, "model file", "Re-save the model with save_pretrained.")
+                read_json(folder / name, "model file", "Re-save the model with save_pretrained.", finite=True)
         for f in sorted(folder.glob("*.bin")):  # torch.load(weights_only=True) by transformers / peft
             if f.name != "training_args.bin":
                 check_pickle_record(f, "model weight file")

@@ -90,8 +90,13 @@ def tag_folder(root: Path) -> Path:
         from probe_dist.state.bounds import read_bytes
 
         tag = read_bytes(latest, "DeepSpeed's tag file", "json_mib").decode("utf-8", "replace").strip()
-        if (root / tag).is_dir():
+        try:
+            found = len(tag) <= 255 and (root / tag).is_dir()
+        except (OSError, ValueError):  # a NUL byte, a name the filesystem cannot hold
+            found = False
+        if found:
             return root / tag
+        tag = tag if len(tag) <= 100 else tag[:100] + f"... ({len(tag)} characters)"
         raise CheckpointError(f"{str(latest)!r} names {tag!r}, which is not a folder in {str(root)!r}: copy the whole "
                               "DeepSpeed checkpoint, or point checkpoint.path at its global_stepN folder.")
     tags = sorted(p for p in root.glob("global_step*") if p.is_dir())

@@ -17,6 +17,7 @@ import torch
 
 from probe_dist.errors import CheckpointError
 from probe_dist.state.model import (
+    check_adapter_complete,
     check_trainable_count,
     load_model,
     model_max_positions,
@@ -87,7 +88,8 @@ def load_training_state(source: CheckpointSource, tokenizer, *, dtype: torch.dty
     paths = source.paths
     optimizer_blob = source.read_optimizer()  # weights_only; finite state, before the model loads
     model = load_model(paths, dtype, device)  # complete weight files, finite weights
-    source.load_weights(model)  # trainable weights a format keeps outside the model folders (fp32 masters)
+    if not source.load_weights(model) and paths.adapter is not None:  # θ is the adapter file's: all of it there
+        check_adapter_complete(model, paths.adapter)
     trainable = trainable_parameters(model)
     n_trainable = check_trainable_count(trainable, max_trainable_params, allow_full_finetune)
     optimizer_blob = name_optimizer_blob(optimizer_blob, model, paths.optimizer)

@@ -57,14 +57,21 @@ def load_tokenizer(path: Path, source: str = ""):
 def _check_tokenizer_files(path: Path) -> None:
     """The reading bounds (`state.bounds`) on what the tokenizer loader will read from `path`: its JSON files parsed
     within depth and size, the vocabulary files within tokenizer_mib. Raises ReadLimitError."""
-    from probe_dist.state.bounds import check_size
+    from probe_dist.state.bounds import check_json_containers, check_size, read_bytes
 
-    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.json"):
         if (path / name).exists():
             read_json(path / name, "tokenizer file", "Re-save the tokenizer with save_pretrained.")
+    templates = [path / "chat_template.jinja", *sorted(path.glob("additional_chat_templates/*"))]
+    for f in templates:  # read by the tokenizer loader as text: real templates are a few KB
+        check_size(f, "chat template", "json_mib")
     for name in TOKENIZER_FILES + ("merges.txt",):
         if name != "tokenizer_config.json":
             check_size(path / name, "tokenizer file", "tokenizer_mib")
+    for name in ("tokenizer.json", "vocab.json", "tekken.json"):  # parsed as JSON by the loaders
+        if (path / name).is_file():
+            check_json_containers(read_bytes(path / name, "tokenizer file", "tokenizer_mib"), path / name,
+                                  "tokenizer file")
 
 
 def _weight_pickles(directory: Path, names: tuple[str, ...]) -> str:
@@ -126,6 +133,34 @@ def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device)
     return model
 
 
+def check_adapter_complete(model, adapter: Path) -> None:
+    """Every tensor the loaded adapter holds (peft's `get_peft_model_state_dict`: what save_pretrained writes) is in
+    the adapter's weight file. peft only warns about missing keys and keeps the fresh initialisation (lora_B = 0):
+    the probe would measure an untrained adapter against the checkpoint's AdamW state. Raises CheckpointError."""
+    from peft.utils import get_peft_model_state_dict
+
+    from probe_dist.state.checks import bounded_torch_load
+
+    adapter = Path(adapter)
+    f = adapter / "adapter_model.safetensors"
+    if f.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as handle:
+            saved = set(handle.keys())
+    else:
+        f = adapter / "adapter_model.bin"
+        blob = bounded_torch_load(f, "the adapter weight file", lambda exc: CheckpointError(
+            f"could not read the adapter weight file {str(f)!r}: {exc}"))
+        saved = set(blob) if isinstance(blob, dict) else set()
+    missing = sorted(set(get_peft_model_state_dict(model)) - saved)
+    if missing:
+        raise CheckpointError(f"the adapter weight file {str(f)!r} lacks {len(missing)} of the adapter's tensors (e.g. "
+                              f"{missing[:2]}): peft would start them fresh and the probe would measure another "
+                              "model than the one trained. Copy the adapter again (adapter_model.safetensors as "
+                              "peft's save_pretrained wrote it).")
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of every parameter with requires_grad, in named_parameters() order: θ."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -155,7 +190,7 @@ def model_max_positions(base: Path) -> int | None:
         raise CheckpointError(f"the base model directory {str(base)!r} has no config.json. Point checkpoint.base (or "
                               "checkpoint.path with a base/ folder) at a Hugging Face model directory saved with "
                               "save_pretrained (config.json + *.safetensors).")
-    read_json(config_file, "base model config", "Re-save the base model with save_pretrained.")
+    read_json(config_file, "base model config", "Re-save the base model with save_pretrained.", finite=True)
     from transformers import AutoConfig
 
     try:

@@ -73,7 +73,8 @@ def check_optimizer_blob(blob, path: Path) -> dict:
     state = sd.get("state") if isinstance(sd, dict) else None
     if ((names is not None and (not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names)))
             or not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                                       for g in groups)
+                                                       and all(isinstance(i, int) and not isinstance(i, bool)
+                                                               for i in g["params"]) for g in groups)
             or not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values())):
         raise CheckpointError(f"optimizer file {str(path)!r} is malformed: 'param_names' must be a list of names and "
                               "'state_dict' an optimizer state dict ({'state': {id: {...}}, 'param_groups': "

@@ -70,7 +70,7 @@ def resolve_paths(checkpoint_cfg) -> CheckpointPaths:
     if adapter is not None:
         adapter_config = adapter / "adapter_config.json"
         fix = "Re-save the adapter with peft's save_pretrained (or restore the file from the training run)."
-        parsed = read_json(adapter_config, "adapter config", fix)
+        parsed = read_json(adapter_config, "adapter config", fix, finite=True)
         if not isinstance(parsed, dict) or not isinstance(parsed.get("peft_type"), str):
             raise CheckpointError(f"adapter config {str(adapter_config)!r} is not a peft adapter config (a JSON "
                                   f"object with a 'peft_type' such as \"LORA\"). {fix}")

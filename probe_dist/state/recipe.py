@@ -205,7 +205,7 @@ def unsupported_training(recorded: dict, kind: str) -> list[str]:
     if isinstance(generation, str):  # TRL accepts a JSON string on the command line
         try:
             generation = json.loads(generation)
-        except ValueError:
+        except (ValueError, RecursionError):
             generation = None
     if isinstance(generation, dict):
         changed = {k: v for k, v in generation.items() if _reshapes_sampling(k, v, recorded.get("temperature"))}

@@ -112,7 +112,8 @@ class CheckpointSource:
                 "recipe_class": self.recipe_class}
         if self.trainer_state:
             info["global_step"] = self.trainer_state.get("global_step")
-            logged = [e for e in self.trainer_state.get("log_history") or [] if isinstance(e, dict)
+            history = self.trainer_state.get("log_history")
+            logged = [e for e in (history if isinstance(history, list) else []) if isinstance(e, dict)
                       and "learning_rate" in e]
             info["last_logged_lr"] = logged[-1]["learning_rate"] if logged else None  # the lr of the last step taken
         if self.scheduler is not None:
@@ -199,11 +200,12 @@ def safe_torch_load(path: Path, what: str):
 
 
 def read_json_object(path: Path, what: str, fix: str) -> dict:
-    """The JSON object in `path`. Raises CheckpointError naming `what` and `fix` when the file cannot be read,
-    is not valid UTF-8 JSON, or holds anything but an object."""
+    """The JSON object in `path` (a model or adapter config: NaN and Infinity refused). Raises CheckpointError
+    naming `what` and `fix` when the file cannot be read, is not valid UTF-8 JSON, or holds anything but an
+    object; ReadLimitError past the reading bounds (`state.bounds`)."""
     from probe_dist.state.checks import read_json
 
-    parsed = read_json(path, what, fix)
+    parsed = read_json(path, what, fix, finite=True)
     if not isinstance(parsed, dict):
         raise CheckpointError(f"{what} {str(path)!r} is not a JSON object. {fix}")
     return parsed
@@ -217,8 +219,11 @@ def local_base(name: str, where: str) -> Path:
         raise CheckpointError(f"{where} does not name its base model (base_model_name_or_path): pass "
                               "checkpoint.base=/path/to/the/base/model.")
     path = Path(name).expanduser()
-    if path.is_dir():
-        return path
+    try:
+        if path.is_dir():
+            return path
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte: not a local folder
+        pass
     try:
         from huggingface_hub import snapshot_download
 
