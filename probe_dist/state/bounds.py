@@ -136,11 +136,15 @@ def using(text: str | None) -> Iterator[ReadLimits]:
 
 
 def _refuse(path: Path | str, what: str, problem: str, key: str | None) -> ReadLimitError:
-    raise_more = (f" If the file is genuine, raise the bound: checkpoint.read_limits=\"{key}=<larger>\"."
-                  if key else "")
-    return ReadLimitError(f"{what} {str(path)!r} {problem}. Real checkpoints stay far below this bound, so the file "
-                          f"is probably damaged or not what its name says: copy it again from the training run."
-                          f"{raise_more}")
+    """The one-paragraph refusal: the file, what is wrong, and what to do — with `key` (a bound a genuine file could
+    exceed) the override that raises it; without (a value or file type no trainer writes) only the fix."""
+    if key:
+        advice = (" Real checkpoints stay far below this bound, so the file is probably damaged or not what its name "
+                  "says: copy it again from the training run. If the file is genuine, raise the bound: "
+                  f"checkpoint.read_limits=\"{key}=<larger>\".")
+    else:
+        advice = " No trainer writes such a file: copy it again from the training run."
+    return ReadLimitError(f"{what} {str(path)!r} {problem}.{advice}")
 
 
 def _mib(n: float) -> str:
