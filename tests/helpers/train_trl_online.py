@@ -14,6 +14,7 @@ optimizer stepped on, lr.json). With --probe-every, every rank writes probe_rank
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -92,3 +93,12 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Under accelerate launch, gloo's background threads occasionally abort a finished process in C++ teardown
+    # ("terminate called without an active exception", seen in CI on the run *without* the probe) even after
+    # destroy_process_group; everything is written and flushed, so the process ends here.
+    os._exit(0)
