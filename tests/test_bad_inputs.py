@@ -123,6 +123,18 @@ def edit_safetensors(rel: str, pick: str, value: float) -> Callable:
     return setup
 
 
+def drop_tensor(rel: str, pick: str) -> Callable:
+    """Remove the first tensor whose name contains `pick` from a safetensors file (metadata kept)."""
+    def setup(ckpt: Path, tmp: Path, run: Run) -> None:
+        path = ckpt / rel
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(path))
+        del tensors[next(n for n in tensors if pick in n)]
+        save_file(tensors, str(path), metadata=metadata)
+    return setup
+
+
 def truncate(rel: str, keep: float = 0.5) -> Callable:
     def setup(ckpt: Path, tmp: Path, run: Run) -> None:
         path = ckpt / rel
@@ -291,6 +303,13 @@ CASES = [
           "Copy the adapter")),
     Case("base_weights_missing", remove("base/model.safetensors"),
          ("no model weights in the base model folder", "model.safetensors", "Copy the weights")),
+    # transformers initialises a parameter missing from the files at random and only prints a load report
+    Case("base_weight_tensor_missing", drop_tensor("base/model.safetensors", "layers.0.mlp.down_proj"),
+         ("base model", "lack 1 of the parameters", "'model.layers.0.mlp.down_proj.weight'", "at random",
+          "Copy the complete weights")),
+    # finite weights, yet the forward overflows: peft multiplies every LoRA product by lora_alpha / r
+    Case("adapter_scaling_overflows", lambda ckpt, tmp, run: edit_json(ckpt / "adapter_config.json", lora_alpha=1e308),
+         ("gives NaN/inf logits", "weights are finite", "lora_alpha / r = 1.25e+307", "adapter_config.json")),
     Case("adapter_rank_mismatch", lambda ckpt, tmp, run: edit_json(ckpt / "adapter_config.json", r=4),
          ("could not load the adapter", "adapter_config.json", "trained on this base model")),
     # --- optimizer state

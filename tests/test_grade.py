@@ -478,6 +478,17 @@ def test_grade_refusals(toy_checkpoint, tmp_path):
     model.save_pretrained(tmp_path / "ok")
     with pytest.raises(RewardModelError, match="vocabulary"):
         RewardModel.load(tmp_path / "ok", dtype=torch.float32, device=torch.device("cpu"), vocab_size=40)
+    # A folder whose weights lack the score head (a causal LM's weights under a classifier's config): transformers
+    # would start the head at random; the probe refuses it.
+    from safetensors.torch import load_file, save_file
+
+    headless = tmp_path / "headless"
+    model.save_pretrained(headless)
+    weights = load_file(str(headless / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("score.")}, str(headless / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(RewardModelError, match=r"lack 1 of the parameters .*'score.weight'"):
+        RewardModel.load(headless, dtype=torch.float32, device=torch.device("cpu"), vocab_size=16)
     model.config.num_labels = 2
     model.save_pretrained(tmp_path / "two")
     with pytest.raises(RewardModelError, match="num_labels"):

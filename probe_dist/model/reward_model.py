@@ -63,9 +63,12 @@ class RewardModel:
         """The reward model in `path` (config.json + *.safetensors), frozen, eval mode, on `device`.
 
         Raises RewardModelError (exit 2) when the folder is missing, holds no safetensors weights, is not a
-        one-label sequence classifier with a linear `score` head, or its embedding rows differ from the policy's
+        one-label sequence classifier with a linear `score` head, its weight files lack a parameter (the
+        `score` head of a causal LM saved as a reward model), or its embedding rows differ from the policy's
         vocabulary size (soft tokens are distributions over the policy's token ids)."""
         from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        from probe_dist.state.checks import check_loading_info
 
         folder = Path(path)
         if not folder.is_dir():
@@ -101,11 +104,12 @@ class RewardModel:
             raise RewardModelError(f"update.reward_model {str(folder)!r} has num_labels={config.num_labels}; a "
                                    "reward model has one scalar output (num_labels=1).")
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=dtype, use_safetensors=True,
-                                                                       local_files_only=True)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, output_loading_info=True)
         except (ValueError, OSError) as exc:
             raise RewardModelError(f"update.reward_model {str(folder)!r} could not be loaded as a sequence "
                                    f"classifier: {exc}") from None
+        check_loading_info(info, f"update.reward_model {str(folder)!r}", RewardModelError)
         if not isinstance(getattr(model, "score", None), torch.nn.Linear):
             raise RewardModelError(f"update.reward_model {str(folder)!r} ({type(model).__name__}) has no linear "
                                    "`score` head; use a decoder-style *ForSequenceClassification model.")

@@ -287,6 +287,28 @@ def is_unsafe_pickle_error(exc: BaseException) -> bool:
     return _is_weights_only_refusal(exc) and "GLOBAL" in str(exc)
 
 
+def check_loading_info(info: dict, what: str, error: type[Exception] = CheckpointError) -> None:
+    """Refuse a model whose weight files lack parameters its config.json describes, or hold them in other shapes.
+
+    info: the `output_loading_info` of transformers' `from_pretrained` (tied weights are not listed as missing).
+    transformers only prints a load report for `missing_keys` and initialises those parameters at random, so a
+    truncated shard set, a weight file of another model or a causal LM loaded as a reward model (its `score` head
+    missing) would otherwise give the numbers of another model without an error. what: names the model and its
+    folder in the message. Raises `error` (CheckpointError) naming up to three of the parameters."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (info.get("mismatched_keys") or ()))
+    if not missing and not mismatched:
+        return
+    names = missing or mismatched
+    lack = (f"lack {len(missing)} of the parameters its config.json describes" if missing
+            else f"hold {len(mismatched)} parameters in shapes its config.json does not describe")
+    raise error(
+        f"the weight files of {what} {lack} (e.g. {', '.join(repr(n) for n in names[:3])}): transformers would "
+        "initialise them at random and the probe would measure another model. Copy the complete weights (every "
+        "shard listed in model.safetensors.index.json) saved with save_pretrained, or the config.json that belongs "
+        "to them.")
+
+
 def load_error_text(exc: BaseException) -> str:
     """`type: message` of a loader's exception, for a CheckpointError; for a weights_only refusal, only torch's
     reason (not its advice to retry with weights_only=False)."""

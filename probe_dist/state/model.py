@@ -93,6 +93,7 @@ def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device)
 
     from probe_dist.state.checks import (
         check_finite_parameters,
+        check_loading_info,
         check_weight_files,
         is_unsafe_pickle_error,
         load_error_text,
@@ -102,7 +103,8 @@ def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device)
     hf_logging.disable_progress_bar()  # rank-prefixed logs instead of one progress bar per rank
     check_weight_files(paths.base, paths.adapter)
     try:
-        base = AutoModelForCausalLM.from_pretrained(str(paths.base), dtype=dtype, weights_only=True)
+        base, info = AutoModelForCausalLM.from_pretrained(str(paths.base), dtype=dtype, weights_only=True,
+                                                          output_loading_info=True)
     except (torch.OutOfMemoryError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - an unloadable base is the user's to fix, whatever the loader raised
@@ -111,6 +113,7 @@ def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device)
         raise CheckpointError(f"could not load the base model from {str(paths.base)!r}: {load_error_text(exc)}. "
                               "Check that it is a complete Hugging Face model folder "
                               "(config.json + *.safetensors, as written by save_pretrained).") from None
+    check_loading_info(info, f"the base model {str(paths.base)!r}")
     base.to(device)  # the finiteness pass below runs on the device (fast on a GPU), with the base file's names
     check_finite_parameters([*base.named_parameters(), *base.named_buffers()], adapter=False, source=paths.base)
     if paths.adapter is not None:
@@ -130,7 +133,31 @@ def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device)
         model = base
     model.to(device)
     model.eval()  # dropout (LoRA dropout included) off for every probe pass
+    check_finite_forward(model, paths)
     return model
+
+
+def check_finite_forward(model, paths: CheckpointPaths) -> None:
+    """One forward of two tokens (ids 0 and 1) must give finite logits: finite weights can still overflow, most
+    often through an adapter's scaling lora_alpha / r (peft multiplies every LoRA product by it), which would
+    otherwise surface as an invalid sampling distribution deep in the run. Raises NonFiniteError (exit 2) naming
+    the adapter's scaling where there is one. Costs one forward of length 2."""
+    from probe_dist.state.checks import NonFiniteError
+
+    with torch.no_grad():
+        ids = torch.tensor([[0, 1]], device=next(model.parameters()).device)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    if bool(torch.isfinite(logits).all()):
+        return
+    tables = [m.scaling for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]  # peft LoRA
+    scalings = sorted({float(v) for table in tables for v in table.values()})
+    adapter = (f" The adapter {str(paths.adapter)!r} scales every LoRA product by lora_alpha / r = "
+               f"{', '.join(f'{v:.3g}' for v in scalings)} (adapter_config.json; common settings give 0.5 to 4): a "
+               "scaling that overflows is an edited or corrupted lora_alpha or r." if scalings else "")
+    raise NonFiniteError(
+        f"the model loaded from {str(paths.base)!r}{' with its adapter' if paths.adapter else ''} gives NaN/inf "
+        f"logits on a two-token input although its weights are finite: the forward pass overflows.{adapter} Fix "
+        "the checkpoint's config (or use precision.dtype=float32 if a low-precision dtype overflows).")
 
 
 def check_adapter_complete(model, adapter: Path) -> None:
