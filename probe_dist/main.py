@@ -77,7 +77,18 @@ def _log_to_files(level: int, msg: str) -> None:
 
 
 def run(cfg, rt, out_dir: Path) -> dict:
-    """Build and run the probe; write every output file into `out_dir` (the staging directory) on rank 0."""
+    """Build and run the probe; write every output file into `out_dir` (the staging directory) on rank 0. Rank 0
+    shows a progress bar per phase when output.progress asks for one (runtime/progress.py)."""
+    from probe_dist.runtime import progress
+
+    progress.configure(progress.wanted(cfg.output.progress, rt.rank))
+    try:
+        return _run(cfg, rt, out_dir)
+    finally:
+        progress.configure(False)  # a later probe in this process (the online probe, tests) shows none
+
+
+def _run(cfg, rt, out_dir: Path) -> dict:
     from probe_dist.assemble import build_probe
     from probe_dist.report.build import build_outputs
     from probe_dist.results import ProbeResult
@@ -128,6 +139,9 @@ def main(argv=None) -> int:
     setup_logging(rank, level("info"))
     try:
         cfg = load_config(args.config, args.overrides)
+        from probe_dist.report.trackers import check_available
+
+        check_available(cfg.output.report_to)  # before anything loads
     except UserInputError as exc:
         return _user_error(exc)
     setup_logging(rank, level(cfg.log_level))

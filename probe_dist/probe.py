@@ -140,7 +140,7 @@ class Probe:
             theta0 = [t.clone() for t in snapshot.params]
             for eta in est.etas:
                 self.check_stop()
-                with self.clock.phase(phases.SWEEP):
+                with self.clock.phase(phases.SWEEP, f"{phases.SWEEP} η={eta:g}"):
                     if cfg.update.route == "real_step":
                         def move(eta=eta):
                             real_step(self.optimizer, self.trainable, res.update.grad, eta)

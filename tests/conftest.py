@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models: one thread per process is faster and immune to oversubscription on a 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# output.report_to=wandb in tests: offline (never the network), and without wandb's console lines.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

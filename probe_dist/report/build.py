@@ -120,4 +120,11 @@ def build_outputs(cfg, rt, result: ProbeResult, summary: dict, *, out_dir: Path,
         write_plot(out_dir, summary)
         write_report(out_dir, summary, rows)
     write_summary(out_dir, summary)
+    if cfg.output.report_to != "none":
+        import dataclasses
+
+        from probe_dist.report.trackers import log_run
+
+        log_run(cfg.output.report_to, summary, out_dir, config=dataclasses.asdict(cfg),
+                final_dir=Path(cfg.output.dir))
     return summary

@@ -56,6 +56,15 @@ def is_probe_file(name: str) -> bool:
     return name in RESULT_FILES or is_log(name)
 
 
+def is_tracker_dir(entry: os.DirEntry) -> bool:
+    """A tracker folder an earlier run wrote (output.report_to: `tensorboard/`, `wandb/`, each holding the
+    probe's marker file): replaced with the rest of output.dir. A user's own folder of that name is not."""
+    from probe_dist.report.trackers import MARKER, TRACKERS
+
+    return (entry.name in TRACKERS and entry.is_dir(follow_symlinks=False)
+            and os.path.isfile(os.path.join(entry.path, MARKER)))
+
+
 def new_run_id() -> str:
     """`YYYYmmdd-HHMMSS-<6 hex>`: sortable, and unique even for runs started in the same second."""
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -128,7 +137,7 @@ def check_output_dir(out_dir: Path, shown: str) -> None:
         raise OutputDirError(f"output.dir {shown!r} exists and is not a directory; choose another output.dir or "
                              "remove that file.")
     foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(out_dir)
-                     if not (e.is_file(follow_symlinks=False) and is_probe_file(e.name)))
+                     if not (e.is_file(follow_symlinks=False) and is_probe_file(e.name)) and not is_tracker_dir(e))
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputDirError(f"output.dir {shown!r} holds entries the probe did not write ({listed}). A run "

@@ -19,6 +19,7 @@ from probe_dist.rollout.batch import (
     group_advantages,
 )
 from probe_dist.rollout.generate import response_seed, sample_rows
+from probe_dist.runtime import progress
 from probe_dist.runtime.sharding import block_ranges, groups_per_block, max_groups_per_rank, shard_groups
 
 log = logging.getLogger("probe_dist")
@@ -143,13 +144,17 @@ def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig,
     reward_fn = get_rewards(sampling.reward)
     per_block = groups_per_block(rows_per_chunk, group_size, num_prompts)
     groups: list[Group] = []
-    for block, weights in rank_blocks(num_prompts, per_block, rt.world_size, rt.rank):
-        groups += sample_block(decoder, tokenizer, [chosen[p][1] for p in block], block, seed=sampling.seed,
+    mine = rank_blocks(num_prompts, per_block, rt.world_size, rt.rank)
+    progress.expect(sum(len(block) for block, _ in mine) * group_size)
+    for block, weights in mine:
+        new = sample_block(decoder, tokenizer, [chosen[p][1] for p in block], block, seed=sampling.seed,
                                name=name, group_size=group_size, temperature=sampling.temperature,
                                max_new_tokens=sampling.max_new_tokens, reward_fn=reward_fn, loss_family=loss_family,
                                adv_eps=adv_eps, device=rt.device, rows_per_chunk=rows_per_chunk, lockstep=lockstep,
                                weights=weights, eos_ids=eos_ids, scale_rewards=scale_rewards,
                                bos=sampling.bos or "always")
+        groups += new
+        progress.advance(sum(g.size for g in new), sum(int(g.lengths.sum()) for g in new))
         if after_group is not None:
             after_group()  # a safe point: every rank decodes the same number of blocks
     real = [g for g in groups if g.weight > 0]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from probe_dist.runtime import progress
 from probe_dist.runtime.meter import PhaseMemoryRecorder, merge_phase_records
 
 
@@ -28,9 +29,10 @@ class PhaseClock:
     memory: dict = field(default_factory=dict)
 
     @contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str, label: str | None = None):
         """Context that times phase `name` (seconds add up over repeated entries, also for a phase that raises;
-        with `profile`, memory too, for phases that finish).
+        with `profile`, memory too, for phases that finish), under a progress bar titled `label` (default: the
+        name) when bars are on (runtime/progress.py).
         On entry it raises RuntimeError when debug.fault names this rank and phase, and sends debug.signal."""
         if self.fault and self.fault == f"{self.rank}:{name}":
             raise RuntimeError(f"injected fault (debug.fault={self.fault})")
@@ -38,8 +40,8 @@ class PhaseClock:
         recorder = PhaseMemoryRecorder(self.device) if self.profile else nullcontext()
         start = time.perf_counter()
         try:
-            with recorder:  # resets the CUDA peaks and peak RSS, meters bytes saved for backward
-                yield
+            with recorder, progress.phase(label or name):  # recorder: resets the CUDA peaks and peak RSS,
+                yield                                           # meters bytes saved for backward
         finally:  # a phase that ends by a stop or an error still reports the time it took
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         if self.profile:

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import torch
 
-from probe_dist.runtime import signals
+from probe_dist.runtime import progress, signals
 
 log = logging.getLogger("probe_dist")
 G = TypeVar("G")
@@ -51,6 +51,7 @@ def run_groups(rt, sizes: MicrobatchSizes, kind: str, groups: Sequence[G], *, st
     """
     while True:
         state, failed, any_failed = start(), False, False
+        progress.expect(sum(_rows(g) for g in groups))  # a pass starts (again, after an OOM retry)
         for index, group in enumerate(groups):
             if not failed:
                 try:
@@ -76,3 +77,8 @@ def run_groups(rt, sizes: MicrobatchSizes, kind: str, groups: Sequence[G], *, st
                               "memory.microbatch_* / memory.logits_chunk, or set memory.auto_microbatch=true.")
         setattr(sizes, kind, max(1, current // 2))
         log.warning("auto_microbatch: retrying with memory.microbatch_%s=%d", kind, max(1, current // 2))
+
+
+def _rows(item) -> int:
+    """Sequences in one item of a pass: a prompt group (`.size` rows) or a block of them."""
+    return int(item.size) if hasattr(item, "size") else sum(int(g.size) for g in item)
