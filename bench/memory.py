@@ -80,7 +80,7 @@ class ProfilingClock(PhaseClock):
     """PhaseClock whose memory record per phase comes from PhaseMemoryRecorder (saved bytes, RSS, CUDA peaks)."""
 
     @contextlib.contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str, label: str | None = None):  # label: the progress bar title (no bars here)
         gc.collect()
         start = time.perf_counter()
         with PhaseMemoryRecorder(self.device) as rec:

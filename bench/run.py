@@ -177,15 +177,26 @@ def gpu_checkpoint(work: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--out", default=None, help="JSON output path (default: none; with --smoke a temporary file)")
     parser.add_argument("--baseline", default=None, help="a git revision to compare with, run back to back")
     parser.add_argument("--repeats", type=int, default=2, help="runs per code version (best of, per phase)")
     parser.add_argument("--scale", action="store_true", help="the batch sizes' sweep and its log-log slopes")
-    parser.add_argument("--gpu", action="store_true", help="device=cuda, the RLP workload on a 0.5B-shaped model")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--gpu", action="store_true", help="device=cuda, the RLP workload on a 1.5B-shaped model")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of this process and OMP_NUM_THREADS of each probe run")
     parser.add_argument("--smoke", action="store_true", help="CI: the same bench on a tiny model in seconds")
     args = parser.parse_args(argv)
+    if args.gpu and args.smoke:
+        parser.error("--smoke is the CPU check of this script; --gpu runs the full GPU workload: choose one")
+    if args.baseline is not None:
+        check = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{args.baseline}^{{commit}}"],
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            print(f"error: --baseline {args.baseline!r} is not a commit of the repository at {REPO} (git rev-parse "
+                  f"found none{': ' + check.stderr.strip() if check.stderr.strip() else ''}); give a commit hash, "
+                  "tag or branch that `git log` shows.", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-run-"))
     e_sizes, u_sizes, groups = SCALE_E, SCALE_U, SCALE_G

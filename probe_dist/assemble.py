@@ -138,6 +138,7 @@ def assemble(resolution: Resolution, state: TrainingState, rt) -> Probe:
                                                 "provenance/recipe_overrides", "provenance/recipe_notes")},
                        **{k: info[k] for k in ("provenance/checkpoint_source", "provenance/lr_ratios",
                                                "provenance/checkpoint_inconsistencies")},
+                       "provenance/load_warnings": info.get("provenance/load_warnings", []),
                        "eta_train": found["eta_train"],
                        "provenance/reward_model": ({"path": str(resolution.reward_folder), "shared_base":
                                                     reward_model.shared} if reward_model is not None else None),

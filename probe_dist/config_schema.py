@@ -175,7 +175,7 @@ class OutputConfig:
     plots: bool = _f(True, help="write delta_h.png and report.html")
     overwrite: bool = _f(True, help="replace the results of an earlier run in output.dir (false: refuse)")
     progress: bool | None = _f(None, help="a progress bar per phase on rank 0 (null: only when stderr is a terminal)")
-    report_to: str = _f("none", choices=("none", "tensorboard", "wandb", "tensorboard,wandb"),
+    report_to: str = _f("none", choices=("none", "tensorboard", "wandb", "tensorboard,wandb", "wandb,tensorboard"),
                         help="experiment trackers that get the summary's numbers and the sweep over η "
                              "(output.dir/tensorboard, wandb's project from WANDB_PROJECT)")
 

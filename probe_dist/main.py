@@ -29,15 +29,16 @@ EXIT_FAILURE = 1
 def parse_args(argv):
     """The command line `argv` (without the program name) as an argparse.Namespace: config, overrides (a list
     of `section.key=value`), quiet, verbose, help_config. argparse prints usage and raises SystemExit(2)
-    on unknown options, and SystemExit(0) after --help."""
+    on unknown options, and SystemExit(0) after --help. Options may stand before, between or after overrides."""
     p = argparse.ArgumentParser(prog="probe-dist", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config file (default: built-in defaults, toy checkpoint)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.B_E=32 estimators.etas=[0,1e-5]")
-    p.add_argument("--quiet", action="store_true", help="warnings only")
+    p.add_argument("--quiet", action="store_true",
+                   help="warnings only, and no progress bars unless output.progress=true asks for them")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options anywhere among the overrides (a=b --quiet c=d)
 
 
 def setup_logging(rank: int, level: str, log_dir: Path | None = None) -> None:
@@ -76,12 +77,14 @@ def _log_to_files(level: int, msg: str) -> None:
             h.handle(record)
 
 
-def run(cfg, rt, out_dir: Path) -> dict:
+def run(cfg, rt, out_dir: Path, quiet: bool = False) -> dict:
     """Build and run the probe; write every output file into `out_dir` (the staging directory) on rank 0. Rank 0
-    shows a progress bar per phase when output.progress asks for one (runtime/progress.py)."""
+    shows a progress bar per phase when output.progress asks for one (runtime/progress.py); `quiet` (--quiet)
+    turns off the bars output.progress=null would show on a terminal."""
     from probe_dist.runtime import progress
 
-    progress.configure(progress.wanted(cfg.output.progress, rt.rank))
+    setting = False if quiet and cfg.output.progress is None else cfg.output.progress
+    progress.configure(progress.wanted(setting, rt.rank))
     try:
         return _run(cfg, rt, out_dir)
     finally:
@@ -107,6 +110,7 @@ def _run(cfg, rt, out_dir: Path) -> dict:
     result = probe.run()
     summary = result.summary()
     summary.update(probe.load_info)
+    summary["warnings"] = [*probe.load_info.get("provenance/load_warnings", []), *summary.get("warnings", [])]
     return build_outputs(probe.cfg, rt, result, summary, out_dir=out_dir,
                          param_names=[n for n, _ in probe.trainable], tokenizer=probe.tokenizer)
 
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
                  __version__, rt.world_size, rt.device,
                  config_hash(cfg))
         log.info("staging this run in %s; it replaces output.dir %s when it finishes", staging.path, staging.out_dir)
-        summary = run(cfg, rt, staging.path)
+        summary = run(cfg, rt, staging.path, quiet=args.quiet)
         status = summary.get("status")
         if not rt.is_main:
             close_log_files()

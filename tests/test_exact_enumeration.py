@@ -218,7 +218,9 @@ def test_exact_derivative_matches_finite_difference(exact_setup, toy_checkpoint,
     probe = make_probe(toy_checkpoint, ["sampling.max_new_tokens=2", "precision.dtype=float64"])
     probe.model.eval()
     theta0 = [p.detach().clone() for _, p in probe.trainable]
-    args = (setup["prompt_ids"], setup["responses"], setup["lengths"])
+    # Every 10th prompt (40 of 400): the identity checked (autograd's ∇ of the enumerated H equals H's difference
+    # quotient) holds for any prompt set, and 8 float64 enumerations of all 400 took 3.5 min of the fast tier.
+    args = (setup["prompt_ids"][::10], setup["responses"], setup["lengths"])
     gen = torch.Generator().manual_seed(0)
     direction = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for _, p in probe.trainable]
     norm = math.sqrt(sum(float((d * d).sum()) for d in direction))
@@ -242,7 +244,7 @@ def test_exact_derivative_matches_finite_difference(exact_setup, toy_checkpoint,
     # tol: fp truncation: r2's remaining O(h⁴) error is ≈ |r2 − r1|/15, bounded here by |r2 − r1| (measured);
     # rounding: H in float64 throughout sums ≤ prompts·responses·V terms of size ≤ |H|: ε = fp_bound of that,
     # and r2 = (4·D(h/4) − D(h/2))/3 carries ≤ (4·ε/(h/4) + ε/(h/2))/3 = 6ε/h of it
-    terms = len(setup["prompt_ids"]) * len(setup["responses"]) * len(probe.tokenizer)
+    terms = len(args[0]) * len(setup["responses"]) * len(probe.tokenizer)
     tol = abs(r2 - r1) + 6 * fp_bound(torch.float64, terms, abs(h0)) / step
     assert abs(r2 - autograd) <= tol, (r1, r2, autograd, tol)
     assert tol < 1e-2 * abs(autograd), (tol, autograd)  # tol: bound teeth: a wrong or missing ∇ term is O(1)

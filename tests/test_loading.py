@@ -317,3 +317,60 @@ def test_cli_refuses_bad_checkpoint_without_summary(tmp_path, toy_checkpoint, lo
     assert "Traceback" not in proc.stderr
     assert not (out_dir / "summary.json").exists()
     assert not list(out_dir.glob("sequences.*")) and not (out_dir / "config.yaml").exists()
+
+
+# ----------------------------------------------------------------------------------------------- loaded, but looks edited
+
+
+def _notes(ckpt: Path) -> list[str]:
+    notes: list[str] = []
+    load_model(resolve_paths(load_config(None, [f"checkpoint.path={ckpt}"]).checkpoint), torch.float32,
+               torch.device("cpu"), notes)
+    return notes
+
+
+@pytest.mark.parametrize("alpha,scaling", [(0, "0"), (-16, "-2"), (1e4, "1.25e+03")])
+def test_unusual_lora_scaling_is_a_warning(toy_checkpoint, tmp_path, alpha, scaling):
+    """lora_alpha / r outside (0, 100) loads (an adapter could have been trained so) but is named: the toy's own
+    scaling (16 / 8 = 2) is not."""
+    import json
+
+    assert _notes(toy_checkpoint) == []
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(toy_checkpoint, ckpt)
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert config["lora_alpha"] / config["r"] == 2
+    (ckpt / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}))
+    notes = _notes(ckpt)
+    assert len(notes) == 1 and f"lora_alpha / r = {scaling} " in notes[0], notes
+
+
+def test_a_head_the_config_ties_but_the_files_untie_is_a_warning(toy_checkpoint, tmp_path):
+    """An lm_head.weight that differs from the embeddings next to tie_word_embeddings: true: transformers 5 loads
+    the two untied (and only logs it); the summary must say the files and config.json disagree."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(toy_checkpoint, ckpt)
+    weights = load_file(str(ckpt / "base" / "model.safetensors"))
+    assert "lm_head.weight" not in weights
+    weights["lm_head.weight"] = torch.randn_like(weights["model.embed_tokens.weight"])
+    save_file(weights, str(ckpt / "base" / "model.safetensors"), metadata={"format": "pt"})
+    notes = _notes(ckpt)
+    assert len(notes) == 1 and "lm_head.weight" in notes[0] and "tie_word_embeddings" in notes[0], notes
+
+
+def test_tensors_the_config_does_not_use_are_a_warning(toy_checkpoint, tmp_path):
+    """A tensor for a layer the config does not describe (a config.json edited to fewer layers, or files from a
+    deeper model): transformers ignores it and reports it as unexpected; the summary must name it."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(toy_checkpoint, ckpt)
+    weights = load_file(str(ckpt / "base" / "model.safetensors"))
+    stray = "model.layers.99.mlp.down_proj.weight"
+    assert stray not in weights
+    weights[stray] = torch.zeros(2, 2)
+    save_file(weights, str(ckpt / "base" / "model.safetensors"), metadata={"format": "pt"})
+    notes = _notes(ckpt)
+    assert len(notes) == 1 and repr(stray) in notes[0] and "does not use" in notes[0], notes

@@ -78,6 +78,19 @@ def test_no_bars_when_stderr_is_not_a_terminal(toy_checkpoint, tmp_path, capsys)
     assert code == 0 and "seq [" not in stderr
 
 
+def test_quiet_turns_off_the_bars_a_terminal_would_get(toy_checkpoint, tmp_path, capsys, monkeypatch):
+    """output.progress null on a terminal draws bars; --quiet takes them away (and output.progress=true brings them
+    back: an explicit request wins). The terminal is sys.stderr answering isatty() True."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    code, stderr, _ = _run(tmp_path, capsys, f"checkpoint.path={toy_checkpoint}")
+    assert code == 0 and "sample" in _final_bars(stderr), stderr[-3000:]
+    code, stderr, _ = _run(tmp_path, capsys, "--quiet", f"checkpoint.path={toy_checkpoint}", out="o2")
+    assert code == 0 and not _final_bars(stderr) and "seq [" not in stderr, stderr[-3000:]
+    code, stderr, _ = _run(tmp_path, capsys, "--quiet", f"checkpoint.path={toy_checkpoint}", "output.progress=true",
+                           out="o3")
+    assert code == 0 and "sample" in _final_bars(stderr), stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_only_rank_zero_draws_bars(toy_checkpoint, tmp_path):
     """torchrun, 2 ranks, output.progress=true: rank 0's stderr has every phase's bar, rank 1's none (torchrun's
@@ -112,6 +125,7 @@ def _close32(a: float, b: float) -> bool:
         return math.isnan(b)
     if math.isinf(a):
         return a == b
+    # tol: fp float32 round-to-nearest of a float64: relative error ≤ 2⁻²⁴ (unit roundoff), + the smallest normal
     return abs(a - b) <= 2.0 ** -24 * abs(a) + 1.2e-38
 
 
@@ -171,6 +185,17 @@ def test_a_users_folder_named_like_a_tracker_is_refused(toy_checkpoint, tmp_path
     code, stderr, _ = _run(tmp_path, capsys, f"checkpoint.path={toy_checkpoint}", "output.report_to=tensorboard")
     assert code == 2 and "tensorboard/" in stderr and "did not write" in stderr
     assert (out / "tensorboard" / "mine.txt").read_text() == "not the probe's"
+
+
+def test_a_users_file_in_the_probes_tracker_folder_is_refused(toy_checkpoint, tmp_path, capsys):
+    """The probe's own tensorboard/ (marker and event files) with a user's note added: replacing output.dir would
+    delete the note, so the run refuses and names it."""
+    code, stderr, out = _run(tmp_path, capsys, f"checkpoint.path={toy_checkpoint}", "output.report_to=tensorboard")
+    assert code == 0, stderr[-3000:]
+    (out / "tensorboard" / "notes.txt").write_text("mine")
+    code, stderr, _ = _run(tmp_path, capsys, f"checkpoint.path={toy_checkpoint}", "output.report_to=tensorboard")
+    assert code == 2 and "tensorboard/notes.txt" in stderr
+    assert (out / "tensorboard" / "notes.txt").read_text() == "mine"
 
 
 def test_missing_tracker_package_is_refused_before_loading(tmp_path, capsys, monkeypatch):

@@ -57,12 +57,26 @@ def is_probe_file(name: str) -> bool:
 
 
 def is_tracker_dir(entry: os.DirEntry) -> bool:
-    """A tracker folder an earlier run wrote (output.report_to: `tensorboard/`, `wandb/`, each holding the
-    probe's marker file): replaced with the rest of output.dir. A user's own folder of that name is not."""
-    from probe_dist.report.trackers import MARKER, TRACKERS
+    """A tracker folder an earlier run wrote (output.report_to: `tensorboard/`, `wandb/`): it holds the probe's
+    marker file and nothing but what that tracker writes, so it is replaced with the rest of output.dir. A user's
+    own folder of that name, or one where a user put a file of their own, is not."""
+    from probe_dist.report.trackers import holds_only_tracker_files
 
-    return (entry.name in TRACKERS and entry.is_dir(follow_symlinks=False)
-            and os.path.isfile(os.path.join(entry.path, MARKER)))
+    return entry.is_dir(follow_symlinks=False) and holds_only_tracker_files(Path(entry.path))
+
+
+def _tracker_names() -> tuple[str, ...]:
+    from probe_dist.report.trackers import TRACKERS
+
+    return tuple(TRACKERS)
+
+
+def _foreign_inside(folder: Path) -> str:
+    """How a tracker-named folder the probe will not replace is listed: its first entry that no tracker writes."""
+    from probe_dist.report.trackers import foreign_entries
+
+    inside = foreign_entries(folder) if folder.is_dir() and not folder.is_symlink() else []
+    return f"{folder.name}/{inside[0]}" if inside else f"{folder.name}/"
 
 
 def new_run_id() -> str:
@@ -138,6 +152,7 @@ def check_output_dir(out_dir: Path, shown: str) -> None:
                              "remove that file.")
     foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(out_dir)
                      if not (e.is_file(follow_symlinks=False) and is_probe_file(e.name)) and not is_tracker_dir(e))
+    foreign = [_foreign_inside(out_dir / name[:-1]) if name[:-1] in _tracker_names() else name for name in foreign]
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputDirError(f"output.dir {shown!r} holds entries the probe did not write ({listed}). A run "

@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 from probe_dist.errors import MissingDependencyError
@@ -29,6 +30,27 @@ log = logging.getLogger("probe_dist")
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # output.report_to name → the package it needs
 MARKER = ".probe_dist"  # in a tracker folder the probe wrote: output.dir's check knows it is the probe's own
+
+
+# What each tracker writes in its folder (besides MARKER): TensorBoard's event files; wandb's run folders, its
+# `latest-run` link and debug logs. Anything else there is a user's, and output.dir is then refused, not replaced.
+_WRITES = {"tensorboard": re.compile(r"events\.out\.tfevents\..+"),
+           "wandb": re.compile(r"(offline-)?run-[\w-]+|latest-run|debug(-internal|-core)?\.log")}
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Entries of a tracker-named folder (`tensorboard/`, `wandb/` in output.dir) that its tracker does not write,
+    sorted; every entry when the folder lacks the probe's marker (then it is not a probe's folder at all)."""
+    pattern = _WRITES.get(folder.name)
+    names = sorted(os.listdir(folder))
+    if MARKER not in names:
+        return names
+    return [n for n in names if n != MARKER and not (pattern is not None and pattern.fullmatch(n))]
+
+
+def holds_only_tracker_files(folder: Path) -> bool:
+    """Whether `folder` is a tracker folder a probe run wrote and nobody added to (safe to replace)."""
+    return folder.name in TRACKERS and (folder / MARKER).is_file() and not foreign_entries(folder)
 
 
 def requested(report_to: str) -> list[str]:

@@ -10,8 +10,6 @@ from functools import cached_property
 
 import torch
 
-from probe_dist.runtime import progress
-
 
 @dataclass(frozen=True)
 class Microbatch:
@@ -117,7 +115,6 @@ def block_microbatches(groups: list[Group], rows: int) -> Iterator[Microbatch]:
             j = members[0]
             mb = groups[j].layout(slice(part[0][1], part[-1][1] + 1))
             yield dataclasses.replace(mb, row_group=(j,) * len(part), row_index=tuple(r for _, r in part))
-            _done(groups, part)
             continue
         width = max(max(int(groups[j].lengths.max()), 1) for j in members)
         p_max = max(int(groups[j].prompt_ids.shape[0]) for j in members)
@@ -138,13 +135,6 @@ def block_microbatches(groups: list[Group], rows: int) -> Iterator[Microbatch]:
         yield Microbatch(rows=slice(0, n), input_ids=input_ids, attention_mask=attention_mask,
                          response_mask=response_mask, response_start=p_max,
                          row_group=tuple(j for j, _ in part), row_index=tuple(r for _, r in part))
-        _done(groups, part)
-
-
-def _done(groups: list[Group], part: list[tuple[int, int]]) -> None:
-    """The caller is done with these rows: the progress bar advances (runtime/progress.py)."""
-    if progress.active():
-        progress.advance(len(part), sum(int(groups[j].lengths[r]) for j, r in part))
 
 
 def gather_rows(mb: Microbatch, per_group: list[torch.Tensor]) -> torch.Tensor:

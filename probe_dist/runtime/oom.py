@@ -51,11 +51,14 @@ def run_groups(rt, sizes: MicrobatchSizes, kind: str, groups: Sequence[G], *, st
     """
     while True:
         state, failed, any_failed = start(), False, False
-        progress.expect(sum(_rows(g) for g in groups))  # a pass starts (again, after an OOM retry)
+        pass_rows, done_rows = sum(_rows(g) for g in groups), 0
+        progress.expect(pass_rows)  # a pass starts (again, after an OOM retry)
         for index, group in enumerate(groups):
             if not failed:
                 try:
                     step(index, group, state)
+                    progress.advance(_rows(group), _tokens(group))
+                    done_rows += _rows(group)
                 except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
                     if not is_oom(exc):
                         raise
@@ -71,6 +74,7 @@ def run_groups(rt, sizes: MicrobatchSizes, kind: str, groups: Sequence[G], *, st
                 break
         if not any_failed:
             return state
+        progress.withdraw(pass_rows, done_rows)  # the retry announces the whole pass again
         current = getattr(sizes, kind)
         if not auto or current <= 1:
             raise MemoryError(f"out of memory at memory.microbatch_{kind}={current} on some rank; lower "
@@ -82,3 +86,11 @@ def run_groups(rt, sizes: MicrobatchSizes, kind: str, groups: Sequence[G], *, st
 def _rows(item) -> int:
     """Sequences in one item of a pass: a prompt group (`.size` rows) or a block of them."""
     return int(item.size) if hasattr(item, "size") else sum(int(g.size) for g in item)
+
+
+def _tokens(item) -> int:
+    """Response tokens in one item of a pass (for the progress bar's tokens/s; 0 when bars are off)."""
+    if not progress.active():
+        return 0
+    groups = [item] if hasattr(item, "lengths") else list(item)
+    return sum(int(g.lengths.sum()) for g in groups)

@@ -1,11 +1,11 @@
 """Progress bars: one tqdm bar per phase on rank 0 (output.progress), sequences done / total, tokens/s and ETA.
 
-The loops report where they already iterate: `rollout.batch.block_microbatches` (every teacher-forced pass: scoring,
-gradients, forward-mode passes, the sweep) announces its rows when a pass starts (`expect`) and reports each
-microbatch when the caller is done with it (`advance`); sampling reports each decoded block. A phase that makes
+The loops report where they already iterate: `runtime.oom.run_groups` (every teacher-forced pass: scoring, gradients,
+forward-mode passes, the sweep) announces a pass's sequences when it starts (`expect`) and reports each block or
+group when its step is done (`advance`); sampling reports each decoded block. A phase that makes
 several passes over its batch (δH₁'s two, the explanation's) grows its total as each pass starts, so the bar's
 total is the work of the passes started so far. Other ranks and disabled runs pay one attribute test per
-microbatch. The bars write to stderr only: the log files (logging.FileHandler) never see them, and log records
+block. The bars write to stderr only: the log files (logging.FileHandler) never see them, and log records
 printed to stderr during a phase go through `tqdm.write` so they do not tear a bar.
 """
 
@@ -68,13 +68,26 @@ def expect(rows: int) -> None:
     if _label is None:
         return
     if _bar is None:
+        import shutil
+
         from tqdm.auto import tqdm
 
-        _bar = tqdm(total=int(rows), desc=_label, unit="seq", file=sys.stderr, dynamic_ncols=True, leave=True,
+        # The terminal's width, 100 columns when it reports none (a pseudo-terminal of size 0x0 under some job
+        # launchers made tqdm draw a bar of width 0).
+        width = shutil.get_terminal_size((100, 24)).columns or 100
+        _bar = tqdm(total=int(rows), desc=_label, unit="seq", file=sys.stderr, ncols=width, leave=True,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} seq "
                                "[{elapsed}<{remaining}{postfix}]")
     else:
         _bar.total += int(rows)
+        _bar.refresh()
+
+
+def withdraw(rows: int, done: int) -> None:
+    """A pass of `rows` sequences, `done` of them counted, is abandoned (an out-of-memory retry restarts it)."""
+    if _bar is not None:
+        _bar.total = max(_bar.total - int(rows), 0)
+        _bar.n = max(_bar.n - int(done), 0)
         _bar.refresh()
 
 

@@ -87,7 +87,8 @@ def load_training_state(source: CheckpointSource, tokenizer, *, dtype: torch.dty
     when the trainable parameters exceed max_trainable_params (unless allow_full_finetune)."""
     paths = source.paths
     optimizer_blob = source.read_optimizer()  # weights_only; finite state, before the model loads
-    model = load_model(paths, dtype, device)  # complete weight files, finite weights
+    notes: list[str] = []  # loaded, but looks edited: the summary's warnings carry them
+    model = load_model(paths, dtype, device, notes)  # complete weight files, finite weights
     if not source.load_weights(model) and paths.adapter is not None:  # θ is the adapter file's: all of it there
         check_adapter_complete(model, paths.adapter)
     trainable = trainable_parameters(model)
@@ -96,6 +97,8 @@ def load_training_state(source: CheckpointSource, tokenizer, *, dtype: torch.dty
     optimizer, coverage = load_optimizer(paths.optimizer, trainable, blob=optimizer_blob)
     lr_ratios = set_lr_ratios(optimizer, source.scheduler.base_lrs if source.scheduler else None)
     inconsistent = source.consistency_warnings(optimizer, coverage["naming"])
+    for note in notes if is_main else ():
+        log.warning("%s", note)
     if inconsistent and is_main:
         log.warning("the checkpoint's pieces may come from different saves: %s. Check that optimizer, scheduler and "
                     "trainer state are from the same checkpoint.", "; ".join(inconsistent))
@@ -111,4 +114,5 @@ def load_training_state(source: CheckpointSource, tokenizer, *, dtype: torch.dty
                                      "provenance/trainable_params": n_trainable,
                                      "provenance/checkpoint_source": source.provenance(),
                                      "provenance/lr_ratios": lr_ratios,
-                                     "provenance/checkpoint_inconsistencies": inconsistent})
+                                     "provenance/checkpoint_inconsistencies": inconsistent,
+                                     "provenance/load_warnings": notes})

@@ -80,13 +80,15 @@ def _weight_pickles(directory: Path, names: tuple[str, ...]) -> str:
     return ", ".join(repr(f) for f in found) or f"a pickle weight file in {str(directory)!r}"
 
 
-def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device):
+def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device, notes: list[str] | None = None):
     """Base + adapter (trainable), in eval mode on `device`.
 
     Before loading: the safetensors files are complete and the adapter's tensors finite (`state.checks.
     check_weight_files`); pickle weight files (*.bin) are read with weights_only=True, and one that would run code
-    is refused (UnsafeCheckpointError). After loading: every weight finite. Any load failure is a CheckpointError
-    naming the folder."""
+    is refused (UnsafeCheckpointError). After loading: every weight finite, no parameter missing from the files, a
+    finite forward. Any load failure is a CheckpointError naming the folder. `notes`, when given, gets what loaded
+    but looks edited (`load_notes`: tensors the config does not use, an unusual LoRA scaling) for the summary's
+    warnings."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -134,7 +136,43 @@ def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device)
     model.to(device)
     model.eval()  # dropout (LoRA dropout included) off for every probe pass
     check_finite_forward(model, paths)
+    if notes is not None:
+        notes.extend(load_notes(model, info, paths))
     return model
+
+
+LORA_SCALING_USUAL = (0.0, 100.0)  # lora_alpha / r (rsLoRA: / √r) as trainers set it: 0.5-4 typically, 16 rarely
+
+
+def load_notes(model, info: dict, paths: CheckpointPaths) -> list[str]:
+    """What loaded but looks like an edited or mismatched file, one sentence each (the run goes on; the summary's
+    warnings carry them): tensors in the base's weight files that its config.json does not use (transformers
+    ignores them), an output head loaded untied although config.json asks for tied embeddings (transformers 5 keeps
+    a differing `lm_head.weight` from the files and warns), and a LoRA scaling lora_alpha / r
+    outside (0, 100) — 0 switches the adapter off, a negative or huge one is rarely trained with."""
+    out = []
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        out.append(f"the base model's weight files {str(paths.base)!r} hold {len(unexpected)} tensors its config.json "
+                   f"does not use (e.g. {', '.join(repr(n) for n in unexpected[:3])}); they were ignored. If "
+                   "config.json was edited (tie_word_embeddings, layer counts), the numbers describe another model.")
+    config = getattr(model, "config", None)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if (getattr(config, "tie_word_embeddings", False) and head is not None and embed is not None
+            and head.weight.data_ptr() != embed.weight.data_ptr()):
+        out.append(f"the base model's config.json in {str(paths.base)!r} ties the output head to the input "
+                   "embeddings (tie_word_embeddings: true) but its weight files hold an lm_head.weight that differs "
+                   "from them, so transformers loaded the two untied (as a trainer loading these files would). If "
+                   "config.json or the weight files were edited, the numbers describe another model.")
+    tables = [m.scaling for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]  # peft LoRA
+    odd = sorted({float(v) for table in tables for v in table.values()
+                  if not LORA_SCALING_USUAL[0] < float(v) < LORA_SCALING_USUAL[1]})
+    if odd:
+        out.append(f"the adapter {str(paths.adapter)!r} scales its LoRA products by lora_alpha / r = "
+                   f"{', '.join(f'{v:.3g}' for v in odd)} (adapter_config.json; trainers set 0.5 to 4, rarely more "
+                   "than 16, and 0 switches the adapter off): if adapter_config.json was edited, the numbers "
+                   "describe another model.")
+    return out
 
 
 def check_finite_forward(model, paths: CheckpointPaths) -> None:

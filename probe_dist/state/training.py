@@ -36,7 +36,7 @@ class TrainingState:
     torch AdamW over exactly those parameters, with every state tensor (exp_avg, exp_avg_sq, step) and each
     group's "lr_ratio" to the first group's lr (η is the first group's). `provenance` holds the summary keys of
     where it came from (provenance/checkpoint_source, optimizer_coverage, trainable_params, lr_ratios,
-    checkpoint_inconsistencies)."""
+    checkpoint_inconsistencies, load_warnings)."""
 
     model: torch.nn.Module                                 # PeftModel (or a plain causal LM), on its device
     trainable: list[tuple[str, torch.nn.Parameter]]        # in optimizer order
@@ -103,7 +103,7 @@ class TrainingState:
                    scheduler=sched, max_positions=config_max_positions(config) if config is not None else None,
                    provenance={"provenance/optimizer_coverage": coverage, "provenance/trainable_params": count,
                                "provenance/checkpoint_source": source, "provenance/lr_ratios": lr_ratios,
-                               "provenance/checkpoint_inconsistencies": []})
+                               "provenance/checkpoint_inconsistencies": [], "provenance/load_warnings": []})
 
 
 def _scheduler_state(scheduler) -> SchedulerState | None:
