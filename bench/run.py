@@ -189,6 +189,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.gpu and args.smoke:
         parser.error("--smoke is the CPU check of this script; --gpu runs the full GPU workload: choose one")
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be at least 1")
+    if args.gpu and not torch.cuda.is_available():
+        print("error: --gpu needs a visible CUDA device", file=sys.stderr)
+        return 2
     if args.baseline is not None:
         check = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{args.baseline}^{{commit}}"],
                                capture_output=True, text=True)
@@ -211,9 +216,6 @@ def main(argv=None) -> int:
         if args.baseline is None and (REPO / ".git").exists():
             args.baseline = "HEAD"  # exercises the revision export
     elif args.gpu:
-        if not torch.cuda.is_available():
-            print("error: --gpu needs a visible CUDA device", file=sys.stderr)
-            return 2
         ckpt = gpu_checkpoint(work)
         base = [f"checkpoint.path={ckpt}", "device=cuda", f"sampling.prompts={ckpt / 'prompts.jsonl'}",
                 "sampling.max_new_tokens=200", "memory.auto_microbatch=true",

@@ -127,7 +127,8 @@ def _check_value(leaf: _Leaf, value: Any) -> Any:
         raise bad(_type_name(leaf.hint), "; this key has no null value")
     if base is bool:
         if not isinstance(value, bool):
-            raise bad("a boolean", "; write true or false")
+            raise bad("a boolean" + (" or null" if optional else ""),
+                      "; write true or false" + (" (or null)" if optional else ""))
     elif base is int:
         if isinstance(value, float) and value.is_integer():
             raise bad("an integer", f"; write {int(value)} without a decimal point")

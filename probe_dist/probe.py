@@ -22,6 +22,7 @@ from probe_dist.model.runner import PolicyRunner
 from probe_dist.prediction.delta_h1 import entropy_gradient, predict_delta_h1
 from probe_dist.prediction.ustat import SingleBatchUStatistic
 from probe_dist.results import ProbeResult, UpdateGradient, warn_if_few_groups
+from probe_dist.rollout.generate import InvalidDistributionError
 from probe_dist.rollout.sample import prompt_batch, sample_batch
 from probe_dist.runtime import signals
 from probe_dist.runtime.clock import PhaseClock
@@ -29,6 +30,7 @@ from probe_dist.runtime.signals import StopRequested
 from probe_dist.runtime.snapshot import restore_snapshot, take_snapshot
 from probe_dist.scoring.consistency import check_sampler_scorer
 from probe_dist.scoring.score import base_entropy, score_batch
+from probe_dist.state.model import overflow_error
 from probe_dist.update.grade import GRADE_FAMILIES, GradeObjective, GradeSpec
 from probe_dist.update.gradient import update_gradient
 from probe_dist.update.step import real_step, set_theta, update_parts
@@ -66,12 +68,16 @@ class Probe:
         if name == "U" and self.grade is not None:  # GRADE generates U's relaxed rollouts in the gradient pass
             return prompt_batch(self.rt, self.tokenizer, name, sampling=self.cfg.sampling, num_prompts=num_prompts,
                                 group_size=group_size)
-        return sample_batch(self.rt, self.runner.decoder, self.tokenizer, name, sampling=self.cfg.sampling,
-                            num_prompts=num_prompts, group_size=group_size, loss_family=self.cfg.update.loss,
-                            adv_eps=self.cfg.update.adv_eps, scale_rewards=self.cfg.update.scale_rewards,
-                            rows_per_chunk=self.cfg.memory.microbatch_generate,
-                            lockstep=self.runner.strategy.name == "fsdp2", eos_ids=self.eos_ids,
-                            after_group=self.check_stop)
+        try:
+            return sample_batch(self.rt, self.runner.decoder, self.tokenizer, name, sampling=self.cfg.sampling,
+                                num_prompts=num_prompts, group_size=group_size, loss_family=self.cfg.update.loss,
+                                adv_eps=self.cfg.update.adv_eps, scale_rewards=self.cfg.update.scale_rewards,
+                                rows_per_chunk=self.cfg.memory.microbatch_generate,
+                                lockstep=self.runner.strategy.name == "fsdp2", eos_ids=self.eos_ids,
+                                after_group=self.check_stop)
+        except InvalidDistributionError as exc:  # temperature > 0 is validated: NaN/inf logits of finite weights
+            raise overflow_error(self.model, f"the policy's logits became NaN/inf at step {exc.step} of sampling "
+                                 f"batch {name}") from exc
 
     def check_sampler_scorer(self, batch) -> float:
         """Refuse the run unless the scorer reproduces the sampler's log-probs (scoring/consistency.py)."""

@@ -193,10 +193,11 @@ class ProbeResult:
             out.append("the GRADE gradient is exactly 0: neither r_φ nor the KL term moves with θ on these relaxed "
                        "rollouts (check update.reward_model and update.kl_coef): u is momentum and weight decay only")
         elif self.update is not None and self.update.grad_norm == 0.0:
-            out.append("the update gradient is exactly 0 (no U response has both a nonzero advantage and a token the "
-                       "loss keeps: every group's rewards are equal, or update.mask_truncated dropped every response "
-                       "without an EOS): u is momentum and weight decay only; sample more or larger U groups (or longer "
-                       "responses) to measure a learning step")
+            out.append("the update gradient is exactly 0: either no U response has both a nonzero advantage and a "
+                       "token the loss keeps (every group's rewards are equal, or update.mask_truncated dropped every "
+                       "response without an EOS), or the trainable parameters do not act on the logits (e.g. an "
+                       "adapter whose lora_alpha / r is 0). u is momentum and weight decay only; sample more or "
+                       "larger U groups (or longer responses) to measure a learning step")
         if self.explain_e is not None and not self.curvature_resolved():
             out.append(f"the curvature d²Ĥ/dη² = {self.explain_e.second_derivative:.3g} is within 2 SE of 0 at this batch "
                        "size, so δH₂ and curvature/linear_regime_eta (where first order is 10 % off) are not resolved; "

@@ -329,9 +329,9 @@ def _notes(ckpt: Path) -> list[str]:
     return notes
 
 
-@pytest.mark.parametrize("alpha,scaling", [(0, "0"), (-16, "-2"), (1e4, "1.25e+03")])
+@pytest.mark.parametrize("alpha,scaling", [(0, "0"), (1e-30, "1.25e-31"), (-16, "-2"), (1e4, "1.25e+03")])
 def test_unusual_lora_scaling_is_a_warning(toy_checkpoint, tmp_path, alpha, scaling):
-    """lora_alpha / r outside (0, 100) loads (an adapter could have been trained so) but is named: the toy's own
+    """lora_alpha / r outside [0.001, 100] loads (an adapter could have been trained so) but is named: the toy's own
     scaling (16 / 8 = 2) is not."""
     import json
 
@@ -374,3 +374,27 @@ def test_tensors_the_config_does_not_use_are_a_warning(toy_checkpoint, tmp_path)
     save_file(weights, str(ckpt / "base" / "model.safetensors"), metadata={"format": "pt"})
     notes = _notes(ckpt)
     assert len(notes) == 1 and repr(stray) in notes[0] and "does not use" in notes[0], notes
+
+
+def test_an_overflow_only_longer_inputs_reach_is_refused_while_sampling(toy_checkpoint, tmp_path, capsys,
+                                                                        monkeypatch):
+    """A scaling that overflows on the prompts but not on check_finite_forward's two tokens (lora_alpha 1e20 did so
+    on one toy): sampling meets NaN/inf logits and the CLI exits 2 naming the scaling, not 1 with a traceback. The
+    two-token check is switched off to build that case on any toy (1e308 overflows everywhere)."""
+    import json
+
+    import probe_dist.state.model as model_module
+    from tests.test_bad_inputs import run_in_process
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(toy_checkpoint, ckpt)
+    adapter_config = ckpt / "adapter_config.json"
+    adapter_config.write_text(json.dumps({**json.loads(adapter_config.read_text()), "lora_alpha": 1e308}))
+    monkeypatch.setattr(model_module, "check_finite_forward", lambda model, paths: None)
+    out = tmp_path / "out"
+    code, stderr = run_in_process([f"checkpoint.path={ckpt}", f"output.dir={out}", "device=cpu", "sampling.B_E=2",
+                                   "sampling.G_E=2", "sampling.B_U=2", "sampling.G_U=2"], capsys)
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr and not out.exists()
+    for part in ("became NaN/inf at step 0 of sampling batch E", "weights are finite", "lora_alpha / r = 1.25e+307"):
+        assert part in stderr, (part, stderr[-2000:])

@@ -91,6 +91,41 @@ def test_quiet_turns_off_the_bars_a_terminal_would_get(toy_checkpoint, tmp_path,
     assert code == 0 and "sample" in _final_bars(stderr), stderr[-3000:]
 
 
+def test_bars_on_a_terminal_that_reports_no_size(toy_checkpoint, tmp_path):
+    """A pseudo-terminal of 0 columns × 0 rows (what some job launchers hand a process): the default setting sees a
+    terminal and must draw every phase's bar, full width — tqdm, left to itself, draws bars 0 wide and hides every
+    bar as off screen when the terminal has 0 rows. A real subprocess on a real pty (os.openpty, size set to 0x0)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "probe_dist.main", f"checkpoint.path={toy_checkpoint}",
+                             f"output.dir={tmp_path / 'out'}", *RUN], cwd=REPO, env=env, stdin=slave, stdout=slave,
+                            stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=600) == 0, b"".join(chunks)[-3000:]
+    text = b"".join(chunks).decode(errors="replace")
+    bars = _final_bars(text)
+    assert {"sample", "score_base", "update_gradient", "delta_h1", "sweep η=0"} <= set(bars), text[-3000:]
+    drawn = [line for line in re.split(r"[\r\n]", text) if BAR.search(line)]
+    assert min(len(line) for line in drawn) >= 60, drawn[:3]  # 100 columns assumed, not 0
+
+
 @pytest.mark.slow
 def test_only_rank_zero_draws_bars(toy_checkpoint, tmp_path):
     """torchrun, 2 ranks, output.progress=true: rank 0's stderr has every phase's bar, rank 1's none (torchrun's
@@ -187,15 +222,21 @@ def test_a_users_folder_named_like_a_tracker_is_refused(toy_checkpoint, tmp_path
     assert (out / "tensorboard" / "mine.txt").read_text() == "not the probe's"
 
 
-def test_a_users_file_in_the_probes_tracker_folder_is_refused(toy_checkpoint, tmp_path, capsys):
-    """The probe's own tensorboard/ (marker and event files) with a user's note added: replacing output.dir would
-    delete the note, so the run refuses and names it."""
+@pytest.mark.parametrize("added", ["notes.txt", "events.out.tfevents.my-own-experiment", "runs/a/data.csv"])
+def test_a_users_file_in_the_probes_tracker_folder_is_refused(toy_checkpoint, tmp_path, capsys, added):
+    """The probe's own tensorboard/ (marker and event files) with a user's file added — any name, even one the
+    tracker itself would write, at any depth: replacing output.dir would delete it, so the run refuses, names it
+    and leaves output.dir as it was."""
     code, stderr, out = _run(tmp_path, capsys, f"checkpoint.path={toy_checkpoint}", "output.report_to=tensorboard")
     assert code == 0, stderr[-3000:]
-    (out / "tensorboard" / "notes.txt").write_text("mine")
+    (out / "tensorboard" / added).parent.mkdir(parents=True, exist_ok=True)
+    (out / "tensorboard" / added).write_text("mine")
+    before = sorted((p.relative_to(out).as_posix(), p.stat().st_mtime_ns) for p in out.rglob("*"))
     code, stderr, _ = _run(tmp_path, capsys, f"checkpoint.path={toy_checkpoint}", "output.report_to=tensorboard")
-    assert code == 2 and "tensorboard/notes.txt" in stderr
-    assert (out / "tensorboard" / "notes.txt").read_text() == "mine"
+    shown = added.split("/")[0] + "/" if "/" in added else added
+    assert code == 2 and f"tensorboard/{shown}" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert (out / "tensorboard" / added).read_text() == "mine"
+    assert sorted((p.relative_to(out).as_posix(), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 
 def test_missing_tracker_package_is_refused_before_loading(tmp_path, capsys, monkeypatch):
@@ -220,5 +261,8 @@ def test_a_failing_tracker_costs_a_warning_not_the_run(toy_checkpoint, tmp_path,
     code, stderr, out = _run(tmp_path, capsys, f"checkpoint.path={toy_checkpoint}", "output.report_to=tensorboard")
     assert code == 0, stderr[-3000:]
     assert "logging to tensorboard failed (OSError: disk quota exceeded)" in stderr
-    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert any("logging to tensorboard failed" in w for w in summary["warnings"]), summary["warnings"]
+    assert not (out / "tensorboard").exists()  # nothing half-written published
 

@@ -114,17 +114,19 @@ def build_outputs(cfg, rt, result: ProbeResult, summary: dict, *, out_dir: Path,
         save_file({canonical_name(n): u.to(torch.float64).contiguous()
                    for n, u in zip(param_names, result.update.u)},
                   str(out_dir / "update_vector.safetensors"))
+    if cfg.output.report_to != "none":  # first: summary.json and report.html list a failed tracker as a warning
+        import dataclasses
+
+        from probe_dist.report.trackers import log_run
+
+        failed = log_run(cfg.output.report_to, summary, out_dir, config=dataclasses.asdict(cfg),
+                         final_dir=Path(cfg.output.dir))
+        if failed:
+            summary["warnings"] = [*summary.get("warnings", []), *failed]
     if cfg.output.plots:
         from probe_dist.report.html import write_report
 
         write_plot(out_dir, summary)
         write_report(out_dir, summary, rows)
     write_summary(out_dir, summary)
-    if cfg.output.report_to != "none":
-        import dataclasses
-
-        from probe_dist.report.trackers import log_run
-
-        log_run(cfg.output.report_to, summary, out_dir, config=dataclasses.asdict(cfg),
-                final_dir=Path(cfg.output.dir))
     return summary

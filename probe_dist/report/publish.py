@@ -72,7 +72,7 @@ def _tracker_names() -> tuple[str, ...]:
 
 
 def _foreign_inside(folder: Path) -> str:
-    """How a tracker-named folder the probe will not replace is listed: its first entry that no tracker writes."""
+    """How a tracker-named folder the probe will not replace is listed: its first entry the marker does not list."""
     from probe_dist.report.trackers import foreign_entries
 
     inside = foreign_entries(folder) if folder.is_dir() and not folder.is_symlink() else []

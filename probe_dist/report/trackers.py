@@ -18,10 +18,11 @@ Like HF Trainer's `report_to`, this reproduces no tracker's format; it calls the
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
-import re
+import shutil
 from pathlib import Path
 
 from probe_dist.errors import MissingDependencyError
@@ -32,20 +33,35 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # output.report_to 
 MARKER = ".probe_dist"  # in a tracker folder the probe wrote: output.dir's check knows it is the probe's own
 
 
-# What each tracker writes in its folder (besides MARKER): TensorBoard's event files; wandb's run folders, its
-# `latest-run` link and debug logs. Anything else there is a user's, and output.dir is then refused, not replaced.
-_WRITES = {"tensorboard": re.compile(r"events\.out\.tfevents\..+"),
-           "wandb": re.compile(r"(offline-)?run-[\w-]+|latest-run|debug(-internal|-core)?\.log")}
+def _entries(folder: Path) -> set[str]:
+    """Every path under `folder` relative to it (folders with a trailing "/"; links not followed), the marker
+    left out."""
+    out = set()
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        out.update(f"{(rel / d).as_posix()}/" for d in dirs)
+        out.update((rel / f).as_posix() for f in files)
+    out.discard(MARKER)
+    return out
+
+
+def seal(folder: Path) -> None:
+    """Write the marker of a tracker folder the probe has finished writing: it lists every entry then present,
+    so a later run knows what it may replace."""
+    entries = sorted(_entries(folder))
+    (folder / MARKER).write_text(json.dumps({"written_by": "probe_dist (output.report_to)", "entries": entries},
+                                            indent=0) + "\n")
 
 
 def foreign_entries(folder: Path) -> list[str]:
-    """Entries of a tracker-named folder (`tensorboard/`, `wandb/` in output.dir) that its tracker does not write,
-    sorted; every entry when the folder lacks the probe's marker (then it is not a probe's folder at all)."""
-    pattern = _WRITES.get(folder.name)
-    names = sorted(os.listdir(folder))
-    if MARKER not in names:
-        return names
-    return [n for n in names if n != MARKER and not (pattern is not None and pattern.fullmatch(n))]
+    """Paths under a tracker-named folder (`tensorboard/`, `wandb/` in output.dir) that the probe's marker does
+    not list, relative to it and sorted: what a user added (at any depth, whatever its name); every top-level
+    entry when the folder has no readable marker (then it is not a probe's folder at all)."""
+    try:
+        listed = set(json.loads((folder / MARKER).read_text())["entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return sorted(os.listdir(folder))
+    return sorted(_entries(folder) - listed)
 
 
 def holds_only_tracker_files(folder: Path) -> bool:
@@ -97,22 +113,29 @@ def training_step(summary: dict) -> int:
     return int(step) if isinstance(step, int | float) and math.isfinite(step) and step >= 0 else 0
 
 
-def log_run(report_to: str, summary: dict, out_dir: Path, *, config: dict, final_dir: Path) -> None:
+def log_run(report_to: str, summary: dict, out_dir: Path, *, config: dict, final_dir: Path) -> list[str]:
     """Send the run's numbers to every tracker in output.report_to (rank 0, into the staging directory
     `out_dir`). config: the resolved config as plain data; final_dir: output.dir, where the staging directory is
-    published (its name is the tracker's run name)."""
+    published (its name is the tracker's run name). Returns one warning per tracker that failed (its folder is
+    removed: nothing half-written is published); each finished folder is sealed with its marker."""
+    warnings = []
     for tracker in requested(report_to):
+        folder = Path(out_dir) / tracker
         try:
             {"tensorboard": _tensorboard, "wandb": _wandb}[tracker](summary, Path(out_dir), config, Path(final_dir))
+            seal(folder)
         except Exception as exc:  # noqa: BLE001 - a tracker's failure must not cost the run; the numbers are kept
-            log.warning("output.report_to: logging to %s failed (%s: %s); the results are in summary.json",
-                        tracker, type(exc).__name__, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+            text = (f"output.report_to: logging to {tracker} failed ({type(exc).__name__}: {exc}); the results are "
+                    "in summary.json and the other output files")
+            log.warning("%s", text)
+            warnings.append(text)
+    return warnings
 
 
 def _folder(out_dir: Path, name: str) -> Path:
     folder = out_dir / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).write_text("written by probe_dist (output.report_to)\n")
     return folder
 
 

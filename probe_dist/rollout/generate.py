@@ -32,18 +32,27 @@ def response_seed(seed: int, batch_name: str, prompt_index: int, response_index:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+class InvalidDistributionError(RuntimeError):
+    """A sampling step's probabilities are not a distribution: NaN/inf logits or no probability mass."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 def inverse_cdf_sample(probs: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
     """One token per row from probs [n, V] (rows need not be normalised) at the row's counter uniform for `step`.
 
     The token is the first id whose cumulative probability (float64) reaches u·total: an id of zero probability is
     never drawn, every other id with probability proportional to its mass. keys: [n] int64. Returns [n] long.
-    Raises RuntimeError when a row is not a valid distribution (NaN/inf or no mass, e.g. temperature 0).
+    Raises InvalidDistributionError (a RuntimeError) when a row is not a valid distribution (NaN/inf or no mass,
+    e.g. temperature 0).
     """
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1:]
     if not bool(torch.isfinite(cdf).all()) or not bool((total > 0).all()):
-        raise RuntimeError("invalid sampling distribution: the logits give NaN/inf or no probability mass "
-                           "(check the model's weights and sampling.temperature > 0)")
+        raise InvalidDistributionError("invalid sampling distribution: the logits give NaN/inf or no probability "
+                                       "mass (check the model's weights and sampling.temperature > 0)", step)
     ids = torch.full((keys.shape[0], 1), SAMPLER_STREAM, dtype=torch.long, device=keys.device)
     u = counter_uniform(keys, step, ids).to(cdf.device) * total
     return torch.searchsorted(cdf, u).squeeze(1).clamp_max(probs.shape[-1] - 1)
@@ -61,7 +70,8 @@ def sample_rows(policy, prompts: Sequence[torch.Tensor], row_prompt: Sequence[in
     and the cache. With `lockstep` every call runs exactly max_new_tokens steps (FSDP2 ranks must run the same
     forwards). A response ends at the first token in `eos_ids`, which is counted in its length T and scored.
     Returns (responses [n, max_new_tokens] CPU long, pad after the end; lengths [n] CPU long, max_new_tokens for
-    unfinished rows). Raises RuntimeError on an invalid distribution (NaN/inf logits, temperature 0).
+    unfinished rows). Raises InvalidDistributionError (a RuntimeError) on an invalid distribution (NaN/inf logits,
+    temperature 0).
     """
     n = len(row_prompt)
     width = max(int(prompts[j].numel()) for j in set(row_prompt))

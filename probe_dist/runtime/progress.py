@@ -72,10 +72,12 @@ def expect(rows: int) -> None:
 
         from tqdm.auto import tqdm
 
-        # The terminal's width, 100 columns when it reports none (a pseudo-terminal of size 0x0 under some job
-        # launchers made tqdm draw a bar of width 0).
-        width = shutil.get_terminal_size((100, 24)).columns or 100
-        _bar = tqdm(total=int(rows), desc=_label, unit="seq", file=sys.stderr, ncols=width, leave=True,
+        # The terminal's size, 100 × 24 where it reports none: a pseudo-terminal of size 0x0 (some job launchers)
+        # made tqdm draw bars 0 wide, and with 0 rows it hides every bar as "off screen".
+        size = shutil.get_terminal_size((100, 24))
+        width, height = size.columns or 100, size.lines or 24
+        _bar = tqdm(total=int(rows), desc=_label, unit="seq", file=sys.stderr, ncols=width, nrows=height,
+                    leave=True,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} seq "
                                "[{elapsed}<{remaining}{postfix}]")
     else:

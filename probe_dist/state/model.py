@@ -141,7 +141,8 @@ def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device,
     return model
 
 
-LORA_SCALING_USUAL = (0.0, 100.0)  # lora_alpha / r (rsLoRA: / √r) as trainers set it: 0.5-4 typically, 16 rarely
+# lora_alpha / r (rsLoRA: / √r) as trainers set it: 0.5-4 typically, 16 rarely; alpha 1 at r 256 is 0.004
+LORA_SCALING_USUAL = (1e-3, 100.0)
 
 
 def load_notes(model, info: dict, paths: CheckpointPaths) -> list[str]:
@@ -149,13 +150,16 @@ def load_notes(model, info: dict, paths: CheckpointPaths) -> list[str]:
     warnings carry them): tensors in the base's weight files that its config.json does not use (transformers
     ignores them), an output head loaded untied although config.json asks for tied embeddings (transformers 5 keeps
     a differing `lm_head.weight` from the files and warns), and a LoRA scaling lora_alpha / r
-    outside (0, 100) — 0 switches the adapter off, a negative or huge one is rarely trained with."""
+    outside [0.001, 100] — 0 (or nearly) switches the adapter off, a negative or huge one is rarely trained
+    with."""
     out = []
     unexpected = sorted(info.get("unexpected_keys") or ())
     if unexpected:
-        out.append(f"the base model's weight files {str(paths.base)!r} hold {len(unexpected)} tensors its config.json "
-                   f"does not use (e.g. {', '.join(repr(n) for n in unexpected[:3])}); they were ignored. If "
-                   "config.json was edited (tie_word_embeddings, layer counts), the numbers describe another model.")
+        named = ", ".join(repr(n) for n in unexpected[:3])
+        out.append(f"the base model's weight files {str(paths.base)!r} hold {len(unexpected)} "
+                   f"tensor{'s' if len(unexpected) > 1 else ''} its config.json does not use (e.g. {named}); they "
+                   "were ignored. If config.json was edited (tie_word_embeddings, layer counts), the numbers describe "
+                   "another model.")
     config = getattr(model, "config", None)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if (getattr(config, "tie_word_embeddings", False) and head is not None and embed is not None
@@ -166,7 +170,7 @@ def load_notes(model, info: dict, paths: CheckpointPaths) -> list[str]:
                    "config.json or the weight files were edited, the numbers describe another model.")
     tables = [m.scaling for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]  # peft LoRA
     odd = sorted({float(v) for table in tables for v in table.values()
-                  if not LORA_SCALING_USUAL[0] < float(v) < LORA_SCALING_USUAL[1]})
+                  if not LORA_SCALING_USUAL[0] <= float(v) <= LORA_SCALING_USUAL[1]})
     if odd:
         out.append(f"the adapter {str(paths.adapter)!r} scales its LoRA products by lora_alpha / r = "
                    f"{', '.join(f'{v:.3g}' for v in odd)} (adapter_config.json; trainers set 0.5 to 4, rarely more "
@@ -179,23 +183,31 @@ def check_finite_forward(model, paths: CheckpointPaths) -> None:
     """One forward of two tokens (ids 0 and 1) must give finite logits: finite weights can still overflow, most
     often through an adapter's scaling lora_alpha / r (peft multiplies every LoRA product by it), which would
     otherwise surface as an invalid sampling distribution deep in the run. Raises NonFiniteError (exit 2) naming
-    the adapter's scaling where there is one. Costs one forward of length 2."""
-    from probe_dist.state.checks import NonFiniteError
-
+    the adapter's scaling where there is one. Costs one forward of length 2. A scaling that overflows only on
+    longer inputs is caught while sampling (`overflow_error`)."""
     with torch.no_grad():
         ids = torch.tensor([[0, 1]], device=next(model.parameters()).device)
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     if bool(torch.isfinite(logits).all()):
         return
+    where = f"the model loaded from {str(paths.base)!r}{' with its adapter' if paths.adapter else ''}"
+    raise overflow_error(model, f"{where} gives NaN/inf logits on a two-token input")
+
+
+def overflow_error(model, what: str):
+    """The NonFiniteError (exit 2) for a model whose finite weights give NaN/inf logits: `what` says where (e.g.
+    "the policy's logits became NaN/inf at sampling step 3"); the message names the adapter's LoRA scaling
+    lora_alpha / r when the model has one, the usual cause, and the fixes."""
+    from probe_dist.state.checks import NonFiniteError
+
     tables = [m.scaling for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]  # peft LoRA
     scalings = sorted({float(v) for table in tables for v in table.values()})
-    adapter = (f" The adapter {str(paths.adapter)!r} scales every LoRA product by lora_alpha / r = "
+    adapter = (" The adapter scales every LoRA product by lora_alpha / r = "
                f"{', '.join(f'{v:.3g}' for v in scalings)} (adapter_config.json; common settings give 0.5 to 4): a "
                "scaling that overflows is an edited or corrupted lora_alpha or r." if scalings else "")
-    raise NonFiniteError(
-        f"the model loaded from {str(paths.base)!r}{' with its adapter' if paths.adapter else ''} gives NaN/inf "
-        f"logits on a two-token input although its weights are finite: the forward pass overflows.{adapter} Fix "
-        "the checkpoint's config (or use precision.dtype=float32 if a low-precision dtype overflows).")
+    return NonFiniteError(
+        f"{what} although its weights are finite: the forward pass overflows.{adapter} Fix the checkpoint's config "
+        "(or use precision.dtype=float32 if a low-precision dtype overflows).")
 
 
 def check_adapter_complete(model, adapter: Path) -> None:
