@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probe_dist.errors import OutputDirError
+from probe_dist.report.trackers import MARKER, TRACKERS, foreign_entries
 
 log = logging.getLogger("probe_dist")
 
@@ -56,27 +57,20 @@ def is_probe_file(name: str) -> bool:
     return name in RESULT_FILES or is_log(name)
 
 
-def is_tracker_dir(entry: os.DirEntry) -> bool:
-    """A tracker folder an earlier run wrote (output.report_to: `tensorboard/`, `wandb/`): it holds the probe's
-    marker file and nothing but what that tracker writes, so it is replaced with the rest of output.dir. A user's
-    own folder of that name, or one where a user put a file of their own, is not."""
-    from probe_dist.report.trackers import holds_only_tracker_files
-
-    return entry.is_dir(follow_symlinks=False) and holds_only_tracker_files(Path(entry.path))
-
-
-def _tracker_names() -> tuple[str, ...]:
-    from probe_dist.report.trackers import TRACKERS
-
-    return tuple(TRACKERS)
-
-
-def _foreign_inside(folder: Path) -> str:
-    """How a tracker-named folder the probe will not replace is listed: its first entry the marker does not list."""
-    from probe_dist.report.trackers import foreign_entries
-
-    inside = foreign_entries(folder) if folder.is_dir() and not folder.is_symlink() else []
-    return f"{folder.name}/{inside[0]}" if inside else f"{folder.name}/"
+def _foreign_name(entry: os.DirEntry) -> str | None:
+    """How an entry of output.dir that the probe did not write is named in the refusal; None for the probe's own
+    files and for a tracker folder (output.report_to: `tensorboard/`, `wandb/`) holding just what an earlier run
+    wrote there (its marker lists every path), which is replaced with the rest. A tracker-named folder with a
+    user's file in it is named by that file's path."""
+    if entry.is_file(follow_symlinks=False) and is_probe_file(entry.name):
+        return None
+    if entry.name in TRACKERS and entry.is_dir(follow_symlinks=False):
+        folder = Path(entry.path)
+        inside = foreign_entries(folder)
+        if not inside and (folder / MARKER).is_file():
+            return None
+        return f"{entry.name}/{inside[0]}" if inside else f"{entry.name}/"
+    return entry.name + ("/" if entry.is_dir() else "")
 
 
 def new_run_id() -> str:
@@ -150,9 +144,7 @@ def check_output_dir(out_dir: Path, shown: str) -> None:
     if not out_dir.is_dir():
         raise OutputDirError(f"output.dir {shown!r} exists and is not a directory; choose another output.dir or "
                              "remove that file.")
-    foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(out_dir)
-                     if not (e.is_file(follow_symlinks=False) and is_probe_file(e.name)) and not is_tracker_dir(e))
-    foreign = [_foreign_inside(out_dir / name[:-1]) if name[:-1] in _tracker_names() else name for name in foreign]
+    foreign = sorted(name for name in map(_foreign_name, os.scandir(out_dir)) if name is not None)
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputDirError(f"output.dir {shown!r} holds entries the probe did not write ({listed}). A run "

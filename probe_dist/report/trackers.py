@@ -64,11 +64,6 @@ def foreign_entries(folder: Path) -> list[str]:
     return sorted(_entries(folder) - listed)
 
 
-def holds_only_tracker_files(folder: Path) -> bool:
-    """Whether `folder` is a tracker folder a probe run wrote and nobody added to (safe to replace)."""
-    return folder.name in TRACKERS and (folder / MARKER).is_file() and not foreign_entries(folder)
-
-
 def requested(report_to: str) -> list[str]:
     """The trackers output.report_to names ("none", "tensorboard", "wandb" or "tensorboard,wandb"), in order."""
     return [t for t in (x.strip() for x in report_to.split(",")) if t and t != "none"]

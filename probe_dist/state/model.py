@@ -145,6 +145,13 @@ def load_model(paths: CheckpointPaths, dtype: torch.dtype, device: torch.device,
 LORA_SCALING_USUAL = (1e-3, 100.0)
 
 
+def lora_scalings(model) -> list[float]:
+    """The distinct LoRA scalings lora_alpha / r (rsLoRA: / √r) of a peft model's LoRA layers (each layer's
+    `scaling` dict, per adapter name), sorted; [] for a model without LoRA layers."""
+    tables = [m.scaling for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    return sorted({float(v) for table in tables for v in table.values()})
+
+
 def load_notes(model, info: dict, paths: CheckpointPaths) -> list[str]:
     """What loaded but looks like an edited or mismatched file, one sentence each (the run goes on; the summary's
     warnings carry them): tensors in the base's weight files that its config.json does not use (transformers
@@ -168,9 +175,7 @@ def load_notes(model, info: dict, paths: CheckpointPaths) -> list[str]:
                    "embeddings (tie_word_embeddings: true) but its weight files hold an lm_head.weight that differs "
                    "from them, so transformers loaded the two untied (as a trainer loading these files would). If "
                    "config.json or the weight files were edited, the numbers describe another model.")
-    tables = [m.scaling for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]  # peft LoRA
-    odd = sorted({float(v) for table in tables for v in table.values()
-                  if not LORA_SCALING_USUAL[0] <= float(v) <= LORA_SCALING_USUAL[1]})
+    odd = [v for v in lora_scalings(model) if not LORA_SCALING_USUAL[0] <= v <= LORA_SCALING_USUAL[1]]
     if odd:
         out.append(f"the adapter {str(paths.adapter)!r} scales its LoRA products by lora_alpha / r = "
                    f"{', '.join(f'{v:.3g}' for v in odd)} (adapter_config.json; trainers set 0.5 to 4, rarely more "
@@ -200,8 +205,7 @@ def overflow_error(model, what: str):
     lora_alpha / r when the model has one, the usual cause, and the fixes."""
     from probe_dist.state.checks import NonFiniteError
 
-    tables = [m.scaling for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]  # peft LoRA
-    scalings = sorted({float(v) for table in tables for v in table.values()})
+    scalings = lora_scalings(model)
     adapter = (" The adapter scales every LoRA product by lora_alpha / r = "
                f"{', '.join(f'{v:.3g}' for v in scalings)} (adapter_config.json; common settings give 0.5 to 4): a "
                "scaling that overflows is an edited or corrupted lora_alpha or r." if scalings else "")
