@@ -157,3 +157,42 @@ def test_closed_form_tangents_match_forward_mode_through_every_pass():
         assert ((tangent - fd).abs() <= fd_tol).all(), float(((tangent - fd).abs() / fd_tol).max())
         # tol: bound precondition: a direction that moves ℓ and H far above the FD tolerance, so the check has teeth
         assert float(tangent.abs().max()) > 1e3 * float(fd_tol.max())
+
+
+def test_second_order_closed_forms_match_nested_forward_mode():
+    """`second_order_logp_entropy`'s ℓ, H, ℓ', H', ℓ'', H'' equal nested jvp through the op-by-op formulas along
+    the path x + εẋ + ½ε²ẍ (float64, masked logits, τ ≠ 1): the explanation's curvature pass rests on them."""
+    from torch.func import jvp
+
+    from probe_dist.scoring.chunked import second_order_logp_entropy
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 40, generator=gen, dtype=torch.float64) * 4
+    dx, ddx = (torch.randn(9, 40, generator=gen, dtype=torch.float64) for _ in range(2))
+    x[1, 7] = x[4, :5] = -torch.inf
+    dx[1, 7] = ddx[1, 7] = 0.0
+    dx[4, :5] = ddx[4, :5] = 0.0
+    targets = torch.arange(9) * 3 + 8  # none masked
+    one = torch.ones((), dtype=torch.float64)
+
+    def path(eps):
+        return torch.stack(logp_entropy_from_logits(x + eps * dx + 0.5 * eps * eps * ddx, targets, 0.7))
+
+    def first(eps):
+        return jvp(path, (eps,), (one,))
+
+    with torch.no_grad():
+        (value, d1), (_, d2) = jvp(first, (torch.zeros((), dtype=torch.float64),), (one,))
+        got = second_order_logp_entropy(x, dx, ddx, targets, 0.7)
+    z = x / 0.7
+    finite = torch.isfinite(z)
+    spread = (z - z.max(-1, keepdim=True).values).masked_fill(~finite, 0.0).abs().amax(-1)
+    for k, (mine, ref, order) in enumerate(zip(got, (value[0], value[1], d1[0], d1[1], d2[0], d2[1]),
+                                               (0, 0, 1, 1, 2, 2))):
+        # tol: fp both are float64 sums over n ≤ 40 terms of products of ≤ 3 factors bounded by
+        # (1 + 2·spread)·max(|ż|, |z̈|)^order/τ: γ_{4n} relative to that scale (a wrong term is O(scale))
+        scale = (1 + 2 * spread) ** 2 * (torch.maximum(dx.abs().amax(-1), ddx.abs().amax(-1)) / 0.7 + 1) ** order
+        tol = torch.tensor([fp_bound(torch.float64, 4 * int(n), float(c)) for n, c in zip(finite.sum(-1), scale)])
+        assert ((mine - ref).abs() <= tol).all(), (k, float((mine - ref).abs().max()))
+        if order:  # tol: bound precondition: the path moves the values far above the tolerance (the check has teeth)
+            assert float(ref.abs().max()) > 1e6 * float(tol.max())

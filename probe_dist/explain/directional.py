@@ -22,7 +22,7 @@ from torch.func import jvp
 
 from probe_dist.model.policy import PolicyModel, unwrap_causal_lm
 from probe_dist.rollout.batch import Microbatch
-from probe_dist.scoring.chunked import analytic_first_order, functorch_wrapped
+from probe_dist.scoring.chunked import analytic_first_order, functorch_wrapped, second_order_logp_entropy
 
 
 class ForwardModeUnavailable(RuntimeError):
@@ -180,6 +180,35 @@ def frozen_linear_rule():
         fn.linear = original
 
 
+def _head_second_order(policy: PolicyModel, h: torch.Tensor, d_h: torch.Tensor, dd_h: torch.Tensor,
+                       targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
+    """(ℓ, H, ℓ', H', ℓ'', H'') [M] from the scored hidden states h [M, d] and their first and second derivatives
+    along the path, through a frozen head and the model's logit transform, `policy.logits_chunk` rows at a time.
+
+    A plain linear head without a transform: the logits' derivatives are ḣWᵀ and ḧWᵀ (the head is linear and
+    frozen). Otherwise x(ε) = transform(head(h + εḣ + ½ε²ḧ)) — the same path to second order — differentiated
+    twice in ε by nested jvp."""
+    head, transform = policy.head, policy.logit_transform
+    linear = isinstance(head, torch.nn.Linear) and transform.is_identity
+    parts = []
+    for start in range(0, h.shape[0], policy.logits_chunk):
+        hc, dhc, ddhc = (t[start:start + policy.logits_chunk] for t in (h, d_h, dd_h))
+        if linear:
+            x, dx, ddx = head(hc), _LINEAR(dhc, head.weight), _LINEAR(ddhc, head.weight)
+        else:
+            def logits(eps, hc=hc, dhc=dhc, ddhc=ddhc):
+                return transform(head(hc + eps * dhc + (0.5 * eps * eps) * ddhc))
+
+            def first(eps):
+                return jvp(logits, (eps,), (torch.ones_like(eps),))
+
+            eps = torch.zeros((), dtype=hc.dtype, device=hc.device)
+            with composite_kernels():
+                (x, dx), (_, ddx) = jvp(first, (eps,), (torch.ones_like(eps),))
+        parts.append(second_order_logp_entropy(x, dx, ddx, targets[start:start + policy.logits_chunk], temperature))
+    return tuple(torch.cat(column) for column in zip(*parts))
+
+
 def parameter_names(policy: PolicyModel, trainable: list[tuple[str, torch.nn.Parameter]]) -> list[str]:
     """The name under `policy` of each trainable parameter (optimizer order). Raises ForwardModeUnavailable when
     a trainable parameter is not a plain parameter of the policy (e.g. sharded by FSDP2)."""
@@ -212,7 +241,7 @@ def token_derivatives(policy: PolicyModel, names: list[str], trainable: list[tup
 
     slots = [_slot(policy, name) for name in names]
 
-    def scores(*values):
+    def swapped(call, values):
         # The parameters are swapped in place and the original Parameter objects put back in `finally`:
         # torch.func.functional_call under nested jvp left functorch wrapper tensors in the module (measured,
         # torch 2.13), which would detach the optimizer's parameters from the model.
@@ -220,20 +249,38 @@ def token_derivatives(policy: PolicyModel, names: list[str], trainable: list[tup
         try:
             for (module, leaf), value in zip(slots, values):
                 module._parameters[leaf] = value
-            return policy(*args)
+            return call()
         finally:
             for (module, leaf), original in zip(slots, saved):
                 module._parameters[leaf] = original
 
+    def scores(*values):
+        return swapped(lambda: policy(*args), values)
+
     def first(*values):
         return jvp(scores, values, tangents)
 
+    trainable_ids = {id(p) for _, p in trainable}
+    frozen_head = not any(id(p) in trainable_ids for p in policy.head.parameters())
     try:
         if order == 1:  # the fused kernels' first-order rules hold; ℓ/H's tangents in closed form
             with torch.no_grad(), analytic_first_order(), frozen_linear_rule():
                 (logp, ent), (d_logp, d_ent) = first(*primals)
             dd_logp = dd_ent = None
-        else:
+        elif frozen_head:  # the body by nested jvp; the head and the softmax in closed form
+            def hidden(*values):
+                return swapped(lambda: policy.scored_hidden(*args[:4])[0], values)
+
+            def first_hidden(*values):
+                return jvp(hidden, values, tangents)
+
+            with torch.no_grad(), composite_kernels():
+                (h, d_h), (_, dd_h) = jvp(first_hidden, primals, tangents)
+            targets = policy.scored_targets(args[0], args[2], args[3])
+            with torch.no_grad():
+                logp, ent, d_logp, d_ent, dd_logp, dd_ent = _head_second_order(policy, h, d_h, dd_h, targets,
+                                                                                temperature)
+        else:  # a trainable head (LoRA on lm_head): everything by nested jvp
             with torch.no_grad(), composite_kernels():
                 ((logp, ent), (d_logp, d_ent)), (_, (dd_logp, dd_ent)) = jvp(first, primals, tangents)
     except (NotImplementedError, RuntimeError) as err:

@@ -40,6 +40,15 @@ class PolicyModel(nn.Module):
         Returns flat float32 tensors (float64 for a float64 model) over the True entries of response_mask,
         row-major.
         """
+        pred_hidden, targets = self.scored_hidden(input_ids, attention_mask, response_start, response_mask)
+        return chunked_logp_entropy(self.head, pred_hidden, targets, temperature=temperature,
+                                    chunk=self.logits_chunk, transform=self.logit_transform)
+
+    def scored_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
+                      response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's last hidden state at each position that predicts a scored token, and that token:
+        (hidden [M, d] in the model's dtype, targets [M] long), flat over the True entries of response_mask,
+        row-major — what `forward` sends through the head."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         mask = attention_mask
         if self._needs_safe_eager_mask(attention_mask):
@@ -49,9 +58,12 @@ class PolicyModel(nn.Module):
         width = response_mask.shape[1]
         # Position t−1 predicts token t: hidden states of the positions just before each response token.
         pred_hidden = hidden[:, response_start - 1:response_start - 1 + width][response_mask]
-        targets = input_ids[:, response_start:response_start + width][response_mask]
-        return chunked_logp_entropy(self.head, pred_hidden, targets, temperature=temperature,
-                                    chunk=self.logits_chunk, transform=self.logit_transform)
+        return pred_hidden, self.scored_targets(input_ids, response_start, response_mask)
+
+    @staticmethod
+    def scored_targets(input_ids: torch.Tensor, response_start: int, response_mask: torch.Tensor) -> torch.Tensor:
+        """The scored tokens [M] long, flat over the True entries of response_mask, row-major."""
+        return input_ids[:, response_start:response_start + response_mask.shape[1]][response_mask]
 
     def _needs_safe_eager_mask(self, attention_mask: torch.Tensor) -> bool:
         """Eager attention (forward-mode passes) on a float64 model with left-padded rows and a plain causal

@@ -73,5 +73,6 @@ def build_strategy(cfg, rt, model) -> Strategy:
             fully_shard(layer, ignored_params=trainable)
         fully_shard(policy, ignored_params=trainable)
         register_fsdp_forward_method(policy, "decode")
+        register_fsdp_forward_method(policy, "scored_hidden")  # the second-order forward-mode pass's body
         return Strategy("fsdp2", policy, policy, policy)
     raise ValueError(f"unknown distributed.strategy {name!r}")
