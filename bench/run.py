@@ -3,6 +3,7 @@ revision of the code on the same machine, and as the batches grow.
 
     python bench/run.py [--out bench/results/run_cpu.json] [--baseline REF] [--repeats 2] [--threads 1]
     python bench/run.py --scale [--out bench/results/run_scale_cpu.json]      # + a log-log plot next to the JSON
+    python bench/run.py --model qwen2-cpu [--baseline REF] [--scale]          # a random Qwen2 with a real-sized head
     python bench/run.py --gpu [--scale]                                        # one CUDA device, the RLP workload
 
 Every run is `python -m probe_dist.main` in a subprocess, as a user runs it, and its seconds come from the run's own
@@ -16,6 +17,9 @@ process's wall time (imports, loading and writing included).
 - `--scale`: B_E ∈ {16, 64, 256} at B_U = 8, and B_U ∈ {8, 32} at B_E = 16 (G 4 for both, η ∈ {0, 1e-4}); per phase, the
   slope of log(seconds) on log(sequences the phase processes) by least squares (1 = linear in its batch; below 1,
   fixed costs still weigh), and a PNG plot of seconds against sequences per phase next to the JSON.
+- `--model qwen2-cpu`: the same comparison (or --scale) with the default config (E 16 × 4, U 8 × 4, 32 new tokens,
+  η ∈ {0, 1e-4}, the explanation on) on bench/throughput.py's random Qwen2 (V 32768, hidden 256, 4 layers, LoRA
+  r 8; built here): a model whose output head weighs as on real small models, where the toy's costs are fixed.
 - `--gpu`: device=cuda on bench/throughput.py's GPU model (a random-weight Qwen2.5-1.5B-shaped checkpoint, LoRA r 64
   on every projection; built here, nothing downloaded) at the RLP workload: E 2048 × 1, U 64 × 8, η ∈ {0, 1e-5},
   200 new tokens, memory.auto_microbatch, the explanation on (the default run). The goal stated for it is the whole
@@ -176,6 +180,20 @@ def gpu_checkpoint(work: Path) -> Path:
     return ckpt
 
 
+def cpu_checkpoint(work: Path) -> Path:
+    """bench/throughput.py's CPU model (a random-weight Qwen2: V 32768, hidden 256, 4 layers, LoRA r 8; the head is
+    a third of each token's multiply-adds, as on real small models) and its prompt file (400 toy-character prompts)."""
+    from throughput import write_prompt_file
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=32768, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    ckpt = bench_memory.build_random_checkpoint(work / "ckpt", config, torch.device("cpu"), lora_r=8, max_new_tokens=32)
+    write_prompt_file(ckpt / "prompts.jsonl", 400)
+    return ckpt
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--out", default=None, help="JSON output path (default: none; with --smoke a temporary file)")
@@ -183,12 +201,17 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs per code version (best of, per phase)")
     parser.add_argument("--scale", action="store_true", help="the batch sizes' sweep and its log-log slopes")
     parser.add_argument("--gpu", action="store_true", help="device=cuda, the RLP workload on a 1.5B-shaped model")
+    parser.add_argument("--model", choices=("toy", "qwen2-cpu"), default="toy",
+                        help="CPU runs: the README demo on the toy checkpoint (default), or the default config "
+                             "(E 16 × 4, U 8 × 4, 32 new tokens, 2 η) on bench/throughput.py's random Qwen2")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of this process and OMP_NUM_THREADS of each probe run")
     parser.add_argument("--smoke", action="store_true", help="CI: the same bench on a tiny model in seconds")
     args = parser.parse_args(argv)
     if args.gpu and args.smoke:
         parser.error("--smoke is the CPU check of this script; --gpu runs the full GPU workload: choose one")
+    if args.model != "toy" and (args.gpu or args.smoke):
+        parser.error("--model picks the CPU run's model; --gpu and --smoke bring their own")
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be at least 1")
     if args.gpu and not torch.cuda.is_available():
@@ -223,6 +246,12 @@ def main(argv=None) -> int:
         config = [*base, "sampling.B_E=2048", "sampling.G_E=1", "sampling.B_U=64", "sampling.G_U=8",
                   "estimators.etas=[0,1e-5]"]
         e_sizes, u_sizes, groups = (256, 1024, 2048), (16, 64), (1, 8)
+    elif args.model == "qwen2-cpu":
+        ckpt = cpu_checkpoint(work)
+        base = [f"checkpoint.path={ckpt}", "device=cpu", f"sampling.prompts={ckpt / 'prompts.jsonl'}",
+                "sampling.max_new_tokens=32"]
+        config = [*base, "sampling.B_E=16", "sampling.G_E=4", "sampling.B_U=8", "sampling.G_U=4",
+                  "estimators.etas=[0,1e-4]"]
     else:
         base = ["device=cpu"]
         config = DEMO

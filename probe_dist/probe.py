@@ -137,8 +137,9 @@ class Probe:
             with self.clock.phase(phases.DELTA_H1):
                 ustat = (SingleBatchUStatistic(runner, res.batch_u, res.update, est=est, update=cfg.update)
                          if est.mode == "single_batch" else None)
+                # With the explanation on, δH₁ comes from its nested pass (first and second order in one go)
                 res.delta_h1 = predict_delta_h1(rt, runner, res.batch_e, res.scores_e, base=res.base, u=res.update.u,
-                                                est=est, ustat=ustat)
+                                                est=est, ustat=ustat, second_order=est.explain)
             if est.explain:
                 self.check_stop()
                 with self.clock.phase(phases.EXPLAIN):

@@ -81,6 +81,9 @@ class DeltaH1:
     grad_entropy: list[torch.Tensor] | None  # ∇Ĥ (float64, CPU, all-reduced); None until needed (forward mode)
     ustat_per_eta: float | None = None    # single_batch mode: the U-statistic (§5.3) that the sweep reports
     ustat_units: int | None = None
+    # Per sequence of this rank's E groups, the second-order pass's path derivatives (prediction.delta_h1.path_rows,
+    # order 2) when δH₁ came from that pass: what explain_e sums, so it need not run the pass again.
+    e_rows: list[dict[str, torch.Tensor]] | None = None
 
     @property
     def reported_per_eta(self) -> float:

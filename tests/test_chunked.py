@@ -196,3 +196,34 @@ def test_second_order_closed_forms_match_nested_forward_mode():
         assert ((mine - ref).abs() <= tol).all(), (k, float((mine - ref).abs().max()))
         if order:  # tol: bound precondition: the path moves the values far above the tolerance (the check has teeth)
             assert float(ref.abs().max()) > 1e6 * float(tol.max())
+
+
+def test_closed_form_head_backward_matches_autograd_through_the_softmax():
+    """The frozen linear head's closed-form backward (∂ℓ/∂z = onehot − p, ∂H/∂z = −p(z − z̄)) gives the same
+    ∂/∂hidden as autograd through `logp_entropy_from_logits` (float64, τ ≠ 1, chunked, with a bias), the same
+    values as the no-grad scorer, and is what a frozen head takes."""
+    from probe_dist.scoring import chunked
+
+    gen = torch.Generator().manual_seed(11)
+    head = torch.nn.Linear(16, 50, dtype=torch.float64).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 16, generator=gen, dtype=torch.float64))
+    hidden = torch.randn(13, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (13,), generator=gen)
+    a, b = (torch.randn(13, generator=gen, dtype=torch.float64) for _ in range(2))
+    assert chunked._closed_form_head(head, chunked.IDENTITY, hidden)  # precondition: the path under test runs
+    lp, h = chunked_logp_entropy(head, hidden, targets, temperature=0.7, chunk=5)
+    (grad,) = torch.autograd.grad((a * lp + b * h).sum(), hidden)
+    lp_ref, h_ref = logp_entropy_from_logits(head(hidden), targets, 0.7)
+    (grad_ref,) = torch.autograd.grad((a * lp_ref + b * h_ref).sum(), hidden)
+    with torch.no_grad():
+        lp0, h0 = chunked_logp_entropy(head, hidden, targets, temperature=0.7, chunk=5)
+    assert torch.equal(lp, lp0) and torch.equal(h, h0)  # tol: exact the no-grad scorer's passes
+    # tol: fp two float64 routes to Σ_v (…)·W over V = 50 logits and d = 16: γ_{4·66} relative to Σ|terms|,
+    # bounded by (|a| + |b|·(1 + 2·spread))·Σ_v|W_v| per entry; a wrong term (a sign, p vs onehot) is O(1)
+    z = head(hidden).detach() / 0.7
+    spread = (z - z.max(-1, keepdim=True).values).abs().amax(-1)
+    scale = (a.abs() + b.abs() * (1 + 2 * spread)) * float(head.weight.abs().sum(0).max()) / 0.7
+    tol = torch.tensor([fp_bound(torch.float64, 4 * 66, float(c)) for c in scale]).unsqueeze(-1)
+    assert ((grad - grad_ref).abs() <= tol).all(), float((grad - grad_ref).abs().max())
+    assert float(grad_ref.abs().max()) > 1e6 * float(tol.max())  # tol: bound precondition (teeth)

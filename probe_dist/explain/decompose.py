@@ -18,10 +18,11 @@ from torch.func import jvp
 
 from probe_dist.config_schema import EstimatorsConfig, UpdateConfig
 from probe_dist.estimators import covariance, curvature
-from probe_dist.estimators.delta_h1 import delta_h1_influence, surrogate_coefficients
+from probe_dist.estimators.delta_h1 import delta_h1_influence
 from probe_dist.estimators.entropy import fixed_prompts_sum_sq, normaliser_lengths, se_from_influence
 from probe_dist.explain.directional import eager_attention, parameter_names, token_derivatives
 from probe_dist.model.runner import PolicyRunner
+from probe_dist.prediction.delta_h1 import path_rows
 from probe_dist.prediction.ustat import vector_dot
 from probe_dist.results import (
     BaseEntropy,
@@ -43,45 +44,21 @@ def explain_e(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[Se
               base: BaseEntropy, u: list[torch.Tensor], delta_h1: DeltaH1, est: EstimatorsConfig) -> EExplanation:
     """Per-sequence contributions c_i to δH₁/η on E, the curvature Ĥ'' with its SEs, and δH₁'s fixed-prompt SE.
 
-    u: the update vector (float64, param-shaped, optimizer order). c_i are in nats per unit η; Ĥ'' in nats per
+    From the second-order pass's per-sequence path derivatives: δH₁'s own (delta_h1.e_rows) when it ran that
+    pass, else one `path_rows(order=2)` pass here. u: the update vector (float64, param-shaped, optimizer order). c_i are in nats per unit η; Ĥ'' in nats per
     unit η². Raises ForwardModeUnavailable when the model has an operation without a forward-mode rule.
     """
-    policy = runner.strategy.policy
-    names = parameter_names(policy, runner.trainable)
-
-    def start() -> dict:
-        return {"c": {}, "lam": {}, "h": {}, "b": {}, "x": {}}
-
-    def step(_bi: int, block, state: dict) -> None:
-        # Lockstep padding (weight 0) runs the same passes, so a failure is raised on every rank alike.
-        keys = ("q", "b", "dS", "ddS", "dh", "ddh")
-        parts = [{k: torch.zeros(g.size, dtype=torch.float64) for k in keys} for g in block]
-        for mb in block_microbatches(block, runner.sizes.grad):
-            td = token_derivatives(policy, names, runner.trainable, mb, u, device=runner.device,
-                                   temperature=runner.temperature, order=2)
-            rows = mb.token_rows
-            rb = est.payload == "rb"
-            phi, d_phi, dd_phi = ((td.entropy, td.d_entropy, td.dd_entropy) if rb
-                                  else (-td.logp, -td.d_logp, -td.dd_logp))
-            a, b = surrogate_coefficients(phi, td.entropy, rows, num_rows=mb.num_rows, entropy=base.entropy,
-                                          method=est.delta_h1, normalize=est.normalize)
-            values = {"q": _rows(mb, d_phi + a * td.d_logp) / base.sum_lam, "b": _rows(mb, b * td.d_logp),
-                      "dS": _rows(mb, td.d_logp), "ddS": _rows(mb, td.dd_logp), "dh": _rows(mb, d_phi),
-                      "ddh": _rows(mb, dd_phi)}
-            for i, (j, r) in enumerate(zip(mb.row_group, mb.row_index)):
-                for k in keys:
-                    parts[j][k][r] = values[k][i]
-        for j, (group, cat) in enumerate(zip(block, parts)):
-            if group.weight == 0:
-                continue
-            sc = scores_e[_bi * max(batch_e.block_size, 1) + j]  # blocks are consecutive runs of the rank's groups
-            h, lam = sc.h(est.payload), normaliser_lengths(sc.T, est.normalize)
-            p = group.prompt_index
-            state["c"][p], state["b"][p], state["h"][p], state["lam"][p] = cat["q"], cat["b"], h, lam
-            state["x"][p] = curvature.path_sums(h, lam, cat["dS"], cat["ddS"], cat["dh"], cat["ddh"])
-
-    with eager_attention(policy):
-        state = runner.run_groups(rt, "grad", batch_e.blocks(), start=start, step=step)
+    rows = delta_h1.e_rows
+    if rows is None:  # δH₁ came from a first-order or reverse-mode pass: the nested pass here
+        rows = path_rows(rt, runner, batch_e, base=base, u=u, est=est, order=2)
+    state = {"c": {}, "lam": {}, "h": {}, "b": {}, "x": {}}
+    for group, sc, cat in zip(batch_e.groups, scores_e, rows):
+        if group.weight == 0:
+            continue
+        h, lam = sc.h(est.payload), normaliser_lengths(sc.T, est.normalize)
+        p = group.prompt_index
+        state["c"][p], state["b"][p], state["h"][p], state["lam"][p] = cat["q"], cat["b"], h, lam
+        state["x"][p] = curvature.path_sums(h, lam, cat["dS"], cat["ddS"], cat["dh"], cat["ddh"])
     prompts = sorted(state["c"])
     c_total, b_total = rt.sum_scalars(sum(float(state["c"][p].sum()) for p in prompts),
                                       sum(float(state["b"][p].sum()) for p in prompts))

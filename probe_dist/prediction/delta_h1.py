@@ -30,15 +30,18 @@ log = logging.getLogger("probe_dist")
 
 def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores], *,
                      base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig,
-                     ustat: SingleBatchUStatistic | None = None, reverse_fallback: bool = True) -> DeltaH1:
+                     ustat: SingleBatchUStatistic | None = None, reverse_fallback: bool = True,
+                     second_order: bool = False) -> DeltaH1:
     """δH₁/η, its SE over E's prompt groups (conditional on u) and, on the reverse-mode path, ∇Ĥ (float64, CPU,
     all-reduced).
 
     Two exact paths. Forward mode (two-batch mode; DDP and FSDP2 alike): one jvp along u per microbatch of a block's
     rows gives every token's ℓ' and H', hence each group's ∇surrogate₁·u and Σ∇surrogate₂·u — no backward pass; ∇Ĥ
-    is left None (`entropy_gradient` computes it when the explanation needs it). Reverse mode (single_batch, or a
-    model with an operation without a forward-mode rule): per group microbatch one forward and two backward passes,
-    ∇Ĥ kept.
+    is left None (`entropy_gradient` computes it when the explanation needs it). With second_order (the
+    explanation is on) that pass is the nested one of `path_rows(order=2)`: the same ℓ', H' plus ℓ'', H'', kept
+    per sequence in `DeltaH1.e_rows` for `explain_e` — one pass over E instead of two; where the nested pass has
+    no rule, the first-order one. Reverse mode (single_batch, or a model with an operation without a forward-mode
+    rule): per group microbatch one forward and two backward passes, ∇Ĥ kept.
     u: the update vector (float64 tensors in optimizer order, param-shaped). With `ustat` (single_batch mode) each
     E group's ∇ surrogate also feeds the U-statistic of §5.3, whose value the result carries as `ustat_per_eta`.
     δH₁/η is in nats per unit η. With reverse_fallback=False (the online probe: no backward pass may reach the
@@ -46,6 +49,14 @@ def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: 
     non-finite derivative. Raises ValueError for an unknown est.delta_h1 method; OOM that survives the runner's
     retries propagates.
     """
+    if ustat is None and second_order:
+        try:
+            result = _forward_mode(rt, runner, batch_e, scores_e, base=base, u=u, est=est, order=2)
+            if result is not None:
+                return result
+        except ForwardModeUnavailable as err:
+            if rt.is_main:
+                log.info("δH₁ by first-order forward mode: the nested pass has no rule for an operation (%s)", err)
     if not reverse_fallback:
         result = _forward_mode(rt, runner, batch_e, scores_e, base=base, u=u, est=est)
         if result is None:
@@ -64,39 +75,62 @@ def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: 
     return _reverse_mode(rt, runner, batch_e, scores_e, base=base, u=u, est=est, ustat=ustat)
 
 
-def _forward_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores], *,
-                  base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig) -> DeltaH1 | None:
-    """predict_delta_h1 by one forward-mode pass per microbatch (`runner.sizes.grad` rows across a block's groups);
-    None when a directional derivative came out non-finite on any rank (the caller falls back to reverse mode)."""
+PATH_KEYS = {1: ("q", "b"), 2: ("q", "b", "dS", "ddS", "dh", "ddh")}
+
+
+def path_rows(rt, runner: PolicyRunner, batch_e: RolloutBatch, *, base: BaseEntropy, u: list[torch.Tensor],
+              est: EstimatorsConfig, order: int) -> list[dict[str, torch.Tensor]]:
+    """Per sequence of each of this rank's E groups (batch_e.groups' order), the derivatives along u that δH₁ and
+    the explanation are sums of, from one forward-mode pass per microbatch of a block's rows (`runner.sizes.grad`):
+
+        q    the sequence's ∇surrogate₁·u (its contribution c_i to δH₁/η; Σ_i q_i = ∇Ĥ·u before the b term)
+        b    its ∇surrogate₂·u
+        (order 2 adds) dS, ddS = S', S''; dh, ddh = h', h'' of the payload h (docs/method.md §10)
+
+    Each value a [G] float64 CPU tensor, nats (and log-prob) per unit η (η² for second derivatives). Lockstep
+    padding groups (weight 0) run the same passes. Raises ForwardModeUnavailable when an operation has no
+    forward-mode rule (of that order).
+    """
     policy = runner.strategy.policy
     names = parameter_names(policy, runner.trainable)
+    keys = PATH_KEYS[order]
 
     def step(_bi: int, block, state: list) -> None:
-        q = [torch.zeros(g.size, dtype=torch.float64) for g in block]
-        b = [torch.zeros(g.size, dtype=torch.float64) for g in block]
+        parts = [{k: torch.zeros(g.size, dtype=torch.float64) for k in keys} for g in block]
         for mb in block_microbatches(block, runner.sizes.grad):
             td = token_derivatives(policy, names, runner.trainable, mb, u, device=runner.device,
-                                   temperature=runner.temperature, order=1)
-            phi, d_phi = (td.entropy, td.d_entropy) if est.payload == "rb" else (-td.logp, -td.d_logp)
+                                   temperature=runner.temperature, order=order)
+            rb = est.payload == "rb"
+            phi, d_phi = (td.entropy, td.d_entropy) if rb else (-td.logp, -td.d_logp)
             a, coef_b = surrogate_coefficients(phi, td.entropy, mb.token_rows, num_rows=mb.num_rows,
                                                entropy=base.entropy, method=est.delta_h1, normalize=est.normalize)
-            q_rows = mb.row_sums(d_phi + a * td.d_logp) / base.sum_lam
-            b_rows = mb.row_sums(coef_b * td.d_logp)
+            values = {"q": mb.row_sums(d_phi + a * td.d_logp) / base.sum_lam, "b": mb.row_sums(coef_b * td.d_logp)}
+            if order == 2:
+                values.update(dS=mb.row_sums(td.d_logp), ddS=mb.row_sums(td.dd_logp), dh=mb.row_sums(d_phi),
+                              ddh=mb.row_sums(td.dd_entropy if rb else -td.dd_logp))
             for i, (j, r) in enumerate(zip(mb.row_group, mb.row_index)):
-                q[j][r], b[j][r] = q_rows[i], b_rows[i]
-        state.extend(zip(q, b))
+                for k in keys:
+                    parts[j][k][r] = values[k][i]
+        state.extend(parts)
 
     with eager_attention(policy):
-        per_group = runner.run_groups(rt, "grad", batch_e.blocks(), start=list, step=step)
-    finite = all(bool(torch.isfinite(q).all() and torch.isfinite(b).all()) for q, b in per_group)
+        return runner.run_groups(rt, "grad", batch_e.blocks(), start=list, step=step)
+
+
+def _forward_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores], *,
+                  base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig, order: int = 1) -> DeltaH1 | None:
+    """predict_delta_h1 from `path_rows` (order 1, or 2 with the rows kept for the explanation); None when a
+    directional derivative came out non-finite on any rank (the caller falls back)."""
+    per_group = path_rows(rt, runner, batch_e, base=base, u=u, est=est, order=order)
+    finite = all(bool(torch.isfinite(rows["q"]).all() and torch.isfinite(rows["b"]).all()) for rows in per_group)
     if rt.any_flag(not finite):  # every rank decides together (a NaN from eager attention's padding on any rank)
         return None
     q_groups, b_groups, lam_groups, h_groups = [], [], [], []
-    for gi, (group, (q, b)) in enumerate(zip(batch_e.groups, per_group)):
+    for gi, (group, rows) in enumerate(zip(batch_e.groups, per_group)):
         if group.weight > 0:
             sc = scores_e[gi]
-            q_groups.append(float(q.sum()))
-            b_groups.append(float(b.sum()))
+            q_groups.append(float(rows["q"].sum()))
+            b_groups.append(float(rows["b"].sum()))
             lam_groups.append(float(normaliser_lengths(sc.T, est.normalize).sum()))
             h_groups.append(float(sc.h(est.payload).sum()))
     per_eta, sum_b = rt.sum_scalars(sum(q_groups), sum(b_groups))
@@ -104,7 +138,8 @@ def _forward_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: lis
                            torch.tensor(h_groups, dtype=torch.float64), value=per_eta, sum_lam=base.sum_lam,
                            entropy=base.entropy, sum_b=sum_b)
     (c2,) = rt.sum_scalars(float((c * c).sum()))
-    return DeltaH1(per_eta=per_eta, per_eta_se=se_from_influence(c2, base.num_groups), grad_entropy=None)
+    return DeltaH1(per_eta=per_eta, per_eta_se=se_from_influence(c2, base.num_groups), grad_entropy=None,
+                   e_rows=per_group if order == 2 else None)
 
 
 def _microbatch_surrogates(runner: PolicyRunner, mb, *, base: BaseEntropy, est: EstimatorsConfig,

@@ -171,9 +171,26 @@ def second_order_logp_entropy(logits: torch.Tensor, d_logits: torch.Tensor, dd_l
     return z_y - log_s, log_s - mean_z, dz_y - mean_dz, d_entropy, dd_logp, dd_entropy
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_v a[m, v]·b[m, v] for each row m, as a batched matrix product (BLAS: ~2× a fused elementwise dot)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def _row_dot(a: torch.Tensor, b: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Σ_v a[m, v]·b[m, v] for each row m ([M, V] → [M]).
+
+    On CPU a product, then a row sum, `block` rows at a time through one small scratch buffer: 3.4× faster than a
+    batched matrix product [M, 1, V] × [M, V, 1] (bmm runs M dot products as tiny GEMVs; measured 25 ms against
+    7.4 ms at M = 256, V = 32768, one thread) and more precise (pairwise sums: at those sizes 1e-4 from the float64
+    value where bmm was 2e-3 off). Tensors a transform or autograd tracks take the same two ops without the
+    buffer (the same values: each row's sum is its own reduction). On an accelerator, the batched product."""
+    if a.device.type != "cpu":
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    if a.requires_grad or b.requires_grad or functorch_wrapped(a) or functorch_wrapped(b):
+        return (a * b).sum(dim=-1)
+    rows = a.shape[0]
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    out = torch.empty(rows, dtype=dtype)
+    scratch = torch.empty(min(block, rows), a.shape[1], dtype=dtype)
+    for start in range(0, rows, block):
+        n = min(block, rows - start)
+        torch.sum(torch.mul(a[start:start + n], b[start:start + n], out=scratch[:n]), dim=-1, out=out[start:start + n])
+    return out
 
 
 def _head_chunk(head: torch.nn.Module, transform: LogitTransform, hidden: torch.Tensor, targets: torch.Tensor,
@@ -207,6 +224,8 @@ def chunked_logp_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: t
     ℓ and H are in nats at temperature τ > 0; chunk (> 0) rows of logits [chunk, V] exist at a time.
     Raises ValueError if chunk is 0 and RuntimeError (torch.cat) if M is 0.
     """
+    if _closed_form_head(head, transform, hidden):
+        return _FrozenHeadLogpEntropy.apply(hidden, targets, head, temperature, chunk)
     logps, ents = [], []
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     for start in range(0, hidden.shape[0], chunk):
@@ -218,3 +237,58 @@ def chunked_logp_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: t
         logps.append(lp)
         ents.append(en)
     return torch.cat(logps), torch.cat(ents)
+
+
+def _closed_form_head(head: torch.nn.Module, transform: LogitTransform, hidden: torch.Tensor) -> bool:
+    """Whether a pass with grad can take `_FrozenHeadLogpEntropy`: a frozen plain linear head, no logit transform,
+    no autocast (TRL's rounding is `_project`'s), hidden a tensor autograd tracks (not a torch.func transform's)."""
+    return (torch.is_grad_enabled() and hidden.requires_grad and not functorch_wrapped(hidden)
+            and isinstance(head, torch.nn.Linear) and transform.is_identity
+            and not any(p.requires_grad for p in head.parameters())
+            and not torch.is_autocast_enabled(hidden.device.type))
+
+
+class _FrozenHeadLogpEntropy(torch.autograd.Function):
+    """(ℓ, H) [M] of hidden [M, d] through a frozen linear head, chunk rows at a time, with the backward in closed
+    form: for a token with z = x/τ and p = softmax(z),
+
+        ∂ℓ/∂z = onehot(y) − p,        ∂H/∂z = −p ⊙ (z − Σ_v p_v z_v)
+
+    so ∂/∂hidden = (g_ℓ·∂ℓ/∂z + g_H·∂H/∂z)/τ · W, recomputing each chunk's logits in backward (nothing [M, V] is
+    saved, as with activation checkpointing) instead of differentiating the softmax pass by pass. The values are
+    the no-grad scorer's (`_logp_entropy_no_grad`). The head's weight is read from the module in backward, as a
+    checkpoint's recomputation would (FSDP2 has unsharded it again by then)."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, temperature, chunk):
+        ctx.save_for_backward(hidden, targets)
+        ctx.head, ctx.temperature, ctx.chunk = head, temperature, chunk
+        logps, ents = [], []
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], chunk):
+                lp, en = _logp_entropy_no_grad(head(hidden[start:start + chunk]), targets[start:start + chunk],
+                                               temperature, overwrite=True)
+                logps.append(lp)
+                ents.append(en)
+        return torch.cat(logps), torch.cat(ents)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, targets = ctx.saved_tensors
+        head, temperature, chunk = ctx.head, ctx.temperature, ctx.chunk
+        grad_hidden = torch.empty_like(hidden)
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                x = head(hidden[rows])
+                _, _, e, z, s, mean_z = _logp_entropy_parts(x, targets[rows], temperature, overwrite=True)
+                g_l = grad_logp[rows].to(z.dtype) if grad_logp is not None else torch.zeros_like(s)
+                g_h = grad_entropy[rows].to(z.dtype) if grad_entropy is not None else torch.zeros_like(s)
+                z.masked_fill_(e == 0, 0.0)  # p = 0 (a −inf logit): no gradient, and no 0·(−inf)
+                # g_z = g_ℓ (onehot − p) − g_H p (z − z̄) = −p ⊙ (g_ℓ + g_H (z − z̄)) + g_ℓ onehot, written over z
+                g_z = z.sub_(mean_z.unsqueeze(-1)).mul_(g_h.unsqueeze(-1)).add_(g_l.unsqueeze(-1))
+                g_z.mul_(e).div_(-s.unsqueeze(-1))
+                g_z.scatter_add_(-1, targets[rows].unsqueeze(-1), g_l.unsqueeze(-1))
+                g_x = g_z.div_(temperature).to(head.weight.dtype)
+                grad_hidden[rows] = (g_x @ head.weight).to(hidden.dtype)
+        return grad_hidden, None, None, None, None
