@@ -438,3 +438,36 @@ def test_curvature_is_flagged_when_within_two_se_and_rows_carry_the_prompt(toy_c
     res = probe.run()
     rows = sequence_rows(res, lambda ids: probe.tokenizer.decode(ids))
     assert rows and all(r["prompt"].endswith("=") and "+" in r["prompt"] for r in rows)
+
+
+def test_second_order_head_in_closed_form_equals_the_nested_pass_through_it(gpt2_float64):
+    """The nested pass with the head and softmax in closed form (a frozen head, the default) gives the same ℓ, H
+    and derivatives as the fallback that differentiates through the head too (taken when the head's weight is
+    trainable: here it is listed among the trainable tensors with a zero direction), in a float64 model."""
+    ckpt, prompts = gpt2_float64
+    probe = make_probe(ckpt, ["precision.dtype=float64", f"sampling.prompts={prompts}"])
+    probe.model.eval()
+    group = probe.sample("E", 1, 3).groups[0]
+    mb = group.layout(slice(0, group.size))
+    gen = torch.Generator().manual_seed(1)
+    direction = [torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1 for _, p in probe.trainable]
+    policy = probe.policy
+    head_weight = policy.head.weight
+    with_head = [*probe.trainable, ("head.weight", head_weight)]
+    by_id = {id(p): n for n, p in policy.named_parameters()}
+    assert id(head_weight) in by_id  # precondition: the head's weight is a parameter the pass can swap
+    results = {}
+    with eager_attention(policy):
+        for name, trainable, dirs in (("closed_form", probe.trainable, direction),
+                                      ("nested", with_head, [*direction, torch.zeros_like(head_weight)])):
+            names = parameter_names(policy, trainable)
+            results[name] = token_derivatives(policy, names, trainable, mb, dirs, device=probe.rt.device,
+                                              temperature=probe.cfg.sampling.temperature, order=2)
+    for field in ("logp", "entropy", "d_logp", "d_entropy", "dd_logp", "dd_entropy"):
+        a, b = getattr(results["closed_form"], field), getattr(results["nested"], field)
+        # tol: fp two float64 evaluations (closed forms vs op-by-op nested jvp) of the same vocabulary sums
+        # (V = 64 logits, products of up to 4 factors: γ over 4·V terms) relative to the largest value (measured
+        # here ~3 u₆₄); a wrong or missing term (the LayerNorm bug's size) is O(1) relative
+        tol = fp_bound(torch.float64, 4 * 64, float(b.abs().max()))
+        assert float((a - b).abs().max()) <= tol, (field, float((a - b).abs().max()), tol)
+        assert float(b.abs().max()) > 0  # tol: exact precondition: the values are not trivially zero

@@ -273,6 +273,7 @@ class _FrozenHeadLogpEntropy(torch.autograd.Function):
         return torch.cat(logps), torch.cat(ents)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the closed form is not itself differentiated: refuse, not wrong
     def backward(ctx, grad_logp, grad_entropy):
         hidden, targets = ctx.saved_tensors
         head, temperature, chunk = ctx.head, ctx.temperature, ctx.chunk
