@@ -84,6 +84,8 @@ class DeltaH1:
     # Per sequence of this rank's E groups, the second-order pass's path derivatives (prediction.delta_h1.path_rows,
     # order 2) when δH₁ came from that pass: what explain_e sums, so it need not run the pass again.
     e_rows: list[dict[str, torch.Tensor]] | None = None
+    # Why the nested pass could not serve (δH₁ then came from a first-order pass): explain_e does not retry it.
+    nested_failure: str | None = None
 
     @property
     def reported_per_eta(self) -> float:

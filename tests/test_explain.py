@@ -471,3 +471,36 @@ def test_second_order_head_in_closed_form_equals_the_nested_pass_through_it(gpt2
         tol = fp_bound(torch.float64, 4 * 64, float(b.abs().max()))
         assert float((a - b).abs().max()) <= tol, (field, float((a - b).abs().max()), tol)
         assert float(b.abs().max()) > 0  # tol: exact precondition: the values are not trivially zero
+
+
+def test_a_failed_nested_pass_gives_first_order_delta_h1_and_is_not_retried(toy_checkpoint, monkeypatch):
+    """When the nested pass cannot run, δH₁ is the first-order pass's — the same number as a run without the
+    explanation, bit for bit — the explanation is skipped with the reason, and the nested pass is tried once."""
+    import probe_dist.prediction.delta_h1 as module
+    from probe_dist.explain.directional import ForwardModeUnavailable
+
+    off = make_probe(toy_checkpoint, SMALL + ["estimators.explain=false"]).run()
+    attempts = []
+    real = module.token_derivatives
+
+    def no_second_order(*args, order=1, **kwargs):
+        if order == 2:
+            attempts.append(1)
+            raise ForwardModeUnavailable("no second-order rule (test)")
+        return real(*args, order=order, **kwargs)
+
+    monkeypatch.setattr(module, "token_derivatives", no_second_order)
+    res = make_probe(toy_checkpoint, SMALL).run()
+    assert res.delta_h1.per_eta == off.delta_h1.per_eta  # tol: exact the same samples and the same first-order pass
+    assert res.explain_e is None and "no second-order rule (test)" in res.explain_skipped, res.explain_skipped
+    assert len(attempts) == 1
+
+
+def test_bfloat16_keeps_delta_h1_and_the_explanation_in_separate_passes(toy_checkpoint):
+    """In bfloat16 the nested pass's kernels differ from the first-order pass's by bfloat16 rounding: δH₁ stays the
+    first-order pass's (equal to a run without the explanation) and closure_e reports the gap."""
+    on = make_probe(toy_checkpoint, SMALL + ["precision.dtype=bfloat16"]).run()
+    off = make_probe(toy_checkpoint, SMALL + ["precision.dtype=bfloat16", "estimators.explain=false"]).run()
+    assert on.delta_h1.e_rows is None and on.explain_e is not None
+    assert on.delta_h1.per_eta == off.delta_h1.per_eta  # tol: exact the same samples and passes
+    assert on.explain_e.closure > 0  # tol: exact the two passes' kernels differ (composite vs fused) in bfloat16

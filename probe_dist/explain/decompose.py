@@ -20,7 +20,12 @@ from probe_dist.config_schema import EstimatorsConfig, UpdateConfig
 from probe_dist.estimators import covariance, curvature
 from probe_dist.estimators.delta_h1 import delta_h1_influence
 from probe_dist.estimators.entropy import fixed_prompts_sum_sq, normaliser_lengths, se_from_influence
-from probe_dist.explain.directional import eager_attention, parameter_names, token_derivatives
+from probe_dist.explain.directional import (
+    ForwardModeUnavailable,
+    eager_attention,
+    parameter_names,
+    token_derivatives,
+)
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.prediction.delta_h1 import path_rows
 from probe_dist.prediction.ustat import vector_dot
@@ -46,8 +51,11 @@ def explain_e(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[Se
 
     From the second-order pass's per-sequence path derivatives: δH₁'s own (delta_h1.e_rows) when it ran that
     pass, else one `path_rows(order=2)` pass here. u: the update vector (float64, param-shaped, optimizer order). c_i are in nats per unit η; Ĥ'' in nats per
-    unit η². Raises ForwardModeUnavailable when the model has an operation without a forward-mode rule.
+    unit η². Raises ForwardModeUnavailable when the model has an operation without a forward-mode rule, or with
+    delta_h1.nested_failure when δH₁'s own attempt at the nested pass failed.
     """
+    if delta_h1.nested_failure:  # δH₁ tried the nested pass already: the same failure, not a second try
+        raise ForwardModeUnavailable(delta_h1.nested_failure)
     rows = delta_h1.e_rows
     if rows is None:  # δH₁ came from a first-order or reverse-mode pass: the nested pass here
         rows = path_rows(rt, runner, batch_e, base=base, u=u, est=est, order=2)

@@ -7,6 +7,7 @@ Group totals give the value and its delta-method SE.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -49,14 +50,26 @@ def predict_delta_h1(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: 
     non-finite derivative. Raises ValueError for an unknown est.delta_h1 method; OOM that survives the runner's
     retries propagates.
     """
+    nested_failure = None
     if ustat is None and second_order:
         try:
             result = _forward_mode(rt, runner, batch_e, scores_e, base=base, u=u, est=est, order=2)
             if result is not None:
                 return result
+            nested_failure = "the nested forward-mode pass gave non-finite first derivatives on some rank"
         except ForwardModeUnavailable as err:
-            if rt.is_main:
-                log.info("δH₁ by first-order forward mode: the nested pass has no rule for an operation (%s)", err)
+            nested_failure = f"the nested forward-mode pass has an operation without a rule ({err})"
+        if rt.is_main:
+            log.info("δH₁ by a first-order pass: %s", nested_failure)
+    result = _first_order(rt, runner, batch_e, scores_e, base=base, u=u, est=est, ustat=ustat,
+                          reverse_fallback=reverse_fallback)
+    return dataclasses.replace(result, nested_failure=nested_failure) if nested_failure else result
+
+
+def _first_order(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores], *,
+                 base: BaseEntropy, u: list[torch.Tensor], est: EstimatorsConfig,
+                 ustat: SingleBatchUStatistic | None, reverse_fallback: bool) -> DeltaH1:
+    """predict_delta_h1 by the first-order forward-mode pass or, where allowed and needed, reverse mode."""
     if not reverse_fallback:
         result = _forward_mode(rt, runner, batch_e, scores_e, base=base, u=u, est=est)
         if result is None:
@@ -125,6 +138,9 @@ def _forward_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: lis
     finite = all(bool(torch.isfinite(rows["q"]).all() and torch.isfinite(rows["b"]).all()) for rows in per_group)
     if rt.any_flag(not finite):  # every rank decides together (a NaN from eager attention's padding on any rank)
         return None
+    nested_failure = None
+    if order == 2 and rt.any_flag(not all(bool(torch.isfinite(x).all()) for rows in per_group for x in rows.values())):
+        nested_failure = "the nested forward-mode pass gave non-finite second derivatives on some rank"
     q_groups, b_groups, lam_groups, h_groups = [], [], [], []
     for gi, (group, rows) in enumerate(zip(batch_e.groups, per_group)):
         if group.weight > 0:
@@ -139,7 +155,7 @@ def _forward_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: lis
                            entropy=base.entropy, sum_b=sum_b)
     (c2,) = rt.sum_scalars(float((c * c).sum()))
     return DeltaH1(per_eta=per_eta, per_eta_se=se_from_influence(c2, base.num_groups), grad_entropy=None,
-                   e_rows=per_group if order == 2 else None)
+                   e_rows=per_group if order == 2 and nested_failure is None else None, nested_failure=nested_failure)
 
 
 def _microbatch_surrogates(runner: PolicyRunner, mb, *, base: BaseEntropy, est: EstimatorsConfig,
