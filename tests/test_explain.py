@@ -132,18 +132,23 @@ def family_prompts(tmp_path_factory):
     return write_family_prompts(tmp_path_factory.mktemp("fam") / "prompts.jsonl")
 
 
+def _float64_microbatch(ckpt, prompts, *, seed: int):
+    """A float64 probe on `ckpt`, one sampled group of 3, its microbatch and a random direction (0.1·N(0, 1))."""
+    probe = make_probe(ckpt, ["precision.dtype=float64", f"sampling.prompts={prompts}"])
+    probe.model.eval()
+    group = probe.sample("E", 1, 3).groups[0]
+    gen = torch.Generator().manual_seed(seed)
+    direction = [torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1 for _, p in probe.trainable]
+    return probe, group, group.layout(slice(0, group.size)), direction
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_second_directional_derivative_matches_finite_differences(family, family_prompts, tmp_path):
     """Nested forward mode (ℓ'', H'') against a Richardson central difference of the first-order jvp, and the
     first-order jvp against one backward per row, on every supported model family in float64. Guards the
     composite kernels: torch's LayerNorm gave a silently wrong second derivative under nested jvp."""
-    ckpt = build_family_checkpoint(family, tmp_path / family)
-    probe = make_probe(ckpt, ["precision.dtype=float64", f"sampling.prompts={family_prompts}"])
-    probe.model.eval()
-    group = probe.sample("E", 1, 3).groups[0]
-    mb = group.layout(slice(0, group.size))
-    gen = torch.Generator().manual_seed(0)
-    direction = [torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1 for _, p in probe.trainable]
+    probe, group, mb, direction = _float64_microbatch(build_family_checkpoint(family, tmp_path / family),
+                                                     family_prompts, seed=0)
     policy, theta0 = probe.policy, [p.detach().clone() for _, p in probe.trainable]
     names = parameter_names(policy, probe.trainable)
 
@@ -444,13 +449,7 @@ def test_second_order_head_in_closed_form_equals_the_nested_pass_through_it(gpt2
     """The nested pass with the head and softmax in closed form (a frozen head, the default) gives the same ℓ, H
     and derivatives as the fallback that differentiates through the head too (taken when the head's weight is
     trainable: here it is listed among the trainable tensors with a zero direction), in a float64 model."""
-    ckpt, prompts = gpt2_float64
-    probe = make_probe(ckpt, ["precision.dtype=float64", f"sampling.prompts={prompts}"])
-    probe.model.eval()
-    group = probe.sample("E", 1, 3).groups[0]
-    mb = group.layout(slice(0, group.size))
-    gen = torch.Generator().manual_seed(1)
-    direction = [torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1 for _, p in probe.trainable]
+    probe, _, mb, direction = _float64_microbatch(*gpt2_float64, seed=1)
     policy = probe.policy
     head_weight = policy.head.weight
     with_head = [*probe.trainable, ("head.weight", head_weight)]
