@@ -325,3 +325,27 @@ def test_grade_kept_bytes_match_saved_tensors(top_k, steps, rows):
     slack = 16 * rows * (prompt.numel() + steps + 1)
     assert abs(kept - meter.peak_bytes) <= slack, (parts, meter.peak_bytes, slack)
     assert parts["grade_recompute"] > 0
+
+
+def test_nested_delta_h1_moves_the_nested_pass_from_explain_to_delta_h1():
+    """With the explanation on (float32, two-batch mode) δH₁ runs the explanation's nested pass: the δH₁ phase is
+    planned at four copies of a no-grad forward's tensors (primal and three tangents) instead of two, and the
+    explain phase no longer holds E's nested pass (only ∇Ĥ's gradient pass and U's first-order one)."""
+    import dataclasses
+
+    from probe_dist.plan.bytes import _nograd_forward
+
+    shape = model_shape(plan_model_config(), LoraSpec(r=64))
+    s = dataclasses.replace(_settings(prompt_tokens=7), explain=True)
+    nested = dataclasses.replace(s, nested_delta_h1=True)
+    kw = dict(rows_score=8, rows_grad=4, chunk=1024)
+    sep, shared = phase_peaks(shape, s, **kw), phase_peaks(shape, nested, **kw)
+    forward = sum(_nograd_forward(shape, s, 4, 1024).values())
+    # tol: exact the byte model is a count: two more tangent copies of the same forward's tensors
+    assert shared["delta_h1"]["peak_bytes"] - sep["delta_h1"]["peak_bytes"] == 2 * forward
+    assert shared["explain"]["peak_bytes"] <= sep["explain"]["peak_bytes"]
+    assert sep["explain"]["peak_bytes"] >= shared["delta_h1"]["peak_bytes"]  # the nested pass was explain's
+    cfg = _cfg()
+    plan_on = plan_memory(cfg, 40 * GiB, "qwen2.5-1.5b", world_size=8)
+    assert plan_on["phases"]["delta_h1"]["peak_bytes"] > plan_memory(
+        _cfg("estimators.explain=false"), 40 * GiB, "qwen2.5-1.5b", world_size=8)["phases"]["delta_h1"]["peak_bytes"]

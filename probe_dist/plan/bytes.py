@@ -63,6 +63,8 @@ class Settings:
     accumulators_on_device: bool
     rows_generate: int = 8  # memory.microbatch_generate: rows of a block of whole groups decoded together
     explain: bool = False   # estimators.explain (and not fsdp2): the forward-mode explanation pass runs
+    nested_delta_h1: bool = False  # δH₁ is read off the explanation's nested pass (explain on, not bfloat16,
+    #                                two-batch mode): the δH₁ phase holds that pass, the explain phase no longer does
     grade_top_k: int | None = None  # GRADE (update.loss grade/grade_st): relaxation support k (0: V); None: not GRADE
     reward_model_params: int = 0    # GRADE: the reward model's parameters (its weights stay on the device)
 
@@ -235,17 +237,20 @@ def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: i
     if s.single_batch:  # reverse mode: one forward and two backward passes per group microbatch
         d1 = best({**static, **grads, **_grad_pass(shape, s, rg_e, chunk)},
                   {**static, **grads, **_grad_pass(shape, s, rg_u, chunk)})
-    else:  # forward mode: a no-grad forward with tangents, rows_grad rows across a block's groups
-        d1 = {**static, **{f"forward_mode_{k}": 2 * v for k, v in _nograd_forward(shape, s, rb_e, chunk).items()}}
+    else:  # forward mode: a no-grad forward with tangents (one copy; three for the nested pass), rows_grad rows
+        copies = 4 if s.nested_delta_h1 else 2  # across a block's groups
+        d1 = {**static, **{f"forward_mode_{k}": copies * v
+                           for k, v in _nograd_forward(shape, s, rb_e, chunk).items()}}
     out[DELTA_H1] = total(d1)
     explain = dict(static)
     if s.explain:
         # Forward mode keeps no graph: a no-grad forward whose every tensor comes with tangents — three more copies
-        # for E's nested (second-order) pass, one for U's first-order pass (explain/directional.py); and, after a
-        # forward-mode δH₁, ∇Ĥ by one forward + backward per E block microbatch.
+        # for E's nested (second-order) pass (unless δH₁ ran it), one for U's first-order pass
+        # (explain/directional.py); and, after a forward-mode δH₁, ∇Ĥ by one forward + backward per E block microbatch.
         e_side = {f"forward_mode_{k}": 4 * v for k, v in _nograd_forward(shape, s, rb_e, chunk).items()}
         u_side = {f"forward_mode_{k}": 2 * v for k, v in _nograd_forward(shape, s, rb_u, chunk).items()}
-        sides = [e_side, u_side] + ([] if s.single_batch else [{**grads, **_grad_pass(shape, s, rb_e, chunk)}])
+        sides = ([] if s.nested_delta_h1 else [e_side]) + [u_side]
+        sides += [] if s.single_batch else [{**grads, **_grad_pass(shape, s, rb_e, chunk)}]
         explain.update(best(*sides))
     out[EXPLAIN] = total(explain)
     sweep = {**static, **_nograd_forward(shape, s, rs_e, chunk)}

@@ -201,6 +201,8 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
                  accumulators_on_device=cfg.memory.accumulator_device == "model",
                  rows_generate=cfg.memory.microbatch_generate,
                  explain=cfg.estimators.explain and strategy != "fsdp2",
+                 nested_delta_h1=(cfg.estimators.explain and cfg.precision.dtype != "bfloat16"
+                                  and cfg.estimators.mode != "single_batch"),
                  grade_top_k=cfg.update.grade_top_k if grade else None, reward_model_params=reward_params)
     available = int(gpu_mem_bytes * (1.0 - margin) - reserve_bytes)
     m = cfg.memory
