@@ -89,15 +89,19 @@ class Probe:
     def explain(self, res: ProbeResult) -> None:
         """Why entropy moves: per-sequence decompositions of δH₁ on E and U, the curvature δH₂, the Cui proxy."""
         try:
-            res.explain_e = explain_e(self.rt, self.runner, res.batch_e, res.scores_e, base=res.base,
-                                      u=res.update.u, delta_h1=res.delta_h1, est=self.cfg.estimators)
+            # Published together once both sides are done: a stop inside the phase leaves no half explanation
+            # (explain_e can finish at once, from δH₁'s nested pass, before the passes that can be interrupted).
+            e_side = explain_e(self.rt, self.runner, res.batch_e, res.scores_e, base=res.base,
+                               u=res.update.u, delta_h1=res.delta_h1, est=self.cfg.estimators)
+            u_side = None
             if self.grade is None:  # U's per-sequence decomposition needs sampled sequences and their ℓ
                 if res.delta_h1.grad_entropy is None:  # δH₁ ran in forward mode: ∇Ĥ by one backward pass
                     res.delta_h1 = dataclasses.replace(res.delta_h1, grad_entropy=entropy_gradient(
                         self.rt, self.runner, res.batch_e, base=res.base, est=self.cfg.estimators))
-                res.explain_u = explain_u(self.rt, self.runner, res.batch_u, update=res.update,
-                                          grad_entropy=res.delta_h1.grad_entropy, per_eta=res.delta_h1.per_eta,
-                                          update_cfg=self.cfg.update)
+                u_side = explain_u(self.rt, self.runner, res.batch_u, update=res.update,
+                                   grad_entropy=res.delta_h1.grad_entropy, per_eta=res.delta_h1.per_eta,
+                                   update_cfg=self.cfg.update)
+            res.explain_e, res.explain_u = e_side, u_side
         except ForwardModeUnavailable as err:
             res.explain_e = res.explain_u = None
             res.explain_skipped = (f"skipped: the explanation's forward-mode pass cannot run on this model ({err}); "
