@@ -17,9 +17,10 @@ process's wall time (imports, loading and writing included).
 - `--scale`: B_E ∈ {16, 64, 256} at B_U = 8, and B_U ∈ {8, 32} at B_E = 16 (G 4 for both, η ∈ {0, 1e-4}); per phase, the
   slope of log(seconds) on log(sequences the phase processes) by least squares (1 = linear in its batch; below 1,
   fixed costs still weigh), and a PNG plot of seconds against sequences per phase next to the JSON.
-- `--model qwen2-cpu`: the same comparison (or --scale) with the default config (E 16 × 4, U 8 × 4, 32 new tokens,
-  η ∈ {0, 1e-4}, the explanation on) on bench/throughput.py's random Qwen2 (V 32768, hidden 256, 4 layers, LoRA
-  r 8; built here): a model whose output head weighs as on real small models, where the toy's costs are fixed.
+- `--model qwen2-cpu`: the same comparison (or --scale) with the default estimators (the explanation on) at
+  E 16 × 4, U 8 × 4, 32 new tokens, η ∈ {0, 1e-4}, on bench/throughput.py's random Qwen2 (V 32768, hidden 256,
+  4 layers, LoRA r 8; built here): a model whose output head is about two thirds of each token's multiply-adds
+  (heavier than on real small models; the toy's costs are fixed per pass).
 - `--gpu`: device=cuda on bench/throughput.py's GPU model (a random-weight Qwen2.5-1.5B-shaped checkpoint, LoRA r 64
   on every projection; built here, nothing downloaded) at the RLP workload: E 2048 × 1, U 64 × 8, η ∈ {0, 1e-5},
   200 new tokens, memory.auto_microbatch, the explanation on (the default run). The goal stated for it is the whole
@@ -182,7 +183,7 @@ def gpu_checkpoint(work: Path) -> Path:
 
 def cpu_checkpoint(work: Path) -> Path:
     """bench/throughput.py's CPU model (a random-weight Qwen2: V 32768, hidden 256, 4 layers, LoRA r 8; the head is
-    a third of each token's multiply-adds, as on real small models) and its prompt file (400 toy-character prompts)."""
+    about two thirds of each token's multiply-adds) and its prompt file (400 toy-character prompts)."""
     from throughput import write_prompt_file
     from transformers import Qwen2Config
 
@@ -202,8 +203,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", action="store_true", help="the batch sizes' sweep and its log-log slopes")
     parser.add_argument("--gpu", action="store_true", help="device=cuda, the RLP workload on a 1.5B-shaped model")
     parser.add_argument("--model", choices=("toy", "qwen2-cpu"), default="toy",
-                        help="CPU runs: the README demo on the toy checkpoint (default), or the default config "
-                             "(E 16 × 4, U 8 × 4, 32 new tokens, 2 η) on bench/throughput.py's random Qwen2")
+                        help="CPU runs: the README demo on the toy checkpoint (default), or the default estimators "
+                             "at E 16 × 4, U 8 × 4, 32 new tokens, 2 η on bench/throughput.py's random Qwen2")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of this process and OMP_NUM_THREADS of each probe run")
     parser.add_argument("--smoke", action="store_true", help="CI: the same bench on a tiny model in seconds")

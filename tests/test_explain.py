@@ -5,6 +5,7 @@ float64) exact closure of both decompositions, single process and 2-rank DDP."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -228,8 +229,11 @@ def test_curvature_matches_finite_difference_of_the_snis_estimator(toy_checkpoin
     def first(s):
         return (values[s] - values[-s]) / (2 * s)
 
-    # The same estimator from the twin's forward-mode pass: the float32 pass's rounding, measured.
-    e64 = explain_e(twin.rt, twin.runner, batch, scores64, base=base64, u=u, delta_h1=res.delta_h1, est=est)
+    # The same estimator from the twin's forward-mode pass: the float32 pass's rounding, measured. (Without the
+    # float32 run's rows: δH₁'s nested pass kept them for explain_e, which would otherwise reuse them.)
+    assert res.delta_h1.e_rows is not None  # precondition: the float32 run took the shared pass
+    e64 = explain_e(twin.rt, twin.runner, batch, scores64, base=base64, u=u,
+                    delta_h1=dataclasses.replace(res.delta_h1, e_rows=None), est=est)
     # Float64 rounding of each Ĥ value: the float32 error of Ĥ on these inputs, rescaled (two_path_tol64's model).
     delta = two_path_tol64(abs(res.base.entropy - h0), abs(h0)) / 2
     # rounding of the extrapolated differences, from |δĤ| ≤ delta per value: (4·D(s/4) − D(s/2))/3

@@ -49,8 +49,9 @@ def explain_e(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[Se
               base: BaseEntropy, u: list[torch.Tensor], delta_h1: DeltaH1, est: EstimatorsConfig) -> EExplanation:
     """Per-sequence contributions c_i to δH₁/η on E, the curvature Ĥ'' with its SEs, and δH₁'s fixed-prompt SE.
 
-    From the second-order pass's per-sequence path derivatives: δH₁'s own (delta_h1.e_rows) when it ran that
-    pass, else one `path_rows(order=2)` pass here. u: the update vector (float64, param-shaped, optimizer order). c_i are in nats per unit η; Ĥ'' in nats per
+    From the second-order pass's per-sequence path derivatives: δH₁'s own (delta_h1.e_rows, taken as this batch's
+    from this runner — pass a DeltaH1 without them to score another model) when it ran that pass, else one
+    `path_rows(order=2)` pass here. u: the update vector (float64, param-shaped, optimizer order). c_i are in nats per unit η; Ĥ'' in nats per
     unit η². Raises ForwardModeUnavailable when the model has an operation without a forward-mode rule, or with
     delta_h1.nested_failure when δH₁'s own attempt at the nested pass failed.
     """
