@@ -263,14 +263,8 @@ class _FrozenHeadLogpEntropy(torch.autograd.Function):
     def forward(ctx, hidden, targets, head, temperature, chunk):
         ctx.save_for_backward(hidden, targets)
         ctx.head, ctx.temperature, ctx.chunk = head, temperature, chunk
-        logps, ents = [], []
-        with torch.no_grad():
-            for start in range(0, hidden.shape[0], chunk):
-                lp, en = _logp_entropy_no_grad(head(hidden[start:start + chunk]), targets[start:start + chunk],
-                                               temperature, overwrite=True)
-                logps.append(lp)
-                ents.append(en)
-        return torch.cat(logps), torch.cat(ents)
+        with torch.no_grad():  # the no-grad scorer's own chunk loop
+            return chunked_logp_entropy(head, hidden, targets, temperature=temperature, chunk=chunk)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the closed form is not itself differentiated: refuse, not wrong
