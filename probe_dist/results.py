@@ -128,6 +128,40 @@ class SweepPoint:
 
 
 @dataclass(frozen=True)
+class SamplerCorrection:
+    """E drawn by an external sampler q: the diagnostics of its weights v_i ∝ min(π_θ(y_i)/q(y_i), cap)
+    (docs/method.md §13). Plain floats, global over ranks."""
+
+    cap: float | None        # rollout.is_cap: ratios above it were truncated (None: untruncated)
+    ess: float               # Kish ESS of v
+    ess_frac: float          # ESS / N
+    max_weight: float        # largest self-normalised weight
+    trunc_frac: float        # share of ratios above the cap
+    kl: float                # KL(q‖π_θ) per sequence, mean(−log ρ) on q's samples (nats)
+    log_ratio_per_token: float  # Σ|log ρ_i| / ΣT_i: the sampler's log-probs against the scorer's, nats per token
+    mean_ratio: float        # (1/N) Σ ρ_i: ≈ 1 when q covers π_θ
+    khat: float              # PSIS Pareto k̂ of the untruncated log ρ (NaN when undefined)
+    khat_threshold: float
+    khat_reliable: bool = False  # k̂ means something: N ≥ 100 and ESS/N < 0.99 (as the sweep's)
+
+    def warnings(self) -> list[str]:
+        """What a reader must know about the sampler's weights: a heavy tail (k̂ ≥ 0.7) or few effective samples."""
+        out = []
+        if self.khat_reliable and self.khat >= 0.7:
+            out.append(f"the sampler weights π_θ(y)/q(y) have a heavy tail (k̂ = {self.khat:.2f} ≥ 0.7): the "
+                       "estimates on E are not to be trusted; the engine's distribution is too far from the policy's "
+                       "(check its dtype and kernels), or set rollout.is_cap to truncate the ratios")
+        elif self.ess_frac < 0.1:
+            out.append(f"the sampler weights leave ESS/N = {self.ess_frac:.3f}: the estimates on E rest on few of "
+                       "its responses; the engine's distribution is far from the policy's")
+        return out
+
+    def summary(self) -> dict:
+        """The `sampler/*` keys of summary.json (docs/outputs.md)."""
+        return {f"sampler/{k}": v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
 class EExplanation:
     """E side of the explanation (docs/method.md §10): δH₁/η = Σ_i c_i over E sequences, and the curvature."""
 
@@ -179,6 +213,7 @@ class ProbeResult:
     explain_u: UExplanation | None = None
     explain_skipped: str | None = None               # why the explanation was not computed
     se_kind: str = "population"                      # estimators.se: which SE the *_se keys report
+    sampler: SamplerCorrection | None = None         # E drawn by an external sampler: its weights' diagnostics
 
     @property
     def restore_verified(self) -> bool:
@@ -189,6 +224,8 @@ class ProbeResult:
     def warnings(self) -> list[str]:
         """What a reader must know before using the numbers: flagged sweep rows, the η = 0 check, few groups."""
         out = [f"η = {p.eta:g}: {flag}" for p in self.sweep for flag in p.flags]
+        if self.sampler is not None:
+            out += self.sampler.warnings()
         zero = [p for p in self.sweep if p.eta == 0.0]
         if zero and zero[0].delta_h_true != 0.0:
             out.append(f"η = 0 gave ΔH_true = {zero[0].delta_h_true!r}, not exactly 0: S(θ) was not reproduced "
@@ -284,6 +321,8 @@ class ProbeResult:
             out.update(self.explain_summary())
         if self.sampler_scorer_gap is not None:
             out["check/sampler_scorer_gap"] = self.sampler_scorer_gap
+        if self.sampler is not None:
+            out.update(self.sampler.summary())
         out["restore/verified"] = self.restore_verified
         out["restore/verified_ranks"] = list(self.restore_verified_ranks)
         out["provenance/phase_seconds"] = dict(self.phase_seconds)

@@ -45,10 +45,12 @@ from probe_dist.data.prompts import prompt_token_ids
 from probe_dist.measurement.sweep import snis_point
 from probe_dist.prediction.delta_h1 import predict_delta_h1
 from probe_dist.rollout.sample import sample_batch
+from probe_dist.scoring.behaviour import apply_sampler_weights
 from probe_dist.scoring.score import base_entropy, score_batch
 from probe_dist.toy.task import MAX_OPERAND
 from probe_dist.update.gradient import update_gradient
 from probe_dist.update.step import set_theta, update_parts
+from tests.helpers.samplers import TemperedSampler
 from tests.probe_harness import (
     enumerate_responses,
     exact_gradient,
@@ -248,3 +250,87 @@ def test_exact_derivative_matches_finite_difference(exact_setup, toy_checkpoint,
     tol = abs(r2 - r1) + 6 * fp_bound(torch.float64, terms, abs(h0)) / step
     assert abs(r2 - autograd) <= tol, (r1, r2, autograd, tol)
     assert tol < 1e-2 * abs(autograd), (tol, autograd)  # tol: bound teeth: a wrong or missing ∇ term is O(1)
+
+
+# ---- A sampler that is off (docs/method.md §13) -------------------------------------------------------------------
+# E drawn by q = softmax(z/τ_q) with τ_q = 2.5τ (tests/helpers/samplers.py: what a vLLM engine is to the probe, with a
+# mismatch far larger than kernels give). The corrected estimators weight each sequence by π_θ(y)/q(y); the
+# uncorrected ones treat q's samples as π_θ's. A hotter sampler covers π_θ (bounded ratios) and its weights do not
+# depend on u, so ESS/N stays near 0.3–0.5 whatever the toy (measured at toy seeds 0 and 3; a copy of the model
+# moved along u, also tried, gave ESS/N from 0.09 to 0.9 depending on the toy's u). It moves Ĥ by many SEs at every
+# toy seed tried (uncorrected: −15 and −17 pooled SEs at seeds 0 and 3); how much it moves δH₁ and ΔH_true depends
+# on the toy (5.6 and 5.9 pooled SEs at seed 0, −0.3 and 1.0 at seed 3), so "needed" is asserted on Ĥ and printed
+# for the others.
+MISMATCH_SEEDS = 30
+MISMATCH_TEMPERATURE = 2.5
+MISMATCH_QUANTITIES = ("entropy", "snis_derivative", "delta_h_true")
+# tol: bound the false-alarm share of one mismatch check, ≤ tests.tolerances' SUITE_ALPHA / MAX_STATISTICAL_CHECKS
+MISMATCH_ALPHA = 1e-4 / (2 * len(MISMATCH_QUANTITIES))
+
+
+def _run_seed_off_policy(setup, seed: int, sampler) -> dict:
+    """The probe's steps on one E batch drawn by `sampler`: (error vs exact, reported SE) per quantity, corrected by
+    the sampler weights and uncorrected."""
+    probe, u, theta0 = setup["probe"], setup["u"], setup["theta0"]
+    cfg, rt, runner, est = probe.cfg, probe.rt, probe.runner, probe.cfg.estimators
+    batch = sample_batch(rt, runner.decoder, probe.tokenizer, "E",
+                         sampling=dataclasses.replace(cfg.sampling, seed=seed), num_prompts=B_E, group_size=G_E,
+                         loss_family=cfg.update.loss, adv_eps=cfg.update.adv_eps,
+                         rows_per_chunk=cfg.memory.microbatch_generate, lockstep=False, sampler=sampler)
+    scores = score_batch(rt, runner, batch)
+    set_theta(probe.trainable, theta0, u, ETA)
+    scores_new = score_batch(rt, runner, batch)
+    set_theta(probe.trainable, theta0, u, 0.0)
+    exact_d1, exact_dt = setup["d1"], setup["h_new"] - setup["h"]
+    out = {}
+    for corrected in (False, True):
+        diag = apply_sampler_weights(rt, batch, scores, cap=None) if corrected else None
+        base = base_entropy(rt, batch, scores, payload=est.payload, normalize=est.normalize)
+        d1 = predict_delta_h1(rt, runner, batch, scores, base=base, u=u, est=est)
+        point, _ = snis_point(rt, batch, scores, scores_new, base=base, est=est)
+        out[corrected] = {"entropy": (base.entropy - setup["h"], base.entropy_se),
+                          "snis_derivative": (ETA * d1.per_eta - exact_d1, ETA * d1.per_eta_se),
+                          "delta_h_true": (point["delta_h_true"] - exact_dt, point["delta_h_true_se_population"]),
+                          "ess_frac": diag.ess_frac if diag else 1.0}
+    return out
+
+
+@pytest.fixture(scope="module")
+def off_policy_runs(exact_setup):
+    probe = exact_setup["probe"]
+    sampler = TemperedSampler(probe.runner.decoder, MISMATCH_TEMPERATURE * probe.cfg.sampling.temperature)
+    return [_run_seed_off_policy(exact_setup, 1000 + seed, sampler) for seed in range(MISMATCH_SEEDS)]
+
+
+def _pooled_z(runs, corrected: bool, key: str) -> float:
+    """Σ_k e_k / √(Σ_k s_k²): the seeds' errors pooled, in units of their reported SEs (≈ N(0, 1) when the
+    estimator centres on the exact value and its SE is right)."""
+    e = torch.tensor([r[corrected][key][0] for r in runs], dtype=torch.float64)
+    s = torch.tensor([r[corrected][key][1] for r in runs], dtype=torch.float64)
+    return float(e.sum() / s.pow(2).sum().sqrt())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SEED_RUNS_GUARD_S)
+@pytest.mark.parametrize("key", MISMATCH_QUANTITIES)
+def test_sampler_mismatch_is_corrected_by_the_weights(off_policy_runs, key):
+    """A sampler that is off: after the correction every estimate centres on the exact value (pooled over the
+    seeds, within z SEs), and the SEs have the right size (the §9 band); uncorrected, the same samples miss the
+    exact Ĥ by many SEs — the correction is needed (Ĥ) and sufficient (all three)."""
+    limit = stats.norm.isf(MISMATCH_ALPHA / 2)
+    z = _pooled_z(off_policy_runs, True, key)
+    uncorrected = _pooled_z(off_policy_runs, False, key)
+    errors = torch.tensor([r[True][key][0] for r in off_policy_runs], dtype=torch.float64)
+    se_sq = torch.tensor([r[True][key][1] for r in off_policy_runs], dtype=torch.float64) ** 2
+    ratio = float(errors.pow(2).sum() / se_sq.sum())
+    ess = [r[True]["ess_frac"] for r in off_policy_runs]
+    print(f"{key}: corrected z {z:.2f}, uncorrected z {uncorrected:.2f}, Σe²/Σs² {ratio:.3f}, "
+          f"ESS/N {min(ess):.3f}–{max(ess):.3f}")
+    # tol: stat ×3 pooled z at MISMATCH_ALPHA per quantity (normal: the pooled sum of 30 seeds' errors)
+    assert abs(z) < limit, f"{key}: corrected estimates are {z:.2f} pooled SEs from the exact value"
+    lo, hi = size_band(len(errors), se_sq, B_E / len(PAIRS), MISMATCH_ALPHA)
+    # tol: stat ×3 χ²_K band at MISMATCH_ALPHA per quantity, widened for the SEs' own spread (module docstring)
+    assert lo < ratio < hi, f"{key}: Σe²/Σs² = {ratio:.3f} outside [{lo:.3f}, {hi:.3f}]"
+    if key == "entropy":
+        # tol: stat the uncorrected Ĥ must fail the same test the corrected one passes (beyond the limit)
+        assert abs(uncorrected) > limit, f"uncorrected Ĥ only {uncorrected:.2f} pooled SEs off: no visible bias"

@@ -64,10 +64,10 @@ def explain_e(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[Se
     for group, sc, cat in zip(batch_e.groups, scores_e, rows):
         if group.weight == 0:
             continue
-        h, lam = sc.h(est.payload), normaliser_lengths(sc.T, est.normalize)
+        h, lam, v = sc.h(est.payload), normaliser_lengths(sc.T, est.normalize), group.v  # v: §13's weights
         p = group.prompt_index
-        state["c"][p], state["b"][p], state["h"][p], state["lam"][p] = cat["q"], cat["b"], h, lam
-        state["x"][p] = curvature.path_sums(h, lam, cat["dS"], cat["ddS"], cat["dh"], cat["ddh"])
+        state["c"][p], state["b"][p], state["h"][p], state["lam"][p] = cat["q"], cat["b"], v * h, v * lam
+        state["x"][p] = v.unsqueeze(1) * curvature.path_sums(h, lam, cat["dS"], cat["ddS"], cat["dh"], cat["ddh"])
     prompts = sorted(state["c"])
     c_total, b_total = rt.sum_scalars(sum(float(state["c"][p].sum()) for p in prompts),
                                       sum(float(state["b"][p].sum()) for p in prompts))

@@ -54,29 +54,30 @@ def snis_point(rt, batch: RolloutBatch, scores0: list[SequenceScores], scores1: 
     Returns (the SweepPoint fields but eta/δH₁, this rank's log w per real group [G] float64). Raises nothing
     itself; collective errors from `rt` propagate.
     """
-    real = [(s0, s1) for g, s0, s1 in zip(batch.groups, scores0, scores1) if g.weight > 0]
-    lw_local = [log_weights(s1.S, s0.S, est.log_weight_clip) for s0, s1 in real]
+    # With an external sampler (docs/method.md §13) each sequence's weight is v_i·w_i: h', h and λ carry v_i
+    real = [(g.v, s0, s1) for g, s0, s1 in zip(batch.groups, scores0, scores1) if g.weight > 0]
+    lw_local = [log_weights(s1.S, s0.S, est.log_weight_clip) for _, s0, s1 in real]
     lw_cat = torch.cat(lw_local) if lw_local else torch.zeros(0, dtype=torch.float64)
     local_max = float(lw_cat.max()) if lw_cat.numel() else -math.inf
     gmax = float(rt.max_f64(torch.tensor([local_max]))[0])
     sums = torch.zeros(len(SNIS_SUM_FIELDS), dtype=torch.float64)
-    for (s0, s1), lw in zip(real, lw_local):
-        lam = normaliser_lengths(s1.T, est.normalize)
+    for (v, s0, s1), lw in zip(real, lw_local):
+        lam = v * normaliser_lengths(s1.T, est.normalize)
         clipped = (s1.S - s0.S) > est.log_weight_clip if est.log_weight_clip is not None else None
-        sums += snis_local_sums(lw, gmax, s1.h(est.payload), lam, clipped=clipped, h_old=s0.h(est.payload))
+        sums += snis_local_sums(lw, gmax, v * s1.h(est.payload), lam, clipped=clipped, h_old=v * s0.h(est.payload))
     global_sums = rt.sum_f64(sums)
     res = snis_finalize(global_sums, base.entropy)
     sum_w_lam = float(global_sums[SNIS_SUM_FIELDS.index("sum_w_lam")])
     c2, per_sequence = 0.0, []
-    for (s0, s1), lw in zip(real, lw_local):
-        lam = normaliser_lengths(s1.T, est.normalize)
-        c = snis_delta_influence(torch.exp(lw - gmax), s1.h(est.payload), s0.h(est.payload), lam,
+    for (v, s0, s1), lw in zip(real, lw_local):
+        lam = v * normaliser_lengths(s1.T, est.normalize)
+        c = snis_delta_influence(torch.exp(lw - gmax), v * s1.h(est.payload), v * s0.h(est.payload), lam,
                                  group_ids=torch.zeros(lw.numel(), dtype=torch.long), num_groups=1,
                                  entropy_new=res.entropy_new, entropy=base.entropy, sum_w_lam=sum_w_lam,
                                  sum_lam=base.sum_lam)
         c2 += float((c * c).sum())
         per_sequence.append(snis_sequence_influence(
-            torch.exp(lw - gmax), s1.h(est.payload), s0.h(est.payload), lam, entropy_new=res.entropy_new,
+            torch.exp(lw - gmax), v * s1.h(est.payload), v * s0.h(est.payload), lam, entropy_new=res.entropy_new,
             entropy=base.entropy, sum_w_lam=sum_w_lam, sum_lam=base.sum_lam))
     c2, fixed2 = rt.sum_scalars(c2, fixed_prompts_sum_sq(per_sequence))
     gathered = rt.gather_objects(lw_cat)

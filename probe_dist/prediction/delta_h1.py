@@ -100,6 +100,8 @@ def path_rows(rt, runner: PolicyRunner, batch_e: RolloutBatch, *, base: BaseEntr
         b    its ∇surrogate₂·u
         (order 2 adds) dS, ddS = S', S''; dh, ddh = h', h'' of the payload h (docs/method.md §10)
 
+    q and b carry the sequence's sampler weight v_i (§13; 1 when π_θ drew E); the path derivatives do not.
+
     Each value a [G] float64 CPU tensor, nats (and log-prob) per unit η (η² for second derivatives). Lockstep
     padding groups (weight 0) run the same passes. Raises ForwardModeUnavailable when an operation has no
     forward-mode rule (of that order).
@@ -110,6 +112,7 @@ def path_rows(rt, runner: PolicyRunner, batch_e: RolloutBatch, *, base: BaseEntr
 
     def step(_bi: int, block, state: list) -> None:
         parts = [{k: torch.zeros(g.size, dtype=torch.float64) for k in keys} for g in block]
+        weights = [g.v for g in block]
         for mb in block_microbatches(block, runner.sizes.grad):
             td = token_derivatives(policy, names, runner.trainable, mb, u, device=runner.device,
                                    temperature=runner.temperature, order=order)
@@ -117,7 +120,9 @@ def path_rows(rt, runner: PolicyRunner, batch_e: RolloutBatch, *, base: BaseEntr
             phi, d_phi = (td.entropy, td.d_entropy) if rb else (-td.logp, -td.d_logp)
             a, coef_b = surrogate_coefficients(phi, td.entropy, mb.token_rows, num_rows=mb.num_rows,
                                                entropy=base.entropy, method=est.delta_h1, normalize=est.normalize)
-            values = {"q": mb.row_sums(d_phi + a * td.d_logp) / base.sum_lam, "b": mb.row_sums(coef_b * td.d_logp)}
+            v = gather_rows(mb, weights)  # the sampler weights v_i (§13): 1 for responses drawn from π_θ
+            values = {"q": v * mb.row_sums(d_phi + a * td.d_logp) / base.sum_lam,
+                      "b": v * mb.row_sums(coef_b * td.d_logp)}
             if order == 2:
                 values.update(dS=mb.row_sums(td.d_logp), ddS=mb.row_sums(td.dd_logp), dh=mb.row_sums(d_phi),
                               ddh=mb.row_sums(td.dd_entropy if rb else -td.dd_logp))
@@ -147,8 +152,8 @@ def _forward_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: lis
             sc = scores_e[gi]
             q_groups.append(float(rows["q"].sum()))
             b_groups.append(float(rows["b"].sum()))
-            lam_groups.append(float(normaliser_lengths(sc.T, est.normalize).sum()))
-            h_groups.append(float(sc.h(est.payload).sum()))
+            lam_groups.append(float((group.v * normaliser_lengths(sc.T, est.normalize)).sum()))
+            h_groups.append(float((group.v * sc.h(est.payload)).sum()))
     per_eta, sum_b = rt.sum_scalars(sum(q_groups), sum(b_groups))
     c = delta_h1_influence(torch.tensor(q_groups, dtype=torch.float64), torch.tensor(lam_groups, dtype=torch.float64),
                            torch.tensor(h_groups, dtype=torch.float64), value=per_eta, sum_lam=base.sum_lam,
@@ -183,7 +188,7 @@ def entropy_gradient(rt, runner: PolicyRunner, batch_e: RolloutBatch, *, base: B
         return runner.new_accumulator()
 
     def step(_bi: int, block, accumulator: list[torch.Tensor]) -> None:
-        weights = [torch.full((g.size,), float(g.weight), dtype=torch.float64) for g in block]
+        weights = [float(g.weight) * g.v for g in block]  # lockstep padding 0, sampler weights v_i (§13)
         for mb in block_microbatches(block, runner.sizes.grad):
             surrogate1, _ = _microbatch_surrogates(runner, mb, base=base, est=est,
                                                    row_weight=gather_rows(mb, weights))
@@ -209,7 +214,8 @@ def _reverse_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: lis
         q_p = b_p = 0.0
         x_p = None
         for mb in group.microbatches(runner.sizes.grad):
-            surrogate1, surrogate2 = _microbatch_surrogates(runner, mb, base=base, est=est)
+            surrogate1, surrogate2 = _microbatch_surrogates(
+                runner, mb, base=base, est=est, row_weight=None if group.is_weight is None else group.v[mb.rows])
             (surrogate1 * group.weight).backward(retain_graph=True)
             g1 = runner.take_grads()
             (surrogate2 * group.weight).backward()
@@ -226,8 +232,8 @@ def _reverse_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: lis
             sc = scores_e[gi]
             state["q"].append(q_p)
             state["b"].append(b_p)
-            state["lam"].append(float(normaliser_lengths(sc.T, est.normalize).sum()))
-            state["h"].append(float(sc.h(est.payload).sum()))
+            state["lam"].append(float((group.v * normaliser_lengths(sc.T, est.normalize)).sum()))
+            state["h"].append(float((group.v * sc.h(est.payload)).sum()))
 
     with runner.no_sync():
         state = runner.run_groups(rt, "grad", batch_e.groups, start=start, step=step)

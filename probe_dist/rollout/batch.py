@@ -66,6 +66,16 @@ class Group:
     ended: torch.Tensor | None = None  # [G] bool: the response ends with an EOS (None: all do)
     reward_parts: dict[str, torch.Tensor] | None = None  # reward functions given by name: each one's [G] values
     prompt_text: str = ""             # the prompt as text (a conversation: its last message), for tables
+    behaviour_logp: torch.Tensor | None = None  # [G] float64 log q(y_i) at τ of an external sampler (None: q = π_θ)
+    is_weight: torch.Tensor | None = None  # [G] float64 sampler weights v_i ∝ π_θ(y_i)/q(y_i) (docs/method.md §13)
+
+    @property
+    def v(self) -> torch.Tensor:
+        """[G] float64 per-sequence sampler weights v_i (docs/method.md §13): every E sum Σ_i x_i is Σ_i v_i x_i.
+        All ones (so every product is bit for bit the unweighted one) when the responses were sampled from π_θ."""
+        if self.is_weight is None:
+            return torch.ones(self.size, dtype=torch.float64)
+        return self.is_weight
 
     def kept(self, mask_truncated: bool) -> torch.Tensor:
         """[G] bool: responses the loss keeps — all, or with mask_truncated only those that ended with an EOS."""

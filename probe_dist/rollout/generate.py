@@ -61,7 +61,7 @@ def inverse_cdf_sample(probs: torch.Tensor, keys: torch.Tensor, step: int) -> to
 @torch.no_grad()
 def sample_rows(policy, prompts: Sequence[torch.Tensor], row_prompt: Sequence[int], keys: torch.Tensor, *,
                 max_new_tokens: int, temperature: float, eos_ids: Sequence[int], pad_id: int,
-                device: torch.device, lockstep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                device: torch.device, lockstep: bool = False, return_logp: bool = False):
     """Decode one block: row i continues prompts[row_prompt[i]] drawing from stream keys[i].
 
     prompts: [P_j] long token ids (any device); keys: [n] int64 stream keys (`response_seed`). Prompts are
@@ -70,7 +70,9 @@ def sample_rows(policy, prompts: Sequence[torch.Tensor], row_prompt: Sequence[in
     and the cache. With `lockstep` every call runs exactly max_new_tokens steps (FSDP2 ranks must run the same
     forwards). A response ends at the first token in `eos_ids`, which is counted in its length T and scored.
     Returns (responses [n, max_new_tokens] CPU long, pad after the end; lengths [n] CPU long, max_new_tokens for
-    unfinished rows). Raises InvalidDistributionError (a RuntimeError) on an invalid distribution (NaN/inf logits,
+    unfinished rows); with return_logp also each response's log-probability Σ_t log softmax(z/τ)[y_t] over its
+    T tokens ([n] float64 CPU, nats): the sampling distribution's own, as an external sampler reports it.
+    Raises InvalidDistributionError (a RuntimeError) on an invalid distribution (NaN/inf logits,
     temperature 0).
     """
     n = len(row_prompt)
@@ -88,9 +90,13 @@ def sample_rows(policy, prompts: Sequence[torch.Tensor], row_prompt: Sequence[in
     eos = torch.tensor(sorted({int(e) for e in eos_ids}), dtype=torch.long, device=device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache, step_input = None, ids
+    seq_logp = torch.zeros(n, dtype=torch.float64, device=device)
     for t in range(max_new_tokens):
         logits, cache = policy.decode(step_input, past_key_values=cache, position_ids=positions, attention_mask=mask)
         token = inverse_cdf_sample(torch.softmax(logits / temperature, dim=-1), keys, t)
+        if return_logp:
+            logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(1, token.unsqueeze(1)).squeeze(1)
+            seq_logp += torch.where(done, torch.zeros_like(logp), logp).double()
         token = torch.where(done, torch.full_like(token, pad_id), token)
         out[:, t] = token
         newly_done = (~done) & torch.isin(token, eos)
@@ -101,6 +107,8 @@ def sample_rows(policy, prompts: Sequence[torch.Tensor], row_prompt: Sequence[in
         step_input = token.unsqueeze(1)
         positions = positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones(n, 1, dtype=torch.long, device=device)], dim=1)
+    if return_logp:
+        return out.cpu(), lengths.cpu(), seq_logp.cpu()
     return out.cpu(), lengths.cpu()
 
 

@@ -66,24 +66,32 @@ def sample_block(decoder, tokenizer, prompts: Sequence[dict], prompt_indices: Se
                  reward_fn: Callable[[str, str], float] | RewardSet, loss_family: str, adv_eps: float,
                  device: torch.device, rows_per_chunk: int | None = None, lockstep: bool = False,
                  weights: Sequence[float] | None = None, eos_ids: Sequence[int] | None = None,
-                 scale_rewards: str | None = None, bos: str = "always") -> list[Group]:
+                 scale_rewards: str | None = None, bos: str = "always", sampler=None) -> list[Group]:
     """A block of prompt groups decoded together: every group's G rows in one batch of left-padded prompts
     (`rows_per_chunk` rows per decode call at most), then each group's rewards and advantages (see sample_group).
-    Response r of the prompt at global index p draws from the stream (seed, name, p, r)."""
+    Response r of the prompt at global index p draws from the stream (seed, name, p, r). With `sampler` (an
+    external backend, `rollout.external.ExternalSampler`) the rows come from it instead of `decoder`, with the
+    per-sequence log q it reports kept as each group's `behaviour_logp`."""
     eos_ids = list(eos_ids) if eos_ids is not None else [tokenizer.eos_token_id]
     prompt_ids = [prompt_token_ids(tokenizer, p["prompt"], bos) for p in prompts]
     rows = [(j, r) for j in range(len(prompts)) for r in range(group_size)]
     chunk = rows_per_chunk or len(rows)
-    outs, lens = [], []
+    outs, lens, logq = [], [], []
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
         keys = torch.tensor([response_seed(seed, name, prompt_indices[j], r) for j, r in part], dtype=torch.int64)
-        o, n = sample_rows(decoder, prompt_ids, [j for j, _ in part], keys, max_new_tokens=max_new_tokens,
-                           temperature=temperature, eos_ids=eos_ids, pad_id=_pad_id(tokenizer), device=device,
-                           lockstep=lockstep)
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos_ids,
+                      pad_id=_pad_id(tokenizer))
+        if sampler is None:
+            o, n = sample_rows(decoder, prompt_ids, [j for j, _ in part], keys, device=device, lockstep=lockstep,
+                               **kwargs)
+        else:
+            o, n, q = sampler.sample_rows(prompt_ids, [j for j, _ in part], keys, **kwargs)
+            logq.append(q.to(torch.float64))
         outs.append(o)
         lens.append(n)
     responses_all, lengths_all = torch.cat(outs), torch.cat(lens)
+    logq_all = torch.cat(logq) if logq else None
     groups = []
     for j, prompt in enumerate(prompts):
         sl = slice(j * group_size, (j + 1) * group_size)
@@ -91,6 +99,8 @@ def sample_block(decoder, tokenizer, prompts: Sequence[dict], prompt_indices: Se
                                     lengths_all[sl], reward_fn=reward_fn, loss_family=loss_family, adv_eps=adv_eps,
                                     weight=weights[j] if weights is not None else 1.0, eos_ids=eos_ids,
                                     scale_rewards=scale_rewards))
+        if logq_all is not None:
+            groups[-1].behaviour_logp = logq_all[sl].clone()
     return groups
 
 
@@ -130,13 +140,14 @@ def rank_blocks(num_prompts: int, per_block: int, world_size: int, rank: int) ->
 def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig, num_prompts: int, group_size: int,
                  loss_family: str, adv_eps: float, rows_per_chunk: int, lockstep: bool,
                  eos_ids: Sequence[int] | None = None, scale_rewards: str | None = None,
-                 after_group: Callable[[], None] | None = None) -> RolloutBatch:
+                 after_group: Callable[[], None] | None = None, sampler=None) -> RolloutBatch:
     """This rank's shard of batch `name` ("E" or "U"): blocks of whole prompt groups of the seeded prompt order
     (`rows_per_chunk` // G groups, at least one, decoded and scored together), contiguous per rank, padded with
     zero-weight copies so every rank holds the same number of full blocks (`rank_blocks`).
 
     Each group holds responses [G, max_new_tokens] CPU long, lengths [G] and float64 rewards/advantages.
-    `after_group` runs after every block (a safe point: every rank decodes the same number of blocks).
+    `after_group` runs after every block (a safe point: every rank decodes the same number of blocks). `sampler`:
+    an external backend that draws the rows instead of `decoder` (see sample_block).
     Raises ValueError (or FileNotFoundError) for a bad prompt source/split, an unknown reward or num_prompts < 0.
     """
     prompts = load_prompts(sampling.prompts, sampling.split, require_answer=not is_plugin_spec(sampling.reward))
@@ -152,7 +163,7 @@ def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig,
                                max_new_tokens=sampling.max_new_tokens, reward_fn=reward_fn, loss_family=loss_family,
                                adv_eps=adv_eps, device=rt.device, rows_per_chunk=rows_per_chunk, lockstep=lockstep,
                                weights=weights, eos_ids=eos_ids, scale_rewards=scale_rewards,
-                               bos=sampling.bos or "always")
+                               bos=sampling.bos or "always", sampler=sampler)
         groups += new
         progress.advance(sum(g.size for g in new), sum(int(g.lengths.sum()) for g in new))
         if after_group is not None:

@@ -56,16 +56,19 @@ def score_batch(rt, runner: PolicyRunner, batch: RolloutBatch) -> list[SequenceS
 def base_entropy(rt, batch: RolloutBatch, scores: list[SequenceScores], *, payload: str,
                  normalize: str) -> BaseEntropy:
     """Ĥ(θ) = Σh/Σλ over E's real groups (global float64 sums), its delta-method SE over prompt groups and its SE
-    conditional on E's prompts (within-prompt variance only, docs/method.md §9)."""
-    real = [sc for g, sc in zip(batch.groups, scores) if g.weight > 0]
-    h_groups = torch.tensor([float(sc.h(payload).sum()) for sc in real], dtype=torch.float64)
-    lam_groups = torch.tensor([float(normaliser_lengths(sc.T, normalize).sum()) for sc in real], dtype=torch.float64)
-    naive = sum(float((-sc.S).sum()) for sc in real)
+    conditional on E's prompts (within-prompt variance only, docs/method.md §9). With sampler weights on the groups
+    (`scoring.behaviour.apply_sampler_weights`) the self-normalised Σvh/Σvλ and the same SEs of the weighted sums."""
+    # v_i (docs/method.md §13): 1 unless an external sampler drew E, then every sum is v-weighted
+    real = [(g.v, sc) for g, sc in zip(batch.groups, scores) if g.weight > 0]
+    h_groups = torch.tensor([float((v * sc.h(payload)).sum()) for v, sc in real], dtype=torch.float64)
+    lam_groups = torch.tensor([float((v * normaliser_lengths(sc.T, normalize)).sum()) for v, sc in real],
+                              dtype=torch.float64)
+    naive = sum(float((v * -sc.S).sum()) for v, sc in real)
     sum_h, sum_lam, sum_naive, n_groups = rt.sum_scalars(float(h_groups.sum()), float(lam_groups.sum()), naive,
                                                          float(len(real)))
     entropy = sum_h / sum_lam
-    per_sequence = [ratio_influence(sc.h(payload), normaliser_lengths(sc.T, normalize), entropy, sum_lam)
-                    for sc in real]
+    per_sequence = [ratio_influence(v * sc.h(payload), v * normaliser_lengths(sc.T, normalize), entropy, sum_lam)
+                    for v, sc in real]
     c2, fixed2 = rt.sum_scalars(float(ratio_influence(h_groups, lam_groups, entropy, sum_lam).pow(2).sum()),
                                 fixed_prompts_sum_sq(per_sequence))
     return BaseEntropy(entropy=entropy, entropy_se=se_from_influence(c2, int(n_groups)),
