@@ -8,10 +8,22 @@ method for generation.
 from __future__ import annotations
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
 
 from probe_dist.model.logits import logit_transform
 from probe_dist.scoring.chunked import chunked_logp_entropy
+
+# transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name deprecated until 5.40, with a
+# FutureWarning per call) and the output's attribute likewise; earlier releases (vLLM's CPU build pins < 5.20)
+# know only the old names.
+CACHE_KW = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+def cache_kwargs(cache) -> dict:
+    """{name: cache} for a transformers forward, under the name this transformers release uses."""
+    return {CACHE_KW: cache}
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
@@ -86,10 +98,11 @@ class PolicyModel(nn.Module):
         `past_key_values` is this method's own name (the sampler protocol `rollout.generate.sample_rows` and the
         tests' scripted policies share). Transformers gets it as `cache=` and the cache is read from `out.cache`:
         since transformers 5.24 every built-in model's forward is `@deprecate_kwarg("past_key_values", "5.40.0",
-        new_name="cache")` (a FutureWarning per call) and `ModelOutput.past_key_values` is a deprecated alias."""
-        out = self.lm(input_ids=input_ids, cache=past_key_values, position_ids=position_ids,
-                      attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), out.cache
+        new_name="cache")` (a FutureWarning per call) and `ModelOutput.past_key_values` is a deprecated alias;
+        earlier releases get the old names (`CACHE_KW`)."""
+        out = self.lm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=True, logits_to_keep=1, **cache_kwargs(past_key_values))
+        return out.logits[:, -1].float(), getattr(out, CACHE_KW)
 
 
 def eager_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

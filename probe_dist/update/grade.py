@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from probe_dist.model.policy import PolicyModel, unwrap_causal_lm
+from probe_dist.model.policy import PolicyModel, cache_kwargs, unwrap_causal_lm
 from probe_dist.rollout.generate import response_seed
 from probe_dist.update.relax import SoftToken, relaxed_token, soft_embedding, token_kl
 
@@ -105,8 +105,8 @@ class SoftRolloutRunner:
                 cache.update(keys, values, layer)
         positions = torch.arange(start, start + length, device=e_in.device).unsqueeze(0).expand(n, -1)
         with self.reference() if ref else nullcontext():
-            hidden = self.policy.decoder(inputs_embeds=e_in, cache=cache, position_ids=positions,
-                                         use_cache=True).last_hidden_state[:, -1]
+            hidden = self.policy.decoder(inputs_embeds=e_in, position_ids=positions, use_cache=True,
+                                         **cache_kwargs(cache)).last_hidden_state[:, -1]
         new = []
         for layer in cache.layers:
             if getattr(layer, "keys", None) is None:
