@@ -1,6 +1,6 @@
 """Throughput benchmark: the probe's phases against no-overhead references, in one process.
 
-    python bench/throughput.py [--out bench/results/throughput_cpu.json] [--groups 1,8] [--gpu]
+    python bench/throughput.py [--out bench/results/throughput_cpu.json] [--groups 1,8] [--gpu] [--backend vllm]
 
 CPU part (always): a random-weight Qwen2-shaped checkpoint (vocabulary --vocab, hidden --hidden, --layers
 layers, LoRA r=8 on every projection, a synthetic AdamW state) is built in a temporary directory. For each group
@@ -13,6 +13,11 @@ size G in --groups, E holds --rows-e rows (--rows-e / G prompts), and in this on
   δH₁           `prediction.delta_h1.predict_delta_h1` on E vs the same plain forward;
   update        `update.gradient.update_gradient` on U (G_U = 8) vs a plain forward + backward of Σ log-probs over
                 the same block microbatches.
+
+--backend vllm (in the venv of scripts/install_vllm_cpu.sh, or beside a GPU vLLM) adds `sample_vllm`: a vLLM engine
+on θ (base folder + the adapter, rollout.backend=vllm) sampling the same E rows, the engine started once outside
+the timing (`vllm_engine_start_s`); its ratios are per generated token, since the engines draw different responses
+(default output bench/results/throughput_vllm_cpu.json).
 
 Each timing is the best of --repeats. Also per phase: tokens/s and model passes per token (decoder forward calls ×
 their tokens, counted by a hook, over the batch's scored tokens; backward passes counted on a LoRA weight), next to
@@ -127,7 +132,9 @@ def cpu_case(args, ckpt: Path, group: int) -> dict:
                              f"sampling.max_new_tokens={args.new_tokens}", "sampling.prompts=" + str(args.prompt_file),
                              f"memory.microbatch_generate={args.rows_generate}",
                              f"memory.microbatch_score={args.rows_score}", f"memory.microbatch_grad={args.rows_grad}",
-                             "estimators.explain=false", "log_level=warning"])
+                             "estimators.explain=false", "log_level=warning",
+                             *(["rollout.backend=vllm", f"rollout.vllm_gpu_memory_utilization={args.vllm_memory}"]
+                               if args.backend == "vllm" else [])])
     probe = build_probe(cfg, Runtime())
     probe.model.eval()
     cfg, rt, runner, tok = probe.cfg, probe.rt, probe.runner, probe.tokenizer  # the resolved config
@@ -155,6 +162,16 @@ def cpu_case(args, ckpt: Path, group: int) -> dict:
     batch_e = probe.sample("E", prompts_e, group)
     generated = sum(int(g.lengths.sum()) for g in batch_e.real_groups)
     phase("sample", lambda: probe.sample("E", prompts_e, group), generated, minimum_passes(batch_e))
+    if args.backend == "vllm":  # the same rows through a vLLM engine on θ (started once, outside the timing)
+        start = time.perf_counter()
+        probe.sampler = probe.open_sampler()
+        out["vllm_engine_start_s"] = time.perf_counter() - start
+        try:
+            vllm_batch = phase("sample_vllm", lambda: probe.sample("E", prompts_e, group), generated)
+        finally:
+            probe.sampler.close()
+            probe.sampler = None
+        out["vllm_generated_tokens"] = sum(int(g.lengths.sum()) for g in vllm_batch.real_groups)
     # HF generate over the same rows, rows_generate per call
     model = probe.model
     ids, mask = left_padded(batch_e.real_groups, tok.pad_token_id)
@@ -203,6 +220,11 @@ def cpu_case(args, ckpt: Path, group: int) -> dict:
         "delta_h1_vs_plain_forward": out["delta_h1"]["seconds"] / out["plain_forward"]["seconds"],
         "update_vs_plain_forward_backward": out["update_gradient"]["seconds"] / out["plain_forward_backward"]["seconds"],
     }
+    if "sample_vllm" in out:  # per generated token: the engines draw different responses (lengths differ)
+        per_token = {k: out[k]["seconds"] / max(t, 1) for k, t in (("sample", generated), ("hf_generate", generated),
+                                                                     ("sample_vllm", out["vllm_generated_tokens"]))}
+        out["ratios"]["vllm_vs_probe_sampler_per_token"] = per_token["sample_vllm"] / per_token["sample"]
+        out["ratios"]["vllm_vs_hf_generate_per_token"] = per_token["sample_vllm"] / per_token["hf_generate"]
     return out
 
 
@@ -264,6 +286,9 @@ def parse_args(argv=None):
     p.add_argument("--rows-grad", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                   help="vllm: also time a vLLM engine sampling the same rows (needs vLLM: scripts/install_vllm_cpu.sh)")
+    p.add_argument("--vllm-memory", type=float, default=0.1, help="rollout.vllm_gpu_memory_utilization for --backend vllm")
     p.add_argument("--gpu", action="store_true", help="also the GPU workload (needs CUDA)")
     p.add_argument("--gpu-rows-generate", type=int, default=128)
     if p.parse_known_args(argv)[0].smoke:
@@ -274,7 +299,8 @@ def parse_args(argv=None):
             p.exit(2, "error: --smoke shrinks the CPU part only; run --gpu without --smoke\n")
         args.out = smoke_out_path(args.out, "throughput")
     elif args.out is None:
-        args.out = str(REPO / "bench" / "results" / "throughput_cpu.json")
+        name = "throughput_vllm_cpu.json" if args.backend == "vllm" else "throughput_cpu.json"
+        args.out = str(REPO / "bench" / "results" / name)
     return args
 
 

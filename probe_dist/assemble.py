@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from probe_dist.config import config_hash, explicit_keys
+from probe_dist.config import ConfigError, config_hash, explicit_keys
 from probe_dist.config_schema import ProbeConfig
 from probe_dist.data.checks import check_prompts_fit, note_fixed_prompt_coverage, note_prompt_repeats
 from probe_dist.data.prompts import load_prompts_with_lines, prompt_source_name
@@ -130,7 +130,8 @@ def assemble(resolution: Resolution, state: TrainingState, rt) -> Probe:
         where = state.provenance.get("provenance/checkpoint_source", {}).get("tokenizer", "the tokenizer given")
         raise CheckpointError(f"{exc}: responses could never end. Set eos_token in the tokenizer ({str(where)!r}) "
                               "or eos_token_id in the base's generation_config.json.") from None
-    probe = Probe(cfg, rt, runner, tokenizer=state.tokenizer, optimizer=state.optimizer, eos_ids=eos_ids)
+    probe = Probe(cfg, rt, runner, tokenizer=state.tokenizer, optimizer=state.optimizer, eos_ids=eos_ids,
+                  open_sampler=_rollout_engine(cfg, state, rt))
     info, found = state.provenance, resolution.provenance()
     probe.load_info = {"sampling/eos_ids": eos_ids, **{k: info[k] for k in ("provenance/optimizer_coverage",
                                                                           "provenance/trainable_params")},
@@ -147,6 +148,28 @@ def assemble(resolution: Resolution, state: TrainingState, rt) -> Probe:
     if rt.is_main:
         log.info("resolved config hash %s (summary.json provenance/config_hash, config.yaml)", config_hash(probe.cfg))
     return probe
+
+
+def _rollout_engine(cfg: ProbeConfig, state: TrainingState, rt):
+    """rollout.backend=vllm: a function opening a vLLM engine on the policy at θ (vLLM imported now, so a
+    missing install stops the run before any model pass); hf: None. Raises MissingDependencyError, or
+    ConfigError for a combination the engine cannot serve."""
+    if cfg.rollout.backend != "vllm":
+        return None
+    from probe_dist.rollout.vllm_engine import VLLMSampler, import_vllm
+
+    if cfg.distributed.strategy == "fsdp2":
+        raise ConfigError("rollout.backend=vllm with distributed.strategy=fsdp2 is not supported: the engine is given "
+                          "θ's adapter from each rank's memory, which FSDP2 shards. Use distributed.strategy=ddp (the "
+                          "adapter is small; the base is read by the engine from its folder) or rollout.backend=hf.")
+    import_vllm()
+    base_dir = state.config_file.parent if state.config_file is not None else None
+
+    def open_engine():
+        return VLLMSampler.from_model(state.model, base_dir=base_dir, dtype=cfg.precision.dtype, device=rt.device,
+                                      gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+                                      max_num_seqs=cfg.rollout.vllm_max_num_seqs, max_model_len=state.max_positions)
+    return open_engine
 
 
 def _prompts(cfg: ProbeConfig) -> list:

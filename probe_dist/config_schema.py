@@ -65,6 +65,20 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    """Section `rollout`: which engine draws E and U. `hf`, the probe's own decoding loop on the policy itself
+    (exactly π_θ); `vllm`, a vLLM engine, whose sampler q differs from π_θ by kernels and precision — the
+    estimates on E are then weighted by π_θ(y)/q(y) (docs/method.md §13)."""
+
+    backend: str = _f("hf", choices=("hf", "vllm"), help="rollout engine: the probe's own sampler (hf) or vLLM")
+    is_cap: float | None = _f(None, gt=0.0, help="truncate the sampler ratios π_θ(y)/q(y) at this value (TIS; "
+                                                 "null: untruncated, unbiased up to self-normalisation)")
+    vllm_gpu_memory_utilization: float = _f(0.3, gt=0.0, le=1.0, help="vllm: share of the device's memory the "
+                                            "engine reserves, KV cache included (vLLM's CPU backend: of RAM)")
+    vllm_max_num_seqs: int = _f(256, ge=1, help="vllm: sequences the engine decodes at once")
+
+
+@dataclass(frozen=True)
 class UpdateConfig:
     """Section `update`: how θ' is reached and the training loss L_U whose AdamW step is measured (TRL
     GRPOTrainer's loss options, or GRADE's pathwise objective; docs/method.md §4)."""
@@ -199,6 +213,7 @@ class ProbeConfig:
 
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
     estimators: EstimatorsConfig = field(default_factory=EstimatorsConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)

@@ -8,6 +8,7 @@ quantity is a float64 sum all-reduced by the runtime, so results do not depend o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -24,10 +25,12 @@ from probe_dist.prediction.ustat import SingleBatchUStatistic
 from probe_dist.results import ProbeResult, UpdateGradient, warn_if_few_groups
 from probe_dist.rollout.generate import InvalidDistributionError
 from probe_dist.rollout.sample import prompt_batch, sample_batch
+from probe_dist.rollout.vllm_engine import VLLMError
 from probe_dist.runtime import signals
 from probe_dist.runtime.clock import PhaseClock
 from probe_dist.runtime.signals import StopRequested
 from probe_dist.runtime.snapshot import restore_snapshot, take_snapshot
+from probe_dist.scoring.behaviour import apply_sampler_weights
 from probe_dist.scoring.consistency import check_sampler_scorer
 from probe_dist.scoring.score import base_entropy, score_batch
 from probe_dist.state.model import overflow_error
@@ -45,8 +48,11 @@ class Probe:
     keys of where the state came from."""
 
     def __init__(self, cfg: ProbeConfig, rt, runner: PolicyRunner, *, tokenizer,
-                 optimizer: torch.optim.Optimizer, eos_ids: list[int]):
+                 optimizer: torch.optim.Optimizer, eos_ids: list[int], sampler=None, open_sampler=None):
         self.cfg, self.rt, self.runner = cfg, rt, runner
+        # An external rollout engine (rollout.backend=vllm): `sampler` itself, or `open_sampler()` opening one for
+        # the sample phase (closed after it, freeing its memory); neither: the policy's own decoder
+        self.sampler, self.open_sampler = sampler, open_sampler
         self.model, self.trainable, self.policy = runner.model, runner.trainable, runner.strategy.policy
         self.tokenizer, self.optimizer, self.eos_ids = tokenizer, optimizer, eos_ids
         self.clock = PhaseClock(rank=rt.rank, fault=cfg.debug.fault, signal=cfg.debug.signal,
@@ -74,10 +80,35 @@ class Probe:
                                 adv_eps=self.cfg.update.adv_eps, scale_rewards=self.cfg.update.scale_rewards,
                                 rows_per_chunk=self.cfg.memory.microbatch_generate,
                                 lockstep=self.runner.strategy.name == "fsdp2", eos_ids=self.eos_ids,
-                                after_group=self.check_stop)
+                                after_group=self.check_stop, sampler=self.sampler)
         except InvalidDistributionError as exc:  # temperature > 0 is validated: NaN/inf logits of finite weights
             raise overflow_error(self.model, f"the policy's logits became NaN/inf at step {exc.step} of sampling "
                                  f"batch {name}") from exc
+
+    @contextlib.contextmanager
+    def rollout_engine(self):
+        """The external engine, opened for the sample phase and closed after it when `open_sampler` is set. Every
+        rank opens its own; when one fails to, every rank raises (the failing one its own error), none hangs."""
+        if self.open_sampler is None or self.sampler is not None:
+            yield
+            return
+        error = None
+        try:
+            self.sampler = self.open_sampler()
+        except Exception as exc:  # raised below, after every rank knows
+            error = exc
+        if self.rt.any_flag(error is not None):
+            if self.sampler is not None:
+                self.sampler.close()
+                self.sampler = None
+            if error is not None:
+                raise error
+            raise VLLMError("the rollout engine failed to start on another rank (its log says why)")
+        try:
+            yield
+        finally:
+            self.sampler.close()
+            self.sampler = None
 
     def check_sampler_scorer(self, batch) -> float:
         """Refuse the run unless the scorer reproduces the sampler's log-probs (scoring/consistency.py)."""
@@ -122,13 +153,16 @@ class Probe:
         try:
             self.check_stop()  # a signal during loading
             with self.clock.phase(phases.SAMPLE):
-                res.batch_e = self.sample("E", cfg.sampling.B_E, cfg.sampling.G_E)
-                res.batch_u = (res.batch_e if est.mode == "single_batch"
-                               else self.sample("U", cfg.sampling.B_U, cfg.sampling.G_U))
+                with self.rollout_engine():
+                    res.batch_e = self.sample("E", cfg.sampling.B_E, cfg.sampling.G_E)
+                    res.batch_u = (res.batch_e if est.mode == "single_batch"
+                                   else self.sample("U", cfg.sampling.B_U, cfg.sampling.G_U))
                 res.sampler_scorer_gap = self.check_sampler_scorer(res.batch_e)
             self.check_stop()
             with self.clock.phase(phases.SCORE_BASE):
                 res.scores_e = score_batch(rt, runner, res.batch_e)
+                # E drawn by an external sampler q: every estimate on E is weighted by π_θ(y)/q(y) (§13)
+                res.sampler = apply_sampler_weights(rt, res.batch_e, res.scores_e, cap=cfg.rollout.is_cap)
                 res.base = base_entropy(rt, res.batch_e, res.scores_e, payload=est.payload, normalize=est.normalize)
             if est.se == "population":  # the fixed-prompt SE rests on the responses within each prompt
                 warn_if_few_groups(res.base.num_groups)

