@@ -88,6 +88,11 @@ class EntropyProbeCallback(TrainerCallback):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise OnlineProbeError(f"EntropyProbeCallback(every_n_steps={self.every_n_steps!r}): give an integer ≥ 1 "
                                    "(probe every n-th optimizer step).")
+        if any(o.replace(" ", "") == "rollout.backend=vllm" for o in self.overrides):
+            raise OnlineProbeError(
+                "EntropyProbeCallback samples E with the probe's own decoder at every probed step; "
+                "rollout.backend=vllm is for the offline probe (python -m probe_dist.main), where one engine serves "
+                "the whole run. Drop the override (E is small online: a few prompt groups).")
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             raise OnlineProbeError(
                 "EntropyProbeCallback runs with single-process training and with DDP (accelerate launch / torchrun, "

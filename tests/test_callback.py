@@ -219,6 +219,8 @@ def test_setups_it_cannot_probe_are_refused_at_train_begin(tmp_path):
         begin(EntropyProbeCallback(), optimizer=torch.optim.SGD(trainable, lr=0.1))
     with pytest.raises(OnlineProbeError, match="not with DeepSpeed or FSDP"):
         begin(EntropyProbeCallback(), args=_args(tmp_path, fsdp="full_shard"))
+    with pytest.raises(OnlineProbeError, match="rollout.backend=vllm is for the offline probe"):
+        begin(EntropyProbeCallback(overrides=["rollout.backend=vllm"]))
     frozen = Qwen2ForCausalLM(model_config()).requires_grad_(False)
     with pytest.raises(OnlineProbeError, match="no trainable parameters"):
         begin(EntropyProbeCallback(), model=frozen)

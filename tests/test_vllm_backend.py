@@ -77,7 +77,9 @@ def engine_world(toy_checkpoint):
 
     probe = make_probe(toy_checkpoint, ["sampling.B_E=16", "sampling.G_E=4", "rollout.backend=vllm", *ENGINE])
     probe.model.eval()
+    threads = torch.get_num_threads()
     sampler = probe.open_sampler()
+    assert torch.get_num_threads() == threads  # the engine leaves the probe's intra-op threads (float32 rounding)
     yield probe, sampler
     sampler.close()
 
@@ -157,6 +159,7 @@ def test_vllm_estimates_agree_with_hf(cli_runs):
     z·√(SE₁² + SE₂²); the weights' diagnostics are in the summary."""
     hf, vl = _summary(cli_runs["hf"]), _summary(cli_runs["vllm"])
     assert "sampler/ess_frac" in vl and "sampler/ess_frac" not in hf
+    assert vl["provenance/intraop_threads"] == hf["provenance/intraop_threads"]  # the engine left them alone
     print(f"vLLM sampler: ESS/N {vl['sampler/ess_frac']:.6f}, |log ρ| per token {vl['sampler/log_ratio_per_token']:.3g}, "
           f"KL(q‖π) {vl['sampler/kl']:.3g} nats/sequence, k̂ {vl['sampler/khat']}")
     z = z_bonferroni()

@@ -61,12 +61,16 @@ def engine_environment(device: torch.device):
     (VLLM_ENABLE_V1_MULTIPROCESSING=0: starts in seconds). Under torchrun it runs in a child process of its own:
     an in-process engine joins torch.distributed's default group and destroys it when it shuts down, which would
     end the probe's collectives. On CUDA the child sees only this rank's GPU. vLLM logs errors only
-    (VLLM_LOGGING_LEVEL=ERROR). A value the user set is kept."""
+    (VLLM_LOGGING_LEVEL=ERROR). An in-process CPU engine binds no threads (VLLM_CPU_OMP_THREADS_BIND=nobind) and
+    the process's torch thread count and CPU affinity are put back after it starts (`keep_threads`): the probe's
+    float32 rounding depends on its intra-op threads. A value the user set is kept."""
     import torch.distributed as dist
 
     saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "CUDA_VISIBLE_DEVICES",
-                                            "VLLM_LOGGING_LEVEL")}
+                                            "VLLM_LOGGING_LEVEL", "VLLM_CPU_OMP_THREADS_BIND")}
     distributed = dist.is_available() and dist.is_initialized()
+    if not distributed and saved["VLLM_CPU_OMP_THREADS_BIND"] is None:  # in this process: leave our threads alone
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     if saved["VLLM_LOGGING_LEVEL"] is None:  # the engine's start-up chatter (and a chat-template warm-up that
         os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"  # fails without a tokenizer, which it never needs here) stays out
     if saved["VLLM_ENABLE_V1_MULTIPROCESSING"] is None:
@@ -82,6 +86,20 @@ def engine_environment(device: torch.device):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def keep_threads():
+    """Put back torch's intra-op thread count and this process's CPU affinity after the block (vLLM's CPU backend
+    lowers the one and binds the other when it starts in-process)."""
+    threads = torch.get_num_threads()
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
 
 
 def lora_rank_bound(ranks: Sequence[int]) -> int:
@@ -127,7 +145,7 @@ class VLLMSampler:
             else:  # a full fine-tune (or no base folder): the whole model at θ
                 served = workdir / "model"
                 model.save_pretrained(str(served), safe_serialization=True)
-            with engine_environment(device):
+            with engine_environment(device), keep_threads():
                 llm = LLM(model=str(served), dtype=VLLM_DTYPES[dtype], enforce_eager=True, seed=0,
                           skip_tokenizer_init=True, generation_config="vllm", logprobs_mode="processed_logprobs",
                           max_num_seqs=max_num_seqs, max_model_len=max_model_len,
@@ -152,7 +170,8 @@ class VLLMSampler:
                                logprobs=0, seed=int(k) & 0x7FFFFFFF, stop_token_ids=sorted(eos), detokenize=False)
                   for k in keys.tolist()]
         requests = [{"prompt_token_ids": [int(t) for t in prompts[j].tolist()]} for j in row_prompt]
-        outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
+        with keep_threads():
+            outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
         n = len(row_prompt)
         responses = torch.full((n, max_new_tokens), pad_id, dtype=torch.long)
         lengths = torch.zeros(n, dtype=torch.long)
@@ -172,9 +191,10 @@ class VLLMSampler:
     def close(self) -> None:
         """Free the engine and remove the temporary folder (idempotent)."""
         if self.llm is not None:
-            del self.llm
-            self.llm = None
-            gc.collect()
+            with keep_threads():
+                del self.llm
+                self.llm = None
+                gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         if self.workdir is not None:
