@@ -25,7 +25,7 @@ from probe_dist.config_schema import ProbeConfig
 from probe_dist.data.checks import check_prompts_fit, note_fixed_prompt_coverage, note_prompt_repeats
 from probe_dist.data.prompts import load_prompts_with_lines, prompt_source_name
 from probe_dist.data.rewards import get_rewards, is_plugin_spec
-from probe_dist.errors import CheckpointError
+from probe_dist.errors import CheckpointError, MissingDependencyError
 from probe_dist.model.policy import unwrap_causal_lm
 from probe_dist.model.runner import PolicyRunner
 from probe_dist.probe import Probe
@@ -162,7 +162,14 @@ def _rollout_engine(cfg: ProbeConfig, state: TrainingState, rt):
         raise ConfigError("rollout.backend=vllm with distributed.strategy=fsdp2 is not supported: the engine is given "
                           "θ's adapter from each rank's memory, which FSDP2 shards. Use distributed.strategy=ddp (the "
                           "adapter is small; the base is read by the engine from its folder) or rollout.backend=hf.")
-    import_vllm()
+    missing = None
+    try:
+        import_vllm()
+    except MissingDependencyError as exc:
+        missing = exc
+    if rt.any_flag(missing is not None):  # every rank stops (exit 2), none waits in a collective
+        raise missing or MissingDependencyError("vLLM cannot be imported on another rank (its log says why); "
+                                                "install it on every node or set rollout.backend=hf")
     base_dir = state.config_file.parent if state.config_file is not None else None
 
     def open_engine():

@@ -105,7 +105,8 @@ def _estimates(world, batch, *, eta: float = 1e-3, reverse: bool = False, explai
     set_theta(probe.trainable, theta0, u, 0.0)
     sweep, _ = snis_point(rt, batch, scores, scores_new, base=base, est=est)
     out = {"entropy": base.entropy, "entropy_se": base.entropy_se, "d1": d1.per_eta, "d1_se": d1.per_eta_se,
-           "dh": sweep["delta_h_true"], "dh_se": sweep["delta_h_true_se_population"], "scores": scores}
+           "dh": sweep["delta_h_true"], "dh_se": sweep["delta_h_true_se_population"], "kl": sweep["kl"],
+           "scores": scores}
     if explain:
         e = explain_e(rt, runner, batch, scores, base=base, u=u, delta_h1=d1, est=est)
         out.update(curv=e.second_derivative, sum_c=e.sum_contrib)
@@ -118,7 +119,7 @@ def _batch_e(world, seed: int = 7) -> RolloutBatch:
     return sample_batch(probe.rt, probe.runner.decoder, probe.tokenizer, "E", num_prompts=8, group_size=4, **kwargs)
 
 
-KEYS = ("entropy", "entropy_se", "d1", "d1_se", "dh", "dh_se")
+KEYS = ("entropy", "entropy_se", "d1", "d1_se", "dh", "dh_se", "kl")
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -149,7 +150,7 @@ def _replicate(group: Group, m: torch.Tensor) -> Group:
 @pytest.mark.slow  # four probe passes over two batches (~40 s); the fast tier keeps the unit-weight check
 def test_integer_weights_are_multiplicities(world):
     """Sampler weights v_i ∝ m_i (integers) estimate exactly what a batch holding response i m_i times does,
-    unweighted: Ĥ, δH₁ and ΔH_true and their population SEs (the group totals coincide). A second code path
+    unweighted: Ĥ, δH₁ and ΔH_true and their population SEs (the group totals coincide), and the KL(θ‖θ') mean. A second code path
     through every weighted sum — scoring, the forward-mode δH₁, the reverse-mode δH₁, the sweep."""
     probe = world["probe"]
     batch = _batch_e(world, seed=11)

@@ -84,6 +84,24 @@ def engine_world(toy_checkpoint):
     sampler.close()
 
 
+@needs_vllm
+def test_vllm_close_frees_the_engine(toy_checkpoint):
+    """An in-process engine is shut down by close(): its frozen objects released (vLLM's EngineCore gc.freeze()s
+    at start), the torch.distributed group it made destroyed, its temporary folder removed."""
+    import gc
+
+    import torch.distributed as dist
+
+    from tests.probe_harness import make_probe
+
+    probe = make_probe(toy_checkpoint, ["rollout.backend=vllm", *ENGINE])
+    sampler = probe.open_sampler()
+    workdir = sampler.workdir
+    assert gc.get_freeze_count() > 0 and workdir.exists()
+    sampler.close()
+    assert gc.get_freeze_count() == 0 and not dist.is_initialized() and not workdir.exists()
+
+
 def _sample_e(probe, sampler, seed: int = 1234):
     import dataclasses
 

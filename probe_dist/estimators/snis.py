@@ -18,11 +18,12 @@ def log_weights(logp_new: torch.Tensor, logp_old: torch.Tensor, clip: float | No
 
 # Layout of the local SNIS sums vector that is all-reduced (SUM) across ranks.
 SNIS_SUM_FIELDS = ("sum_w", "sum_w2", "sum_w_h", "sum_w_lam", "sum_neg_logw", "sum_k3", "count", "clipped",
-                   "sum_h_old", "sum_lam_old")
+                   "sum_h_old", "sum_lam_old", "sum_v")
 
 
 def snis_local_sums(log_w: torch.Tensor, global_max: float, h_new: torch.Tensor, lam: torch.Tensor, *,
-                    clipped: torch.Tensor | None = None, h_old: torch.Tensor | None = None) -> torch.Tensor:
+                    clipped: torch.Tensor | None = None, h_old: torch.Tensor | None = None,
+                    v: torch.Tensor | None = None) -> torch.Tensor:
     """[Σw, Σw², Σw·h', Σw·λ, Σ(−log w), Σ(w̃ − 1 − log w̃), N, #clipped, Σ1·h, Σ1·λ], w = exp(log w − global max).
 
     The last two are Ĥ(θ)'s sums formed by exactly the operations that form Σw·h' and Σw·λ (h_old: the payload at
@@ -31,7 +32,9 @@ def snis_local_sums(log_w: torch.Tensor, global_max: float, h_new: torch.Tensor,
 
     log_w, h_new, lam: [N] float64 per sequence (log w in nats, h' the payload total, λ = T_i or 1); global_max: the
     all-reduced max of log w; clipped: optional [N] bool mask of clipped weights. Returns [10] float64 laid out
-    as SNIS_SUM_FIELDS. Raises nothing itself (torch raises on shape mismatch).
+    as SNIS_SUM_FIELDS. Raises nothing itself (torch raises on shape mismatch). v: the sampler weights of an
+    external sampler (docs/method.md §13; h_new, lam, h_old already carry them): the KL means are v-weighted,
+    Σv(−log w)/Σv, so they estimate KL under π_θ, not under the sampler; default 1 (Σv = N).
 
     The KL(θ‖θ') estimates use the unstabilised weights w̃ = e^{log w} on samples from θ: k1 = mean(−log w),
     k3 = mean(w̃ − 1 − log w̃) (non-negative, lower variance).
@@ -41,10 +44,11 @@ def snis_local_sums(log_w: torch.Tensor, global_max: float, h_new: torch.Tensor,
     n_clip = float(clipped.sum()) if clipped is not None else 0.0
     one = torch.ones_like(w)
     h_old = h_new if h_old is None else h_old
-    return torch.stack([w.sum(), (w * w).sum(), (w * h_new).sum(), (w * lam).sum(), (-log_w).sum(), k3.sum(),
-                        torch.tensor(float(log_w.numel()), dtype=torch.float64),
+    v = one if v is None else v.to(torch.float64)
+    return torch.stack([w.sum(), (w * w).sum(), (w * h_new).sum(), (w * lam).sum(), (v * -log_w).sum(),
+                        (v * k3).sum(), torch.tensor(float(log_w.numel()), dtype=torch.float64),
                         torch.tensor(n_clip, dtype=torch.float64), (one * h_old).sum(),
-                        (one * lam).sum()]).to(torch.float64)
+                        (one * lam).sum(), v.sum()]).to(torch.float64)
 
 
 @dataclass
@@ -73,7 +77,8 @@ def snis_finalize(sums: torch.Tensor, entropy: float) -> SnisResult:
     n = s["count"]
     return SnisResult(entropy_new=h_new, delta=h_new - h_old, ess=ess, ess_frac=ess / n,
                       # the largest stabilised weight is exactly 1 (global max subtracted)
-                      max_weight=1.0 / s["sum_w"], kl_k1=s["sum_neg_logw"] / n, kl_k3=s["sum_k3"] / n,
+                      max_weight=1.0 / s["sum_w"], kl_k1=s["sum_neg_logw"] / s["sum_v"],
+                      kl_k3=s["sum_k3"] / s["sum_v"],
                       clip_frac=s["clipped"] / n)
 
 

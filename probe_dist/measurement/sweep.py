@@ -64,7 +64,8 @@ def snis_point(rt, batch: RolloutBatch, scores0: list[SequenceScores], scores1: 
     for (v, s0, s1), lw in zip(real, lw_local):
         lam = v * normaliser_lengths(s1.T, est.normalize)
         clipped = (s1.S - s0.S) > est.log_weight_clip if est.log_weight_clip is not None else None
-        sums += snis_local_sums(lw, gmax, v * s1.h(est.payload), lam, clipped=clipped, h_old=v * s0.h(est.payload))
+        sums += snis_local_sums(lw, gmax, v * s1.h(est.payload), lam, clipped=clipped, h_old=v * s0.h(est.payload),
+                                v=v)
     global_sums = rt.sum_f64(sums)
     res = snis_finalize(global_sums, base.entropy)
     sum_w_lam = float(global_sums[SNIS_SUM_FIELDS.index("sum_w_lam")])

@@ -33,10 +33,11 @@ def sequence_rows(result: ProbeResult, decode=None) -> list[dict]:
             row["text"] = decode(row["token_ids"])
         return row
 
-    def sampler_columns(g, i: int) -> dict:  # E drawn by an external sampler (docs/method.md §13)
-        if g.behaviour_logp is None or g.is_weight is None:
-            return {}
-        return {"log_q": float(g.behaviour_logp[i]), "sampler_weight": float(g.is_weight[i])}
+    def sampler_columns(g, i: int) -> dict:  # drawn by an external sampler (docs/method.md §13); v on E only
+        out = {} if g.behaviour_logp is None else {"log_q": float(g.behaviour_logp[i])}
+        if g.is_weight is not None:
+            out["sampler_weight"] = float(g.is_weight[i])
+        return out
 
     def parts(g, i: int) -> dict:
         return {"rewards": {k: float(v[i]) for k, v in g.reward_parts.items()}} if g.reward_parts else {}
@@ -60,7 +61,8 @@ def sequence_rows(result: ProbeResult, decode=None) -> list[dict]:
                 rows.append(explained({"batch": "U", "prompt_index": g.prompt_index, "prompt": g.prompt_text,
                                        "response": i,
                                        "token_ids": g.responses[i, :t].tolist(), "T": t, "reward": float(g.rewards[i]),
-                                       "advantage": float(g.advantages[i]), **parts(g, i)}, "U", g.prompt_index, i))
+                                       "advantage": float(g.advantages[i]), **parts(g, i), **sampler_columns(g, i)},
+                                      "U", g.prompt_index, i))
     return rows
 
 

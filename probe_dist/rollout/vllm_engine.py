@@ -56,7 +56,7 @@ def import_vllm():
 
 
 @contextlib.contextmanager
-def engine_environment(device: torch.device):
+def engine_environment(device: torch.device, workdir: Path | None = None):
     """The environment an engine starts in. Alone (no process group), the engine runs in this process
     (VLLM_ENABLE_V1_MULTIPROCESSING=0: starts in seconds). Under torchrun it runs in a child process of its own:
     an in-process engine joins torch.distributed's default group and destroys it when it shuts down, which would
@@ -67,7 +67,9 @@ def engine_environment(device: torch.device):
     import torch.distributed as dist
 
     saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "CUDA_VISIBLE_DEVICES",
-                                            "VLLM_LOGGING_LEVEL", "VLLM_CPU_OMP_THREADS_BIND")}
+                                            "VLLM_LOGGING_LEVEL", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_RPC_BASE_PATH")}
+    if workdir is not None and saved["VLLM_RPC_BASE_PATH"] is None:  # its IPC socket files go with the temp dir
+        os.environ["VLLM_RPC_BASE_PATH"] = str(workdir)
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed and saved["VLLM_CPU_OMP_THREADS_BIND"] is None:  # in this process: leave our threads alone
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
@@ -129,8 +131,8 @@ class VLLMSampler:
         is missing, the dtype is float64 (vLLM has no float64 kernels), or the engine refuses the model."""
         LLM, SamplingParams, LoRARequest = import_vllm()
         if dtype not in VLLM_DTYPES:
-            raise VLLMError(f"rollout.backend=vllm cannot run precision.dtype={dtype} (vLLM computes in float32, "
-                            "bfloat16 or float16); set precision.dtype=float32 or rollout.backend=hf")
+            raise VLLMError(f"rollout.backend=vllm cannot run precision.dtype={dtype} (vLLM has no float64 kernels); "
+                            "set precision.dtype=float32 (or bfloat16) or rollout.backend=hf")
         workdir = Path(tempfile.mkdtemp(prefix="probe_dist_vllm_"))
         try:
             lora_request, kwargs = None, {}
@@ -145,7 +147,7 @@ class VLLMSampler:
             else:  # a full fine-tune (or no base folder): the whole model at θ
                 served = workdir / "model"
                 model.save_pretrained(str(served), safe_serialization=True)
-            with engine_environment(device), keep_threads():
+            with engine_environment(device, workdir), keep_threads():
                 llm = LLM(model=str(served), dtype=VLLM_DTYPES[dtype], enforce_eager=True, seed=0,
                           skip_tokenizer_init=True, generation_config="vllm", logprobs_mode="processed_logprobs",
                           max_num_seqs=max_num_seqs, max_model_len=max_model_len,
@@ -170,8 +172,13 @@ class VLLMSampler:
                                logprobs=0, seed=int(k) & 0x7FFFFFFF, stop_token_ids=sorted(eos), detokenize=False)
                   for k in keys.tolist()]
         requests = [{"prompt_token_ids": [int(t) for t in prompts[j].tolist()]} for j in row_prompt]
-        with keep_threads():
-            outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
+        try:
+            with keep_threads():
+                outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
+        except Exception as exc:  # e.g. an adapter vLLM loads only at the first request (DoRA, modules_to_save)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise VLLMError(f"the vLLM engine failed to sample ({type(exc).__name__}: {first}); set "
+                            "rollout.backend=hf to sample with the probe's own decoder") from exc
         n = len(row_prompt)
         responses = torch.full((n, max_new_tokens), pad_id, dtype=torch.long)
         lengths = torch.zeros(n, dtype=torch.long)
@@ -192,6 +199,14 @@ class VLLMSampler:
         """Free the engine and remove the temporary folder (idempotent)."""
         if self.llm is not None:
             with keep_threads():
+                # An in-process engine frees nothing on `del` (its EngineCore gc.freeze()s ~10⁵ objects at start;
+                # only its shutdown undoes that and tears down the torch.distributed group it created itself)
+                core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+                try:
+                    if core is not None and hasattr(core, "shutdown"):
+                        core.shutdown()
+                except Exception as exc:  # a failed teardown must not hide the run's result
+                    log.warning("closing the vLLM engine: %s: %s", type(exc).__name__, exc)
                 del self.llm
                 self.llm = None
                 gc.collect()
