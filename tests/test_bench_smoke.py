@@ -99,7 +99,10 @@ def test_bench_smoke(script, tmp_path):
     assert non_finite(result) == []
     committed = sorted(RESULTS.glob(f"{script}_*cpu.json"))
     for path in committed:
-        assert schema_mismatches(json.loads(path.read_text()), result) == [], f"schema of {path.name}"
+        reference = json.loads(path.read_text())
+        if reference.get("settings", {}).get("backend", "hf") != "hf":  # --backend vllm adds its keys; the smoke
+            continue                                                    # runs without vLLM
+        assert schema_mismatches(reference, result) == [], f"schema of {path.name}"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
