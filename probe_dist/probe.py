@@ -48,11 +48,11 @@ class Probe:
     keys of where the state came from."""
 
     def __init__(self, cfg: ProbeConfig, rt, runner: PolicyRunner, *, tokenizer,
-                 optimizer: torch.optim.Optimizer, eos_ids: list[int], sampler=None, open_sampler=None):
+                 optimizer: torch.optim.Optimizer, eos_ids: list[int], open_sampler=None):
         self.cfg, self.rt, self.runner = cfg, rt, runner
-        # An external rollout engine (rollout.backend=vllm): `sampler` itself, or `open_sampler()` opening one for
-        # the sample phase (closed after it, freeing its memory); neither: the policy's own decoder
-        self.sampler, self.open_sampler = sampler, open_sampler
+        # An external rollout engine (rollout.backend=vllm): `open_sampler()` opens one for the sample phase (closed
+        # after it, freeing its memory); `sampler` is the open one (None: the policy's own decoder)
+        self.sampler, self.open_sampler = None, open_sampler
         self.model, self.trainable, self.policy = runner.model, runner.trainable, runner.strategy.policy
         self.tokenizer, self.optimizer, self.eos_ids = tokenizer, optimizer, eos_ids
         self.clock = PhaseClock(rank=rt.rank, fault=cfg.debug.fault, signal=cfg.debug.signal,

@@ -147,7 +147,7 @@ class SamplerCorrection:
     def warnings(self) -> list[str]:
         """What a reader must know about the sampler's weights: a heavy tail (k̂ ≥ 0.7) or few effective samples."""
         out = []
-        if self.khat_reliable and self.khat >= 0.7:
+        if self.khat_reliable and self.khat >= 0.7:  # measurement.sweep.KHAT_UNRELIABLE (PSIS's bound)
             out.append(f"the sampler weights π_θ(y)/q(y) have a heavy tail (k̂ = {self.khat:.2f} ≥ 0.7): the "
                        "estimates on E are not to be trusted; the engine's distribution is too far from the policy's "
                        "(check its dtype and kernels), or set rollout.is_cap to truncate the ratios")

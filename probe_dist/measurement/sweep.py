@@ -104,6 +104,12 @@ KHAT_MIN_N = 100         # below this many weights the tail fit behind k̂ is no
 KHAT_MAX_ESS_FRAC = 0.99  # weights this close to uniform have no tail to fit
 
 
+def khat_is_reliable(khat: float, n: float, ess_frac: float) -> bool:
+    """Whether a PSIS k̂ of n weights with Kish ESS/N `ess_frac` means anything: finite, n ≥ KHAT_MIN_N, and the
+    weights not near-uniform (ESS/N < KHAT_MAX_ESS_FRAC) — else it is the noise of a tail fit with no tail."""
+    return bool(math.isfinite(khat) and n >= KHAT_MIN_N and ess_frac < KHAT_MAX_ESS_FRAC)
+
+
 def sweep_point(eta: float, snis_fields: dict, d1: DeltaH1, *, se_kind: str = "population",
                 delta_h1_se_fixed: float = math.nan, curvature: tuple[float, float, float] | None = None,
                 ) -> SweepPoint:
@@ -124,8 +130,7 @@ def sweep_point(eta: float, snis_fields: dict, d1: DeltaH1, *, se_kind: str = "p
         fields["delta_h2"] = 0.5 * eta * eta * second + 0.0
         fields["delta_h2_se"] = 0.5 * eta * eta * (se_fix if fixed else se_pop)
     n = round(fields["ess"] / fields["ess_frac"]) if fields["ess_frac"] > 0 else 0
-    fields["khat_reliable"] = bool(math.isfinite(fields["khat"]) and n >= KHAT_MIN_N
-                                   and fields["ess_frac"] < KHAT_MAX_ESS_FRAC)
+    fields["khat_reliable"] = khat_is_reliable(fields["khat"], n, fields["ess_frac"])
     bad = [k for k in MUST_BE_FINITE if not math.isfinite(fields[k])]
     flags = []
     if bad:

@@ -70,8 +70,8 @@ def sample_block(decoder, tokenizer, prompts: Sequence[dict], prompt_indices: Se
     """A block of prompt groups decoded together: every group's G rows in one batch of left-padded prompts
     (`rows_per_chunk` rows per decode call at most), then each group's rewards and advantages (see sample_group).
     Response r of the prompt at global index p draws from the stream (seed, name, p, r). With `sampler` (an
-    external backend, `rollout.external.ExternalSampler`) the rows come from it instead of `decoder`, with the
-    per-sequence log q it reports kept as each group's `behaviour_logp`."""
+    external engine with `sample_rows` as `rollout.vllm_engine.VLLMSampler`'s) the rows come from it instead of
+    `decoder`, with the per-sequence log q it reports kept as each group's `behaviour_logp`."""
     eos_ids = list(eos_ids) if eos_ids is not None else [tokenizer.eos_token_id]
     prompt_ids = [prompt_token_ids(tokenizer, p["prompt"], bos) for p in prompts]
     rows = [(j, r) for j in range(len(prompts)) for r in range(group_size)]

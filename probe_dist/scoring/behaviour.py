@@ -17,7 +17,7 @@ from probe_dist.estimators.behaviour import (
     truncate_log_ratio,
 )
 from probe_dist.estimators.psis import khat_threshold, pareto_khat
-from probe_dist.measurement.sweep import KHAT_MAX_ESS_FRAC, KHAT_MIN_N
+from probe_dist.measurement.sweep import khat_is_reliable
 from probe_dist.results import SamplerCorrection, SequenceScores
 from probe_dist.rollout.batch import RolloutBatch
 
@@ -55,6 +55,6 @@ def apply_sampler_weights(rt, batch: RolloutBatch, scores: list[SequenceScores],
         everything = torch.cat(gathered)
         khat = pareto_khat(everything) if everything.numel() else float("nan")
     n = diag["ess"] / diag["ess_frac"] if diag["ess_frac"] > 0 else float("nan")
-    reliable = bool(math.isfinite(khat) and n >= KHAT_MIN_N and diag["ess_frac"] < KHAT_MAX_ESS_FRAC)
+    reliable = khat_is_reliable(khat, n, diag["ess_frac"])
     return SamplerCorrection(cap=cap, khat=khat, khat_threshold=khat_threshold(round(n)) if math.isfinite(n)
                              else float("nan"), khat_reliable=reliable, **diag)
