@@ -227,3 +227,33 @@ def test_closed_form_head_backward_matches_autograd_through_the_softmax():
     tol = torch.tensor([fp_bound(torch.float64, 4 * 66, float(c)) for c in scale]).unsqueeze(-1)
     assert ((grad - grad_ref).abs() <= tol).all(), float((grad - grad_ref).abs().max())
     assert float(grad_ref.abs().max()) > 1e6 * float(tol.max())  # tol: bound precondition (teeth)
+
+
+def test_no_grad_chunk_loop_through_reused_buffers_equals_a_fresh_tensor_per_chunk(monkeypatch):
+    """`_no_grad_chunks` (two [chunk, V] buffers per call, the elementwise passes in row blocks) against the generic
+    loop (a fresh head(h) per chunk through `logp_entropy_from_logits`): the same kernels and formulas row by row,
+    so bit for bit equal (tol: exact; one thread, where the GEMM's accumulation order is fixed). Row blocks smaller
+    than a chunk, a ragged last chunk and a bias are covered."""
+    from probe_dist.scoring import chunked
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setattr(chunked, "ROW_BLOCK_BYTES", 3 * 37 * 8)  # 3 rows per block at float64, 6 at float32
+        gen = torch.Generator().manual_seed(0)
+        for dtype in (torch.float32, torch.float64):
+            for bias in (False, True):
+                head = torch.nn.Linear(16, 37, bias=bias).to(dtype).requires_grad_(False)
+                hidden = torch.randn(23, 16, generator=gen, dtype=dtype) * 4
+                targets = torch.randint(0, 37, (23,), generator=gen)
+                with torch.no_grad():
+                    assert chunked._reusable_buffers(head, chunked.IDENTITY, hidden)
+                    got = chunked_logp_entropy(head, hidden, targets, temperature=0.7, chunk=10)
+                    want = [logp_entropy_from_logits(head(hidden[s:s + 10]), targets[s:s + 10], 0.7)
+                            for s in range(0, 23, 10)]
+                assert torch.equal(got[0], torch.cat([w[0] for w in want]))  # tol: exact (same kernels)
+                assert torch.equal(got[1], torch.cat([w[1] for w in want]))  # tol: exact (same kernels)
+                head.weight.requires_grad_(True)  # a trainable head under grad takes the generic loop
+                assert not chunked._reusable_buffers(head, chunked.IDENTITY, hidden)
+    finally:
+        torch.set_num_threads(threads)
