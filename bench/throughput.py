@@ -7,9 +7,14 @@ layers, LoRA r=8 on every projection, a synthetic AdamW state) is built in a tem
 size G in --groups, E holds --rows-e rows (--rows-e / G prompts), and in this one process, interleaved:
 
   sampling      the probe's sampler on E (`rollout.sample.sample_batch`) vs HF `generate` (do_sample, top_k=0,
-                top_p=1) over the same prompts and rows, --rows-generate rows per call, left-padded, same max tokens;
+                top_p=1) over the same prompts and rows, all of E's rows in one call (--hf-rows-generate), left-padded,
+                same max tokens;
   base scoring  `scoring.score.score_batch` on E vs a plain batched no-grad forward (`model(...).logits`) over the
                 same rows and layout (`rollout.batch.block_microbatches`, microbatch_score rows);
+
+The probe runs at the config's default memory sizes (memory.microbatch_generate/score/grad, as a user's run
+without memory overrides) unless --rows-generate / --rows-score / --rows-grad set them; the sizes used are in
+each case's "microbatch".
   δH₁           `prediction.delta_h1.predict_delta_h1` on E vs the same plain forward;
   update        `update.gradient.update_gradient` on U (G_U = 8) vs a plain forward + backward of Σ log-probs over
                 the same block microbatches.
@@ -130,8 +135,9 @@ def cpu_case(args, ckpt: Path, group: int) -> dict:
     cfg = load_config(None, [f"checkpoint.path={ckpt}", "device=cpu", f"sampling.B_E={prompts_e}",
                              f"sampling.G_E={group}", f"sampling.B_U={args.prompts_u}", "sampling.G_U=8",
                              f"sampling.max_new_tokens={args.new_tokens}", "sampling.prompts=" + str(args.prompt_file),
-                             f"memory.microbatch_generate={args.rows_generate}",
-                             f"memory.microbatch_score={args.rows_score}", f"memory.microbatch_grad={args.rows_grad}",
+                             *[f"memory.{key}={value}" for key, value in (
+                                 ("microbatch_generate", args.rows_generate), ("microbatch_score", args.rows_score),
+                                 ("microbatch_grad", args.rows_grad)) if value is not None],
                              "estimators.explain=false", "log_level=warning",
                              *(["rollout.backend=vllm", f"rollout.vllm_gpu_memory_utilization={args.vllm_memory}"]
                                if args.backend == "vllm" else [])])
@@ -172,23 +178,27 @@ def cpu_case(args, ckpt: Path, group: int) -> dict:
             probe.sampler.close()
             probe.sampler = None
         out["vllm_generated_tokens"] = sum(int(g.lengths.sum()) for g in vllm_batch.real_groups)
-    # HF generate over the same rows, rows_generate per call
+    # HF generate over the same rows, all in one call unless --hf-rows-generate
     model = probe.model
     ids, mask = left_padded(batch_e.real_groups, tok.pad_token_id)
     gen = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=cfg.sampling.temperature,
                            max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id,
                            eos_token_id=probe.eos_ids)
 
+    hf_rows = args.hf_rows_generate or ids.shape[0]
+
     def hf_generate():
         with torch.no_grad():
-            for start in range(0, ids.shape[0], args.rows_generate):
-                model.generate(input_ids=ids[start:start + args.rows_generate],
-                               attention_mask=mask[start:start + args.rows_generate], generation_config=gen)
+            for start in range(0, ids.shape[0], hf_rows):
+                model.generate(input_ids=ids[start:start + hf_rows],
+                               attention_mask=mask[start:start + hf_rows], generation_config=gen)
 
     phase("hf_generate", hf_generate, generated)
     scored = sum(int(g.lengths.sum()) for g in batch_e.real_groups)
     scores = phase("score_base", lambda: score_batch(rt, runner, batch_e), scored, minimum_passes(batch_e))
-    layouts = [mb for block in batch_e.blocks() for mb in block_microbatches(block, args.rows_score)]
+    out["microbatch"] = {"generate": cfg.memory.microbatch_generate, "score": cfg.memory.microbatch_score,
+                         "grad": cfg.memory.microbatch_grad, "hf_generate": hf_rows}
+    layouts = [mb for block in batch_e.blocks() for mb in block_microbatches(block, cfg.memory.microbatch_score)]
 
     def plain_forward():
         with torch.no_grad():
@@ -204,8 +214,8 @@ def cpu_case(args, ckpt: Path, group: int) -> dict:
           scored, minimum_passes(batch_e))
     u_tokens = sum(int(g.lengths.sum()) for g in batch_u.real_groups)
     phase("update_gradient", lambda: update_gradient(rt, runner, batch_u, cfg.update), u_tokens,
-          minimum_passes(batch_u, args.rows_grad))
-    u_layouts = [mb for block in batch_u.blocks() for mb in block_microbatches(block, args.rows_grad)]
+          minimum_passes(batch_u, cfg.memory.microbatch_grad))
+    u_layouts = [mb for block in batch_u.blocks() for mb in block_microbatches(block, cfg.memory.microbatch_grad)]
 
     def plain_forward_backward():
         for mb in u_layouts:
@@ -281,9 +291,12 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rows-e", type=int, default=64, help="rows of E (prompts × G)")
     p.add_argument("--prompts-u", type=int, default=4, help="prompts of U (G_U = 8)")
-    p.add_argument("--rows-generate", type=int, default=64)
-    p.add_argument("--rows-score", type=int, default=16)
-    p.add_argument("--rows-grad", type=int, default=8)
+    p.add_argument("--rows-generate", type=int, default=None,
+                   help="memory.microbatch_generate (default: the config's default, as users run it)")
+    p.add_argument("--rows-score", type=int, default=None, help="memory.microbatch_score (default: the config's)")
+    p.add_argument("--rows-grad", type=int, default=None, help="memory.microbatch_grad (default: the config's)")
+    p.add_argument("--hf-rows-generate", type=int, default=None,
+                   help="rows per HF generate call of the reference (default: all of E's rows in one call)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf",

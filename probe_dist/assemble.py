@@ -121,7 +121,8 @@ def assemble(resolution: Resolution, state: TrainingState, rt) -> Probe:
     reward_model = _reward_model(cfg, resolution.reward_folder, state.model, rt)
     runner = PolicyRunner(model=state.model, strategy=build_strategy(cfg, rt, state.model), trainable=state.trainable,
                           device=rt.device, temperature=cfg.sampling.temperature,
-                          sizes=MicrobatchSizes(score=cfg.memory.microbatch_score, grad=cfg.memory.microbatch_grad),
+                          sizes=MicrobatchSizes(score=cfg.memory.microbatch_score, grad=cfg.memory.microbatch_grad,
+                                                jvp=cfg.memory.microbatch_jvp),
                           accumulator_device=cfg.memory.accumulator_device, auto_microbatch=cfg.memory.auto_microbatch,
                           reward_model=reward_model)
     try:

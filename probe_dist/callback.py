@@ -220,7 +220,7 @@ class EntropyProbeCallback(TrainerCallback):
             # E is small by design: all its rows in one pass (measured: half the δH₁ phase's time of 8-row passes
             # on the toy); overrides may lower them for a large model
             f"memory.microbatch_score={self.B_E * self.G_E}", f"memory.microbatch_grad={self.B_E * self.G_E}",
-            "log_level=warning", *self.overrides])
+            f"memory.microbatch_jvp={self.B_E * self.G_E}", "log_level=warning", *self.overrides])
 
 
 @contextmanager

@@ -146,10 +146,12 @@ class MemoryConfig:
     """Section `memory`: rows per generation/scoring/gradient pass, the logits chunk, where param-sized
     accumulators live, the trainable-parameter guard, and the planner / OOM-halving switches."""
 
-    microbatch_generate: int = _f(8, ge=1, help="rows decoded together: whole prompt groups per block (at least "
-                                                 "one; bounds the KV cache)")
+    microbatch_generate: int = _f(64, ge=1, help="rows decoded together: whole prompt groups per block (at least "
+                                                  "one; bounds the KV cache; auto_microbatch halves it to fit)")
     microbatch_score: int = _f(8, ge=1, help="sequences per no-grad scoring forward")
     microbatch_grad: int = _f(4, ge=1, help="sequences per forward+backward")
+    microbatch_jvp: int = _f(8, ge=1, help="sequences per forward-mode pass (δH₁, the explanation's directional "
+                                          "derivatives; no graph is kept)")
     logits_chunk: int = _f(1024, ge=1, help="response positions per logits/entropy chunk")
     accumulator_device: str = _f("cpu", choices=("cpu", "model"), help="where param-sized accumulators live")
     max_trainable_params: int = _f(50_000_000, ge=1, help="refuse more trainable parameters than this")

@@ -171,6 +171,8 @@ def test_proposal_is_the_largest_that_fits():
                                            "distributed.strategy=ddp",
                                            f"memory.microbatch_grad={prop['microbatch_grad']}",
                                            f"memory.microbatch_score={prop['microbatch_score']}",
+                                           f"memory.microbatch_jvp={prop['microbatch_jvp']}",
+                                           f"memory.microbatch_generate={prop['microbatch_generate']}",
                                            f"memory.logits_chunk={prop['logits_chunk']}"]),
                         24 * GiB, "qwen2.5-1.5b", world_size=8, prompt_tokens=256)
     assert again["fits"] and again["peak_bytes"] == prop["peak_bytes"]
@@ -180,8 +182,16 @@ def test_proposal_is_the_largest_that_fits():
         shape = model_shape(plan_model_config(), LoraSpec(r=64))
         s = _settings(prompt_tokens=256)
         too_big = phase_peaks(shape, s, rows_score=prop["microbatch_score"], rows_grad=bigger,
-                              chunk=prop["logits_chunk"])
+                              rows_jvp=prop["microbatch_jvp"], chunk=prop["logits_chunk"])
         assert too_big["update_gradient"]["peak_bytes"] > available
+    # the forward-mode passes keep no graph: their microbatch is planned on its own, at least the gradient one's
+    assert prop["microbatch_jvp"] >= prop["microbatch_grad"]
+    bigger = {1: 2, 2: 4, 4: 8}.get(prop["microbatch_jvp"])
+    if bigger:
+        shape = model_shape(plan_model_config(), LoraSpec(r=64))
+        too_big = phase_peaks(shape, _settings(prompt_tokens=256), rows_score=prop["microbatch_score"],
+                              rows_grad=prop["microbatch_grad"], rows_jvp=bigger, chunk=prop["logits_chunk"])
+        assert max(too_big[k]["peak_bytes"] for k in ("delta_h1", "explain")) > available
     assert "Largest sizes that fit" in plan["message"]
 
 
@@ -270,7 +280,7 @@ def test_auto_microbatch_plan_proposes_the_sizes_and_leaves_the_config_alone():
 
     model = get_peft_model(Qwen2ForCausalLM(_tiny_config(vocab_size=4096)),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    common = ["sampling.max_new_tokens=64", "sampling.G_E=8", "sampling.G_U=8",
+    common = ["sampling.max_new_tokens=64", "sampling.G_E=8", "sampling.G_U=8", "memory.microbatch_generate=8",
               "memory.microbatch_score=1", "memory.microbatch_grad=1", "memory.logits_chunk=4096"]
     cfg = load_config(None, common)
     assert auto_microbatch_plan(cfg, model, 1, torch.device("cpu")) is None  # CPU without a budget: OOM retry only
@@ -283,8 +293,30 @@ def test_auto_microbatch_plan_proposes_the_sizes_and_leaves_the_config_alone():
     assert prop["fits"] and plan["inputs"]["prompt_tokens"] == 7
     assert plan["model"]["adapter_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert (prop["microbatch_score"], prop["microbatch_grad"], prop["logits_chunk"]) == (8, 8, 4096)
-    assert proposed_sizes(plan) == {"microbatch_score": 8, "microbatch_grad": 8, "logits_chunk": 4096}
+    assert proposed_sizes(plan) == {"microbatch_generate": 8, "microbatch_score": 8, "microbatch_grad": 8,
+                                    "microbatch_jvp": 8, "logits_chunk": 4096}
     assert cfg == before  # the caller applies the sizes (main.py, with dataclasses.replace)
+
+
+def test_proposal_halves_the_decode_block_until_generation_fits():
+    """The decode block (memory.microbatch_generate) is halved until the sample phase's predicted peak fits, and the
+    other sizes are planned within the blocks it makes; a block that fits is kept."""
+    from probe_dist.plan.planner import DEFAULT_MARGIN, DEFAULT_RESERVE
+
+    cfg = load_config(None, ["sampling.max_new_tokens=256", "sampling.G_E=1", "sampling.G_U=2",
+                             "memory.microbatch_generate=1024"])
+    plan = plan_memory(cfg, 80 * GiB, "qwen2.5-1.5b", world_size=1, prompt_tokens=256)
+    wide = plan["phases"]["sample"]["peak_bytes"]
+    # a budget the 1024-row block exceeds but a smaller one fits (the KV cache is linear in the rows)
+    budget = int((wide * 0.6 + DEFAULT_RESERVE) / (1 - DEFAULT_MARGIN))
+    tight = plan_memory(cfg, budget, "qwen2.5-1.5b", world_size=1, prompt_tokens=256)["proposal"]
+    assert tight["fits"] and tight["microbatch_generate"] < 1024
+    g = tight["microbatch_generate"]
+    assert 1024 % g == 0 and g * 2 <= 1024  # halvings of the configured block
+    assert tight["phases"]["sample"] <= budget * (1 - DEFAULT_MARGIN) - DEFAULT_RESERVE
+    assert max(tight["microbatch_score"], tight["microbatch_grad"]) <= g  # passes stay within a block
+    roomy = plan_memory(cfg, 4 * wide, "qwen2.5-1.5b", world_size=1, prompt_tokens=256)["proposal"]
+    assert roomy["microbatch_generate"] == 1024  # the configured block fits: kept
 
 
 @pytest.mark.parametrize("top_k,steps,rows", [(16, 12, 3), (64, 24, 2)])
@@ -338,7 +370,7 @@ def test_nested_delta_h1_moves_the_nested_pass_from_explain_to_delta_h1():
     shape = model_shape(plan_model_config(), LoraSpec(r=64))
     s = dataclasses.replace(_settings(prompt_tokens=7), explain=True)
     nested = dataclasses.replace(s, nested_delta_h1=True)
-    kw = dict(rows_score=8, rows_grad=4, chunk=1024)
+    kw = dict(rows_score=8, rows_grad=4, rows_jvp=4, chunk=1024)
     sep, shared = phase_peaks(shape, s, **kw), phase_peaks(shape, nested, **kw)
     forward = sum(_nograd_forward(shape, s, 4, 1024).values())
     # tol: exact the byte model is a count: two more tangent copies of the same forward's tensors

@@ -107,13 +107,13 @@ def test_policy_is_non_trivial(toy_checkpoint):
     # — accuracy in (0.1, 0.9) and ≥ 0.05 nats per token (seeds 0-4: accuracy 0.44-0.60, entropy 0.38-0.49)
     assert 0.1 < recorded["final_sampled_accuracy"] < 0.9 and recorded["final_token_entropy"] > 0.05, recorded
     batch = probe.sample("E", 25, 8)  # 200 samples; generation cost is per prompt group
-    rewards = torch.cat([g.rewards for g in batch.groups])
+    rewards = torch.cat([g.rewards for g in batch.real_groups])  # not the last block's zero-weight copies
     assert rewards.numel() == 200
     # The probe samples the recorded policy: its accuracy estimate agrees with the build's (200 independent
     # prompt-response draws from the same train split, at the same temperature). Both are estimates of one
     # population accuracy p: the build's SE √(p(1 − p)/200); the probe's, with 8 responses per prompt, from the
     # spread of its 25 group means (prompts are the unit).
-    group_means = torch.stack([g.rewards.double().mean() for g in batch.groups])
+    group_means = torch.stack([g.rewards.double().mean() for g in batch.real_groups])
     se_probe = float(group_means.std()) / math.sqrt(len(group_means))
     p = recorded["final_sampled_accuracy"]
     se_build = math.sqrt(p * (1 - p) / 200)
@@ -121,7 +121,7 @@ def test_policy_is_non_trivial(toy_checkpoint):
     assert within_se(float(rewards.mean()), p, math.sqrt(se_probe ** 2 + se_build ** 2)), (
         float(rewards.mean()), p, se_probe, se_build)
     # Groups with mixed rewards exist, so GRPO advantages are non-zero.
-    assert any(float(g.advantages.abs().sum()) > 0 for g in batch.groups)  # tol: exact some advantage ≠ 0
+    assert any(float(g.advantages.abs().sum()) > 0 for g in batch.real_groups)  # tol: exact some advantage ≠ 0
     scores = score_batch(probe.rt, probe.runner, batch)
     tokens = sum(int(s.T.sum()) for s in scores)
     token_entropy = sum(float(s.h_rb.sum()) for s in scores) / tokens

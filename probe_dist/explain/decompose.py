@@ -116,7 +116,7 @@ def explain_u(rt, runner: PolicyRunner, batch_u: RolloutBatch, *, update: Update
         weights = [float(g.weight) for g in block]
         d = [torch.zeros(g.size, dtype=torch.float64) for g in block]
         seq = [torch.zeros(g.size, 4, dtype=torch.float64) for g in block]
-        for mb in block_microbatches(block, runner.sizes.grad):
+        for mb in block_microbatches(block, runner.sizes.jvp):
             ref_logp = None
             if update_cfg.kl_coef:
                 with runner.reference():
@@ -145,7 +145,7 @@ def explain_u(rt, runner: PolicyRunner, batch_u: RolloutBatch, *, update: Update
             state["cov"][p] = _group_token_sums(seq[j], advantages[j])
 
     with eager_attention(policy):
-        state = runner.run_groups(rt, "grad", batch_u.blocks(), start=start, step=step)
+        state = runner.run_groups(rt, "jvp", batch_u.blocks(), start=start, step=step)
     prompts = sorted(state["d"])
     (d_total,) = rt.sum_scalars(sum(float(state["d"][p].sum()) for p in prompts))
     cov_total = rt.sum_f64(sum((state["cov"][p] for p in prompts), torch.zeros(6, dtype=torch.float64)))

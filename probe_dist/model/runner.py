@@ -43,7 +43,7 @@ class PolicyRunner:
 
         policy = PolicyModel(model, logits_chunk)
         return cls(model=model, strategy=Strategy("none", policy, policy, policy), trainable=trainable_parameters(model),
-                   device=device or torch.device("cpu"), temperature=temperature, sizes=MicrobatchSizes(score=rows, grad=rows))
+                   device=device or torch.device("cpu"), temperature=temperature, sizes=MicrobatchSizes(score=rows, grad=rows, jvp=rows))
 
     def forward(self, mb: Microbatch, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced (ℓ, H) of the scored tokens: two [M] float32 tensors on the device (float64 for a
@@ -57,7 +57,7 @@ class PolicyRunner:
                                       temperature=self.temperature)
 
     def run_groups(self, rt, kind: str, groups, *, start, step):
-        """`runtime.oom.run_groups` over `groups` with this runner's sizes (`kind` "score" or "grad"): a safe point
+        """`runtime.oom.run_groups` over `groups` with this runner's sizes (`kind` "score", "grad" or "jvp"): a safe point
         after every group (stop signals, lockstep OOM retry); returns the state `start()` made and `step` filled."""
         return run_groups(rt, self.sizes, kind, groups, start=start, step=step, auto=self.auto_microbatch,
                           on_oom=self.zero_grads)

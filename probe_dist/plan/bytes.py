@@ -175,6 +175,11 @@ def _sample(shape: ModelShape, s: Settings) -> dict[str, int]:
     return {"kv_cache": kv, "generation_transient": per_token_layer * g * s.seq_len + max(prefill, step)}
 
 
+def sample_peak(shape: ModelShape, s: Settings) -> int:
+    """Predicted peak bytes per GPU of the sample phase (static part + KV cache + decode transients)."""
+    return int(sum(_static(shape, s).values()) + sum(_sample(shape, s).values()))
+
+
 def grade_pass(shape: ModelShape, s: Settings, n: int) -> dict[str, int]:
     """Peak of one GRADE microbatch (update/grade.py) of n rows, T = max_new_tokens relaxed tokens, L = P + T.
 
@@ -205,10 +210,12 @@ def grade_pass(shape: ModelShape, s: Settings, n: int) -> dict[str, int]:
             "grade_recompute": max(prefill, step, reward)}
 
 
-def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: int, chunk: int) -> dict[str, dict]:
+def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: int, chunk: int,
+                rows_jvp: int | None = None) -> dict[str, dict]:
     """Predicted peak bytes per GPU of every phase, for these microbatch sizes and logits chunk.
 
-    rows_score / rows_grad: rows per no-grad / grad pass (capped at the group sizes); chunk: logits positions.
+    rows_score / rows_grad / rows_jvp: rows per no-grad / grad / forward-mode pass (capped at the group sizes;
+    rows_jvp defaults to rows_score); chunk: logits positions.
     Returns {phase: {"peak_bytes": int, "components": {name: bytes}}} in probe_dist.phases.PHASES order; the
     components add up to the peak.
     """
@@ -219,6 +226,8 @@ def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: i
     rs_e = min(rows_score, block_rows(s.rows_generate, s.group_e))
     rg_e, rg_u = min(rows_grad, s.group_e), min(rows_grad, s.group_u)
     rb_e, rb_u = (min(rows_grad, block_rows(s.rows_generate, g)) for g in (s.group_e, s.group_u))
+    rows_jvp = rows_score if rows_jvp is None else rows_jvp
+    rj_e, rj_u = (min(rows_jvp, block_rows(s.rows_generate, g)) for g in (s.group_e, s.group_u))
 
     def total(parts: dict) -> dict:
         return {"peak_bytes": int(sum(parts.values())), "components": {k: int(v) for k, v in parts.items()}}
@@ -237,18 +246,18 @@ def phase_peaks(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: i
     if s.single_batch:  # reverse mode: one forward and two backward passes per group microbatch
         d1 = best({**static, **grads, **_grad_pass(shape, s, rg_e, chunk)},
                   {**static, **grads, **_grad_pass(shape, s, rg_u, chunk)})
-    else:  # forward mode: a no-grad forward with tangents (one copy; three for the nested pass), rows_grad rows
+    else:  # forward mode: a no-grad forward with tangents (one copy; three for the nested pass), rows_jvp rows
         copies = 4 if s.nested_delta_h1 else 2  # across a block's groups
         d1 = {**static, **{f"forward_mode_{k}": copies * v
-                           for k, v in _nograd_forward(shape, s, rb_e, chunk).items()}}
+                           for k, v in _nograd_forward(shape, s, rj_e, chunk).items()}}
     out[DELTA_H1] = total(d1)
     explain = dict(static)
     if s.explain:
         # Forward mode keeps no graph: a no-grad forward whose every tensor comes with tangents — three more copies
         # for E's nested (second-order) pass (unless δH₁ ran it), one for U's first-order pass
         # (explain/directional.py); and, after a forward-mode δH₁, ∇Ĥ by one forward + backward per E block microbatch.
-        e_side = {f"forward_mode_{k}": 4 * v for k, v in _nograd_forward(shape, s, rb_e, chunk).items()}
-        u_side = {f"forward_mode_{k}": 2 * v for k, v in _nograd_forward(shape, s, rb_u, chunk).items()}
+        e_side = {f"forward_mode_{k}": 4 * v for k, v in _nograd_forward(shape, s, rj_e, chunk).items()}
+        u_side = {f"forward_mode_{k}": 2 * v for k, v in _nograd_forward(shape, s, rj_u, chunk).items()}
         sides = ([] if s.nested_delta_h1 else [e_side]) + [u_side]
         sides += [] if s.single_batch else [{**grads, **_grad_pass(shape, s, rb_e, chunk)}]
         explain.update(best(*sides))

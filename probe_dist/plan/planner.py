@@ -21,6 +21,7 @@ from probe_dist.plan.bytes import (
     Settings,
     block_rows,
     phase_peaks,
+    sample_peak,
 )
 from probe_dist.plan.shape import (
     ModelShape,
@@ -36,7 +37,8 @@ log = logging.getLogger("probe_dist")
 
 DEFAULT_MARGIN = 0.10
 DEFAULT_RESERVE = 1 * GiB  # CUDA context + cuBLAS workspace, outside the caching allocator
-SIZE_KEYS = ("microbatch_score", "microbatch_grad", "logits_chunk")  # the memory.* keys a proposal sets
+SIZE_KEYS = ("microbatch_generate", "microbatch_score", "microbatch_grad", "microbatch_jvp",
+             "logits_chunk")  # the memory.* keys a proposal sets
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -154,7 +156,8 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
 
     Returns a JSON-serialisable dict: "model", "lora", "inputs" (all sizes used, "available_bytes"), "phases"
     ({phase: {"peak_bytes", "components"}} for the configured sizes), "peak_bytes", "peak_phase", "fits",
-    "proposal" ({"fits", "microbatch_score", "microbatch_grad", "logits_chunk" (None when nothing fits),
+    "proposal" ({"fits", "microbatch_generate", "microbatch_score", "microbatch_grad", "microbatch_jvp",
+    "logits_chunk" (None when nothing fits),
     "peak_bytes", "phases"}), "notes" and "message" (for people).
     Raises PlanError when the budget, the margin, the model or max_new_tokens cannot be worked out.
     """
@@ -207,7 +210,7 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
     available = int(gpu_mem_bytes * (1.0 - margin) - reserve_bytes)
     m = cfg.memory
     configured = phase_peaks(shape, s, rows_score=m.microbatch_score, rows_grad=m.microbatch_grad,
-                             chunk=m.logits_chunk)
+                             rows_jvp=m.microbatch_jvp, chunk=m.logits_chunk)
     peak = max(p["peak_bytes"] for p in configured.values())
     worst = max(configured, key=lambda k: configured[k]["peak_bytes"])
     proposal = _propose(shape, s, available, m.logits_chunk)
@@ -223,7 +226,7 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
                    "dtype": cfg.precision.dtype, "prompt_tokens": s.prompt_tokens,
                    "max_new_tokens": s.max_new_tokens, "seq_len": s.seq_len, "G_E": s.group_e, "G_U": s.group_u,
                    "microbatch_score": m.microbatch_score, "microbatch_grad": m.microbatch_grad,
-                   "logits_chunk": m.logits_chunk, "grade": s.grade_top_k is not None},
+                   "microbatch_jvp": m.microbatch_jvp, "logits_chunk": m.logits_chunk, "grade": s.grade_top_k is not None},
         "phases": configured,
         "peak_bytes": peak,
         "peak_phase": worst,
@@ -270,7 +273,12 @@ def _round_up(n: int) -> int:
 
 def _propose(shape: ModelShape, s: Settings, available: int, chunk_configured: int) -> dict:
     """Largest microbatches (fewest passes per block of groups: at most a block's rows) and logits chunk for which
-    every phase fits."""
+    every phase fits. The decode block is the configured memory.microbatch_generate, halved until generation fits
+    (it sets the blocks every other pass spans)."""
+    from dataclasses import replace
+
+    while s.rows_generate > 1 and sample_peak(shape, s) > available:
+        s = replace(s, rows_generate=s.rows_generate // 2)
     r_max = max(block_rows(s.rows_generate, s.group_e), block_rows(s.rows_generate, s.group_u))
     chunks = []
     c = max(chunk_configured, MIN_LOGITS_CHUNK)
@@ -279,38 +287,44 @@ def _propose(shape: ModelShape, s: Settings, available: int, chunk_configured: i
         c //= 2
     best = None
     for chunk in chunks:
-        rows_grad = next((n for n in range(r_max, 0, -1)
-                          if _fits_phases(shape, s, rows_score=1, rows_grad=n, chunk=chunk, available=available,
-                                          names=(UPDATE_GRADIENT, DELTA_H1, EXPLAIN))), 0)
-        rows_score = next((n for n in range(r_max, 0, -1)
-                           if _fits_phases(shape, s, rows_score=n, rows_grad=1, chunk=chunk, available=available,
-                                           names=(SCORE_BASE, SWEEP))), 0)
-        if rows_grad == 0 or rows_score == 0:
+        def largest(kind: str, names: tuple[str, ...], chunk: int = chunk) -> int:
+            def fits(n: int) -> bool:
+                rows = {"rows_score": 1, "rows_grad": 1, "rows_jvp": 1, kind: n}
+                return _fits_phases(shape, s, **rows, chunk=chunk, available=available, names=names)
+            return next((n for n in range(r_max, 0, -1) if fits(n)), 0)
+
+        rows_grad = largest("rows_grad", (UPDATE_GRADIENT, DELTA_H1, EXPLAIN))
+        rows_jvp = largest("rows_jvp", (DELTA_H1, EXPLAIN))
+        rows_score = largest("rows_score", (SCORE_BASE, SWEEP))
+        if 0 in (rows_grad, rows_score, rows_jvp):
             continue
-        rows_grad, rows_score = _divisor_rows(rows_grad, r_max), _divisor_rows(rows_score, r_max)
-        key = (-math.ceil(r_max / rows_grad), -math.ceil(r_max / rows_score), chunk)
+        rows_grad, rows_score, rows_jvp = (_divisor_rows(n, r_max) for n in (rows_grad, rows_score, rows_jvp))
+        key = (-math.ceil(r_max / rows_grad), -math.ceil(r_max / rows_jvp), -math.ceil(r_max / rows_score), chunk)
         if best is None or key > best[0]:
-            best = (key, rows_score, rows_grad, chunk)
+            best = (key, rows_score, rows_grad, rows_jvp, chunk)
     if best is None:
-        smallest = phase_peaks(shape, s, rows_score=1, rows_grad=1, chunk=MIN_LOGITS_CHUNK)
-        return {"fits": False, "microbatch_score": None, "microbatch_grad": None, "logits_chunk": None,
+        smallest = phase_peaks(shape, s, rows_score=1, rows_grad=1, rows_jvp=1, chunk=MIN_LOGITS_CHUNK)
+        return {"fits": False, "microbatch_generate": None, "microbatch_score": None, "microbatch_grad": None,
+                "microbatch_jvp": None, "logits_chunk": None,
                 "peak_bytes": max(p["peak_bytes"] for p in smallest.values()),
                 "phases": {k: v["peak_bytes"] for k, v in smallest.items()}}
-    _, rows_score, rows_grad, chunk = best
-    phases = phase_peaks(shape, s, rows_score=rows_score, rows_grad=rows_grad, chunk=chunk)
+    _, rows_score, rows_grad, rows_jvp, chunk = best
+    phases = phase_peaks(shape, s, rows_score=rows_score, rows_grad=rows_grad, rows_jvp=rows_jvp, chunk=chunk)
     peak = max(p["peak_bytes"] for p in phases.values())
-    return {"fits": peak <= available, "microbatch_score": rows_score, "microbatch_grad": rows_grad,
+    return {"fits": peak <= available, "microbatch_generate": s.rows_generate, "microbatch_score": rows_score,
+            "microbatch_grad": rows_grad, "microbatch_jvp": rows_jvp,
             "logits_chunk": chunk, "peak_bytes": peak, "phases": {k: v["peak_bytes"] for k, v in phases.items()}}
 
 
-def _fits_phases(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: int, chunk: int, available: int,
-                 names: tuple[str, ...]) -> bool:
-    peaks = phase_peaks(shape, s, rows_score=rows_score, rows_grad=rows_grad, chunk=chunk)
+def _fits_phases(shape: ModelShape, s: Settings, *, rows_score: int, rows_grad: int, rows_jvp: int, chunk: int,
+                 available: int, names: tuple[str, ...]) -> bool:
+    peaks = phase_peaks(shape, s, rows_score=rows_score, rows_grad=rows_grad, rows_jvp=rows_jvp, chunk=chunk)
     return all(peaks[k]["peak_bytes"] <= available for k in names) and peaks[SAMPLE]["peak_bytes"] <= available
 
 
 def proposed_sizes(plan: dict | None) -> dict[str, int] | None:
-    """The memory.* sizes a plan proposes — {"microbatch_score", "microbatch_grad", "logits_chunk"} — or None
+    """The memory.* sizes a plan proposes — {"microbatch_generate", "microbatch_score", "microbatch_grad",
+    "microbatch_jvp", "logits_chunk"} — or None
     when there is no plan or nothing fits (then keep the configured sizes)."""
     if not plan or not plan["proposal"]["fits"]:
         return None
@@ -332,7 +346,8 @@ def _message(plan: dict) -> str:
         head = (f"does not fit with the configured microbatches: peak {_gib(plan['peak_bytes'])} in "
                 f"{plan['peak_phase']} > {avail}.")
     if prop["fits"]:
-        tail = (f" Largest sizes that fit: memory.microbatch_score={prop['microbatch_score']} "
+        tail = (f" Largest sizes that fit: memory.microbatch_generate={prop['microbatch_generate']} "
+                f"memory.microbatch_score={prop['microbatch_score']} memory.microbatch_jvp={prop['microbatch_jvp']} "
                 f"memory.microbatch_grad={prop['microbatch_grad']} memory.logits_chunk={prop['logits_chunk']} "
                 f"(peak {_gib(prop['peak_bytes'])}).")
     else:
@@ -358,7 +373,8 @@ def format_plan(plan: dict) -> str:
         f"{mdl['adapter_params']:,} trainable (LoRA r={plan['lora']['r']} on {', '.join(mdl['targets_found'])})",
         f"{inp['strategy']} × {inp['world_size']} GPUs, {inp['dtype']}, sequences {inp['prompt_tokens']} + "
         f"{inp['max_new_tokens']} tokens, G_E={inp['G_E']} G_U={inp['G_U']}, microbatch_score="
-        f"{inp['microbatch_score']} microbatch_grad={inp['microbatch_grad']} logits_chunk={inp['logits_chunk']}",
+        f"{inp['microbatch_score']} microbatch_grad={inp['microbatch_grad']} microbatch_jvp={inp['microbatch_jvp']} "
+        f"logits_chunk={inp['logits_chunk']}",
         "",
         f"{'phase':<16} {'peak/GPU':>12}   largest components",
     ]
@@ -398,8 +414,9 @@ def auto_microbatch_plan(cfg, model, world_size: int, device: torch.device, *, t
                        prompt_tokens=prompt_tokens, adapter_params=trainable)
     prop = plan["proposal"]
     if prop["fits"]:
-        log.info("auto_microbatch: microbatch_score=%d microbatch_grad=%d logits_chunk=%d (planned peak %s)",
-                 prop["microbatch_score"], prop["microbatch_grad"], prop["logits_chunk"], _gib(prop["peak_bytes"]))
+        log.info("auto_microbatch: microbatch_generate=%d microbatch_score=%d microbatch_grad=%d microbatch_jvp=%d "
+                 "logits_chunk=%d (planned peak %s)", prop["microbatch_generate"], prop["microbatch_score"],
+                 prop["microbatch_grad"], prop["microbatch_jvp"], prop["logits_chunk"], _gib(prop["peak_bytes"]))
     else:
         log.warning("auto_microbatch: %s", plan["message"])
     return plan

@@ -94,7 +94,7 @@ PATH_KEYS = {1: ("q", "b"), 2: ("q", "b", "dS", "ddS", "dh", "ddh")}
 def path_rows(rt, runner: PolicyRunner, batch_e: RolloutBatch, *, base: BaseEntropy, u: list[torch.Tensor],
               est: EstimatorsConfig, order: int) -> list[dict[str, torch.Tensor]]:
     """Per sequence of each of this rank's E groups (batch_e.groups' order), the derivatives along u that δH₁ and
-    the explanation are sums of, from one forward-mode pass per microbatch of a block's rows (`runner.sizes.grad`):
+    the explanation are sums of, from one forward-mode pass per microbatch of a block's rows (`runner.sizes.jvp`):
 
         q    the sequence's ∇surrogate₁·u (its contribution c_i to δH₁/η; Σ_i q_i = ∇Ĥ·u before the b term)
         b    its ∇surrogate₂·u
@@ -113,7 +113,7 @@ def path_rows(rt, runner: PolicyRunner, batch_e: RolloutBatch, *, base: BaseEntr
     def step(_bi: int, block, state: list) -> None:
         parts = [{k: torch.zeros(g.size, dtype=torch.float64) for k in keys} for g in block]
         weights = [g.v for g in block]
-        for mb in block_microbatches(block, runner.sizes.grad):
+        for mb in block_microbatches(block, runner.sizes.jvp):
             td = token_derivatives(policy, names, runner.trainable, mb, u, device=runner.device,
                                    temperature=runner.temperature, order=order)
             rb = est.payload == "rb"
@@ -132,7 +132,7 @@ def path_rows(rt, runner: PolicyRunner, batch_e: RolloutBatch, *, base: BaseEntr
         state.extend(parts)
 
     with eager_attention(policy):
-        return runner.run_groups(rt, "grad", batch_e.blocks(), start=list, step=step)
+        return runner.run_groups(rt, "jvp", batch_e.blocks(), start=list, step=step)
 
 
 def _forward_mode(rt, runner: PolicyRunner, batch_e: RolloutBatch, scores_e: list[SequenceScores], *,

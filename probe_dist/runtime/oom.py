@@ -20,14 +20,16 @@ S = TypeVar("S")
 
 @dataclass
 class MicrobatchSizes:
-    """Rows per no-grad scoring forward and per forward+backward, as actually used (halved on OOM)."""
+    """Rows per no-grad scoring forward, per forward+backward and per forward-mode (jvp) pass, as actually used
+    (halved on OOM)."""
 
     score: int
     grad: int
+    jvp: int
 
     def as_dict(self) -> dict[str, int]:
-        """{"score": rows, "grad": rows}, as provenance/microbatch records them."""
-        return {"score": self.score, "grad": self.grad}
+        """{"score": rows, "grad": rows, "jvp": rows}, as provenance/microbatch records them."""
+        return {"score": self.score, "grad": self.grad, "jvp": self.jvp}
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -43,7 +45,7 @@ def run_groups(rt, sizes: MicrobatchSizes, kind: str, groups: Sequence[G], *, st
 
     After every group all ranks meet at one safe point — one all-reduce of (stop requested, out of memory) — so a
     stop signal ends the phase on every rank within one group of work (raises StopRequested everywhere), and an
-    out-of-memory error on any rank makes all ranks halve `sizes.<kind>` ("score" or "grad") and restart the phase
+    out-of-memory error on any rank makes all ranks halve `sizes.<kind>` ("score", "grad" or "jvp") and restart the phase
     (memory.auto_microbatch). Every rank holds the same number of groups (lockstep padding), so the safe points
     line up. Steps must not communicate. Sums are float64 and each microbatch is group-local, so a rerun with a
     smaller size gives exactly what a run at that size from the start gives. `on_oom` cleans up (gradients).
