@@ -257,3 +257,27 @@ def test_no_grad_chunk_loop_through_reused_buffers_equals_a_fresh_tensor_per_chu
                 assert not chunked._reusable_buffers(head, chunked.IDENTITY, hidden)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_first_order_head_equals_forward_mode_through_the_head(monkeypatch):
+    """`first_order_head` (ℓ, H and their tangents in closed form through reused buffers and row blocks) against
+    torch.func.jvp through head(h) and the autograd formulas of `logp_entropy_from_logits`, in float64 with a bias,
+    τ ≠ 1, a ragged last chunk and row blocks smaller than a chunk."""
+    from torch.func import jvp
+
+    from probe_dist.scoring import chunked
+
+    monkeypatch.setattr(chunked, "ROW_BLOCK_BYTES", 3 * 37 * 8)  # 3 rows per block
+    gen = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(16, 37, dtype=torch.float64).requires_grad_(False)
+    hidden = torch.randn(23, 16, generator=gen, dtype=torch.float64) * 3
+    d_hidden = torch.randn(23, 16, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 37, (23,), generator=gen)
+    with torch.enable_grad():
+        (logp, ent), (d_logp, d_ent) = jvp(lambda h: logp_entropy_from_logits(head(h), targets, 0.7),
+                                           (hidden.requires_grad_(True),), (d_hidden,))
+    got = chunked.first_order_head(head, hidden.detach(), d_hidden, targets, temperature=0.7, chunk=10)
+    for value, want in zip(got, (logp, ent, d_logp, d_ent)):
+        # tol: fp float64 sums over V = 37 terms in two orders (each ≤ 37·u·Σ|term| ≈ 1e-13 here); a wrong
+        # term — a missing 1/τ, an uncentred product, a wrong target row — moves a value by ≥ 1e-2
+        torch.testing.assert_close(value, want.detach(), rtol=0, atol=1e-10)

@@ -22,7 +22,12 @@ from torch.func import jvp
 
 from probe_dist.model.policy import PolicyModel, unwrap_causal_lm
 from probe_dist.rollout.batch import Microbatch
-from probe_dist.scoring.chunked import analytic_first_order, functorch_wrapped, second_order_logp_entropy
+from probe_dist.scoring.chunked import (
+    analytic_first_order,
+    first_order_head,
+    functorch_wrapped,
+    second_order_logp_entropy,
+)
 
 
 class ForwardModeUnavailable(RuntimeError):
@@ -262,17 +267,26 @@ def token_derivatives(policy: PolicyModel, names: list[str], trainable: list[tup
 
     trainable_ids = {id(p) for _, p in trainable}
     frozen_head = not any(id(p) in trainable_ids for p in policy.head.parameters())
+    def body(*values):  # the scored hidden states (the body's output at the response positions)
+        return swapped(lambda: policy.scored_hidden(*args[:4])[0], values)
+
+    plain_head = (frozen_head and isinstance(policy.head, torch.nn.Linear) and policy.logit_transform.is_identity
+                  and policy.head.weight.dtype in (torch.float32, torch.float64))
     try:
-        if order == 1:  # the fused kernels' first-order rules hold; ℓ/H's tangents in closed form
+        if order == 1 and plain_head:  # the body by forward mode, the head and softmax in closed form
+            with torch.no_grad(), analytic_first_order(), frozen_linear_rule():
+                h, d_h = jvp(body, primals, tangents)
+                targets = policy.scored_targets(args[0], args[2], args[3])
+                logp, ent, d_logp, d_ent = first_order_head(policy.head, h, d_h.to(h.dtype), targets,
+                                                            temperature=temperature, chunk=policy.logits_chunk)
+            dd_logp = dd_ent = None
+        elif order == 1:  # the fused kernels' first-order rules hold; ℓ/H's tangents in closed form
             with torch.no_grad(), analytic_first_order(), frozen_linear_rule():
                 (logp, ent), (d_logp, d_ent) = first(*primals)
             dd_logp = dd_ent = None
         elif frozen_head:  # the body by nested jvp; the head and the softmax in closed form
-            def hidden(*values):
-                return swapped(lambda: policy.scored_hidden(*args[:4])[0], values)
-
             def first_hidden(*values):
-                return jvp(hidden, values, tangents)
+                return jvp(body, values, tangents)
 
             with torch.no_grad(), composite_kernels():
                 (h, d_h), (_, dd_h) = jvp(first_hidden, primals, tangents)

@@ -292,6 +292,50 @@ def _no_grad_chunks(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.
     return logps, ents
 
 
+def first_order_head(head: torch.nn.Linear, hidden: torch.Tensor, d_hidden: torch.Tensor, targets: torch.Tensor, *,
+                     temperature: float, chunk: int) -> tuple[torch.Tensor, ...]:
+    """(ℓ, H, ℓ̇, Ḣ) [M] through a frozen plain linear head from the scored hidden states h [M, d] and their tangent
+    ḣ [M, d] (float32 or float64, the head's dtype), targets [M] long; nats, and nats per unit of the tangent.
+
+    The closed forms of `_LogpEntropy.jvp` with x = hWᵀ + b, ẋ = ḣWᵀ and z = x/τ, p = softmax(z):
+    ℓ̇ = (ẋ_y − Σ_v p_v ẋ_v)/τ and Ḣ = −Σ_v p_v (z_v − Σ_u p_u z_u) ẋ_v/τ (centred first, as there), computed
+    `chunk` rows of logits at a time through reused buffers, the passes over them in ~1 MiB row blocks on CPU (as
+    `_no_grad_chunks`): what forward-mode AD through the head computes, without its [M, V] temporaries (the
+    tangent's division by τ, the centred copy) streaming through memory. Values agree with it to float rounding.
+    Raises RuntimeError when M is 0."""
+    rows = hidden.shape[0]
+    if rows == 0:
+        raise RuntimeError("first_order_head: no scored positions (M = 0)")
+    weight, bias = head.weight, head.bias
+    vocab, kw = weight.shape[0], {"dtype": hidden.dtype, "device": hidden.device}
+    x_buf, dx_buf = torch.empty(min(chunk, rows), vocab, **kw), torch.empty(min(chunk, rows), vocab, **kw)
+    sub = max(1, min(chunk, rows, ROW_BLOCK_BYTES // (vocab * hidden.element_size()))) if hidden.device.type == "cpu" \
+        else min(chunk, rows)
+    exp_buf, scratch = torch.empty(sub, vocab, **kw), torch.empty(min(sub, 32), vocab, **kw)
+    out = [torch.empty(rows, **kw) for _ in range(4)]
+    for start in range(0, rows, chunk):
+        m = min(chunk, rows - start)
+        x, dx = x_buf[:m], dx_buf[:m]
+        if bias is None:
+            torch.mm(hidden[start:start + m], weight.t(), out=x)
+        else:
+            torch.addmm(bias, hidden[start:start + m], weight.t(), out=x)
+        torch.mm(d_hidden[start:start + m], weight.t(), out=dx)
+        for first in range(0, m, sub):
+            k = min(sub, m - first)
+            at = slice(start + first, start + first + k)
+            y = targets[at].unsqueeze(-1)
+            logp, ent, e, z, s, mean_z = _logp_entropy_parts(x[first:first + k], targets[at], temperature,
+                                                             overwrite=True, exp_out=exp_buf[:k], scratch=scratch)
+            dxb = dx[first:first + k]
+            mean_dx = _row_dot(e, dxb, scratch=scratch) / s
+            c = z.sub_(mean_z.unsqueeze(-1)).mul_(e)  # e·(z − Σpz): z is not needed again
+            out[0][at], out[1][at] = logp, ent
+            out[2][at] = (dxb.gather(-1, y).squeeze(-1) - mean_dx) / temperature
+            out[3][at] = -_row_dot(c, dxb, scratch=scratch) / s / temperature
+    return tuple(out)
+
+
 def _closed_form_head(head: torch.nn.Module, transform: LogitTransform, hidden: torch.Tensor) -> bool:
     """Whether a pass with grad can take `_FrozenHeadLogpEntropy`: a frozen plain linear head, no logit transform,
     no autocast (TRL's rounding is `_project`'s), hidden a tensor autograd tracks (not a torch.func transform's)."""
