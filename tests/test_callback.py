@@ -125,7 +125,8 @@ def test_online_delta_h1_equals_the_offline_probe_on_the_saved_state(runs, toy_c
                              "sampling.G_E=4", "sampling.B_U=2", f"sampling.seed={SAVED}", f"estimators.etas=[{eta!r}]",
                              "sampling.reward=probe_dist.callback:no_reward", "estimators.explain=false",
                              # the callback's passes: all of E's 6 × 4 rows at once (the same GEMM shapes)
-                             "memory.microbatch_score=24", "memory.microbatch_grad=24"])
+                             "memory.microbatch_score=24", "memory.microbatch_grad=24",
+                             "memory.microbatch_jvp=24"])
     probe = build_probe(cfg, Runtime())
     grad_by_name = load_file(str(saved / "grad.safetensors"))
     grad = [grad_by_name[name].double() for name, _ in probe.trainable]

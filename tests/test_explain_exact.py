@@ -66,7 +66,7 @@ def fixed_set(toy_checkpoint, tmp_path_factory):
     prompts = write_prompts(tmp_path_factory.mktemp("fixed") / "prompts.jsonl", PAIRS)
     probe = make_probe(toy_checkpoint, [f"sampling.prompts={prompts}", "sampling.max_new_tokens=2",
                                         f"sampling.B_E={len(PAIRS)}", f"sampling.G_E={G_E}",
-                                        "estimators.se=fixed_prompts", f"memory.microbatch_grad={G_E}",
+                                        "estimators.se=fixed_prompts", f"memory.microbatch_grad={G_E}", f"memory.microbatch_jvp={G_E}",
                                         f"memory.microbatch_score={G_E}"])
     probe.model.eval()
     tok = probe.tokenizer

@@ -163,7 +163,7 @@ def _measure(probe, batch: RolloutBatch, libc) -> dict:
 
 def test_update_and_delta_h1_memory_flat_in_batch_size(memory_probe):
     probe, libc = memory_probe
-    probe.runner.sizes.grad = 2
+    probe.runner.sizes.grad = probe.runner.sizes.jvp = 2
     small = _measure(probe, _batch(8, 2, seed=1), libc)
     large = _measure(probe, _batch(64, 2, seed=2), libc)
     graph = small["update"]["saved"]  # one microbatch's graph (bytes)
@@ -190,11 +190,11 @@ def test_update_and_delta_h1_memory_flat_in_batch_size(memory_probe):
 def test_update_and_delta_h1_memory_grows_with_microbatch(memory_probe):
     probe, libc = memory_probe
     batch = _batch(4, 8, seed=3)
-    probe.runner.sizes.grad = 2
+    probe.runner.sizes.grad = probe.runner.sizes.jvp = 2  # the update's microbatch, and δH₁'s forward-mode one
     rows2 = _measure(probe, batch, libc)
-    probe.runner.sizes.grad = 8
+    probe.runner.sizes.grad = probe.runner.sizes.jvp = 8
     rows8 = _measure(probe, batch, libc)
-    probe.runner.sizes.grad = probe.cfg.memory.microbatch_grad
+    probe.runner.sizes.grad, probe.runner.sizes.jvp = probe.cfg.memory.microbatch_grad, probe.cfg.memory.microbatch_jvp
     assert rows2["delta_h1"]["saved"] == rows8["delta_h1"]["saved"] == 0  # forward mode keeps no graph
     extra_graph = rows8["update"]["saved"] - rows2["update"]["saved"]
     # tol: bound a graph is its rows' activations plus a few row-independent tensors (rotary tables: ~1 % of a

@@ -252,7 +252,8 @@ def test_delta_h1_forward_and_reverse_mode_agree(toy_checkpoint, float64_through
     from probe_dist.prediction.delta_h1 import _forward_mode, _reverse_mode, entropy_gradient
     from probe_dist.update.step import update_parts
 
-    overrides = SMALL + ["precision.dtype=float64", "memory.microbatch_generate=8", "memory.microbatch_grad=3"]
+    overrides = SMALL + ["precision.dtype=float64", "memory.microbatch_generate=8", "memory.microbatch_grad=3",
+                         "memory.microbatch_jvp=3"]
     probe, twin = make_probe(toy_checkpoint, overrides), _float32_twin(toy_checkpoint, overrides)
     probe.model.eval()
     cfg, rt, runner = probe.cfg, probe.rt, probe.runner
