@@ -20,7 +20,13 @@ from probe_dist.rollout.batch import (
 )
 from probe_dist.rollout.generate import response_seed, sample_rows
 from probe_dist.runtime import progress
-from probe_dist.runtime.sharding import block_ranges, groups_per_block, max_groups_per_rank, shard_groups
+from probe_dist.runtime.sharding import (
+    block_ranges,
+    groups_per_block,
+    idle_rank_note,
+    max_groups_per_rank,
+    shard_groups,
+)
 
 log = logging.getLogger("probe_dist")
 
@@ -156,6 +162,10 @@ def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig,
     per_block = groups_per_block(rows_per_chunk, group_size, num_prompts)
     groups: list[Group] = []
     mine = rank_blocks(num_prompts, per_block, rt.world_size, rt.rank)
+    note = idle_rank_note(name, num_prompts, len(block_ranges(num_prompts, per_block)), rt.world_size,
+                          per_block * group_size)
+    if note and rt.is_main:
+        log.warning(note)
     progress.expect(sum(len(block) for block, _ in mine) * group_size)
     for block, weights in mine:
         new = sample_block(decoder, tokenizer, [chosen[p][1] for p in block], block, seed=sampling.seed,

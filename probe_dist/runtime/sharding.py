@@ -36,3 +36,19 @@ def block_ranges(num_groups: int, per_block: int) -> list[range]:
     """The fixed blocks of consecutive group indices [0, num_groups), `per_block` each (the last may be shorter):
     a function of the global order and the block size only, never of the world size."""
     return [range(start, min(start + per_block, num_groups)) for start in range(0, num_groups, per_block)]
+
+
+def idle_rank_note(name: str, num_groups: int, num_blocks: int, world_size: int, rows_per_block: int) -> str | None:
+    """What to tell a user whose batch `name` (num_groups prompt groups cut into num_blocks blocks of about
+    rows_per_block rows) has fewer blocks than ranks — some ranks then decode and score only zero-weight copies:
+    correct, but no faster than one rank — or None. Blocks are fixed by the batch and memory.microbatch_generate
+    alone (never by the world size, so results agree across world sizes); a smaller block spreads the work."""
+    if world_size <= 1 or num_blocks >= world_size:
+        return None
+    idle = f"{world_size - num_blocks} rank(s) run only zero-weight copies (results are unchanged, the time is that of one rank)"
+    if num_groups < world_size:
+        return (f"batch {name} has {num_groups} prompt group(s) for {world_size} ranks: {idle}; give it at least "
+                f"{world_size} prompts or run fewer ranks")
+    fit = max(1, rows_per_block * num_blocks // world_size)
+    return (f"batch {name} makes {num_blocks} block(s) of about {rows_per_block} rows for {world_size} ranks: {idle}; "
+            f"memory.microbatch_generate={fit} or less gives every rank a block")
