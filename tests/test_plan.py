@@ -206,6 +206,10 @@ def test_too_small_a_budget_does_not_fit_and_says_why():
     # tol: exact a shard is ⌈bytes/8⌉: 8 shards hold the whole weights plus < 8 bytes of rounding up
     excess = sharded["phases"]["sample"]["components"]["weights"] * 8 - plan["phases"]["sample"]["components"]["weights"]
     assert 0 <= excess < 8, excess
+    # already sharded and still too big: fsdp2 is not offered again
+    tiny = plan_memory(_cfg("distributed.strategy=fsdp2"), 2 * GiB, "qwen2.5-1.5b", world_size=8)
+    assert not tiny["proposal"]["fits"] and "bfloat16" in tiny["message"]
+    assert "distributed.strategy=fsdp2" not in tiny["message"]
 
 
 def test_plan_reads_a_checkpoint(tmp_path):

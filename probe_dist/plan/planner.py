@@ -225,8 +225,8 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
                    "available_bytes": available, "world_size": s.world_size, "strategy": strategy,
                    "dtype": cfg.precision.dtype, "prompt_tokens": s.prompt_tokens,
                    "max_new_tokens": s.max_new_tokens, "seq_len": s.seq_len, "G_E": s.group_e, "G_U": s.group_u,
-                   "microbatch_score": m.microbatch_score, "microbatch_grad": m.microbatch_grad,
-                   "microbatch_jvp": m.microbatch_jvp, "logits_chunk": m.logits_chunk, "grade": s.grade_top_k is not None},
+                   "microbatch_generate": m.microbatch_generate, "microbatch_score": m.microbatch_score,
+                   "microbatch_grad": m.microbatch_grad, "microbatch_jvp": m.microbatch_jvp, "logits_chunk": m.logits_chunk, "grade": s.grade_top_k is not None},
         "phases": configured,
         "peak_bytes": peak,
         "peak_phase": worst,
@@ -357,7 +357,8 @@ def _message(plan: dict) -> str:
                 f"{_gib(prop['peak_bytes'])} (static part: "
                 + ", ".join(f"{k} {_gib(v)}" for k, v in static.items())
                 + "). Options: "
-                + ("" if inp.get("grade") else "distributed.strategy=fsdp2 (shards the base weights over the GPUs), ")
+                + ("" if inp.get("grade") or inp["strategy"] == "fsdp2"
+                   else "distributed.strategy=fsdp2 (shards the base weights over the GPUs), ")
                 + "precision.dtype=bfloat16 (halves weights and activations, but bf16 quantises the tiny-η "
                   "log-prob changes the probe measures), a shorter sampling.max_new_tokens or smaller G, "
                   "or a GPU with more memory.")
@@ -372,7 +373,8 @@ def format_plan(plan: dict) -> str:
         f"model {mdl['name']} ({mdl['model_type']}): {mdl['base_params']:,} base parameters, "
         f"{mdl['adapter_params']:,} trainable (LoRA r={plan['lora']['r']} on {', '.join(mdl['targets_found'])})",
         f"{inp['strategy']} × {inp['world_size']} GPUs, {inp['dtype']}, sequences {inp['prompt_tokens']} + "
-        f"{inp['max_new_tokens']} tokens, G_E={inp['G_E']} G_U={inp['G_U']}, microbatch_score="
+        f"{inp['max_new_tokens']} tokens, G_E={inp['G_E']} G_U={inp['G_U']}, microbatch_generate="
+        f"{inp['microbatch_generate']} microbatch_score="
         f"{inp['microbatch_score']} microbatch_grad={inp['microbatch_grad']} microbatch_jvp={inp['microbatch_jvp']} "
         f"logits_chunk={inp['logits_chunk']}",
         "",

@@ -162,8 +162,7 @@ def sample_batch(rt, decoder, tokenizer, name: str, *, sampling: SamplingConfig,
     per_block = groups_per_block(rows_per_chunk, group_size, num_prompts)
     groups: list[Group] = []
     mine = rank_blocks(num_prompts, per_block, rt.world_size, rt.rank)
-    note = idle_rank_note(name, num_prompts, len(block_ranges(num_prompts, per_block)), rt.world_size,
-                          per_block * group_size)
+    note = idle_rank_note(name, num_prompts, group_size, rows_per_chunk, rt.world_size)
     if note and rt.is_main:
         log.warning(note)
     progress.expect(sum(len(block) for block, _ in mine) * group_size)

@@ -38,17 +38,21 @@ def block_ranges(num_groups: int, per_block: int) -> list[range]:
     return [range(start, min(start + per_block, num_groups)) for start in range(0, num_groups, per_block)]
 
 
-def idle_rank_note(name: str, num_groups: int, num_blocks: int, world_size: int, rows_per_block: int) -> str | None:
-    """What to tell a user whose batch `name` (num_groups prompt groups cut into num_blocks blocks of about
-    rows_per_block rows) has fewer blocks than ranks — some ranks then decode and score only zero-weight copies:
-    correct, but no faster than one rank — or None. Blocks are fixed by the batch and memory.microbatch_generate
-    alone (never by the world size, so results agree across world sizes); a smaller block spreads the work."""
-    if world_size <= 1 or num_blocks >= world_size:
+def idle_rank_note(name: str, num_groups: int, group_size: int, rows_generate: int, world_size: int) -> str | None:
+    """What to tell a user whose batch `name` (num_groups prompt groups of group_size rows, cut into blocks by
+    memory.microbatch_generate = rows_generate) has fewer blocks than ranks — some ranks then decode and score only
+    zero-weight copies: correct, but idle — or None. Blocks are fixed by the batch and microbatch_generate alone
+    (never by the world size, so results agree across world sizes); the note names the largest
+    microbatch_generate that gives every rank a block, found by cutting the blocks as `sample_batch` does."""
+    def blocks(rows: int) -> int:
+        return len(block_ranges(num_groups, groups_per_block(rows, group_size, num_groups)))
+
+    have = blocks(rows_generate)
+    if world_size <= 1 or have >= world_size:
         return None
-    idle = f"{world_size - num_blocks} rank(s) run only zero-weight copies (results are unchanged, the time is that of one rank)"
-    if num_groups < world_size:
-        return (f"batch {name} has {num_groups} prompt group(s) for {world_size} ranks: {idle}; give it at least "
-                f"{world_size} prompts or run fewer ranks")
-    fit = max(1, rows_per_block * num_blocks // world_size)
-    return (f"batch {name} makes {num_blocks} block(s) of about {rows_per_block} rows for {world_size} ranks: {idle}; "
-            f"memory.microbatch_generate={fit} or less gives every rank a block")
+    idle = (f"batch {name} makes {have} block(s) for {world_size} ranks: {world_size - have} rank(s) decode and "
+            "score only zero-weight copies (results are unchanged; those ranks add no speed)")
+    fit = next((r for r in range(rows_generate - 1, 0, -1) if blocks(r) >= world_size), None)
+    if fit is None:
+        return f"{idle}; it has {num_groups} prompt group(s): give it at least {world_size} prompts or run fewer ranks"
+    return f"{idle}; memory.microbatch_generate={fit} gives every rank a block"
