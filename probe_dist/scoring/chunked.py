@@ -259,6 +259,22 @@ def _reusable_buffers(head: torch.nn.Module, transform: LogitTransform, hidden: 
             and not torch.is_autocast_enabled(hidden.device.type))
 
 
+def _linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight, bias) written into `out` (the same mm/addmm kernel F.linear runs for a 2-D input)."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _row_blocks(hidden: torch.Tensor, vocab: int, rows: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(rows per elementwise block, its e = exp(z) buffer [sub, V], `_row_dot`'s scratch) for a chunk loop over
+    `rows` rows of logits: on CPU ~1 MiB of rows (the passes stay in cache, where a chunk's [chunk, V] would stream
+    from memory once per pass; the product stays one GEMM per chunk), elsewhere the whole chunk."""
+    sub = max(1, min(rows, ROW_BLOCK_BYTES // (vocab * hidden.element_size()))) if hidden.device.type == "cpu" else rows
+    kw = {"dtype": hidden.dtype, "device": hidden.device}
+    return sub, torch.empty(sub, vocab, **kw), torch.empty(min(sub, 32), vocab, **kw)
+
+
 def _no_grad_chunks(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
                     chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The no-grad chunk loop of `chunked_logp_entropy` through two [chunk, V] buffers allocated once per call: the
@@ -271,19 +287,11 @@ def _no_grad_chunks(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.
     weight, bias = head.weight, head.bias
     vocab, kw = weight.shape[0], {"dtype": hidden.dtype, "device": hidden.device}
     logits_buf = torch.empty(min(chunk, rows), vocab, **kw)
-    # The passes over the logits run `sub` rows at a time (~1 MiB on CPU: they stay in cache, where a chunk's
-    # [chunk, V] would stream from memory once per pass); the product stays one GEMM per chunk.
-    sub = max(1, min(chunk, rows, ROW_BLOCK_BYTES // (vocab * hidden.element_size()))) if hidden.device.type == "cpu" \
-        else min(chunk, rows)
-    exp_buf, scratch = torch.empty(sub, vocab, **kw), torch.empty(min(sub, 32), vocab, **kw)
+    sub, exp_buf, scratch = _row_blocks(hidden, vocab, min(chunk, rows))
     logps, ents = torch.empty(rows, **kw), torch.empty(rows, **kw)
     for start in range(0, rows, chunk):
         m = min(chunk, rows - start)
-        x = logits_buf[:m]
-        if bias is None:
-            torch.mm(hidden[start:start + m], weight.t(), out=x)
-        else:
-            torch.addmm(bias, hidden[start:start + m], weight.t(), out=x)
+        x = _linear_into(hidden[start:start + m], weight, bias, logits_buf[:m])
         for first in range(0, m, sub):
             k = min(sub, m - first)
             at = slice(start + first, start + first + k)
@@ -309,17 +317,12 @@ def first_order_head(head: torch.nn.Linear, hidden: torch.Tensor, d_hidden: torc
     weight, bias = head.weight, head.bias
     vocab, kw = weight.shape[0], {"dtype": hidden.dtype, "device": hidden.device}
     x_buf, dx_buf = torch.empty(min(chunk, rows), vocab, **kw), torch.empty(min(chunk, rows), vocab, **kw)
-    sub = max(1, min(chunk, rows, ROW_BLOCK_BYTES // (vocab * hidden.element_size()))) if hidden.device.type == "cpu" \
-        else min(chunk, rows)
-    exp_buf, scratch = torch.empty(sub, vocab, **kw), torch.empty(min(sub, 32), vocab, **kw)
+    sub, exp_buf, scratch = _row_blocks(hidden, vocab, min(chunk, rows))
     out = [torch.empty(rows, **kw) for _ in range(4)]
     for start in range(0, rows, chunk):
         m = min(chunk, rows - start)
         x, dx = x_buf[:m], dx_buf[:m]
-        if bias is None:
-            torch.mm(hidden[start:start + m], weight.t(), out=x)
-        else:
-            torch.addmm(bias, hidden[start:start + m], weight.t(), out=x)
+        _linear_into(hidden[start:start + m], weight, bias, x)
         torch.mm(d_hidden[start:start + m], weight.t(), out=dx)
         for first in range(0, m, sub):
             k = min(sub, m - first)
