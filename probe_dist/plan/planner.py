@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -86,8 +87,6 @@ def _checkpoint(cfg, *, model_given: bool, notes: list[str]) -> CheckpointPaths 
 def _with_recipe_sizes(cfg, recorded: dict):
     """cfg with the memory-relevant settings (response cap, U's group size, KL term) taken from the recorded recipe
     where the config leaves them to it, as `probe_dist.resolve` resolves them at run time."""
-    from dataclasses import replace
-
     from probe_dist.config import explicit_keys
     from probe_dist.state.recipe import recorded_value
 
@@ -226,7 +225,8 @@ def plan_memory(cfg, gpu_mem_bytes: int | None = None, model_config=None, *, lor
                    "dtype": cfg.precision.dtype, "prompt_tokens": s.prompt_tokens,
                    "max_new_tokens": s.max_new_tokens, "seq_len": s.seq_len, "G_E": s.group_e, "G_U": s.group_u,
                    "microbatch_generate": m.microbatch_generate, "microbatch_score": m.microbatch_score,
-                   "microbatch_grad": m.microbatch_grad, "microbatch_jvp": m.microbatch_jvp, "logits_chunk": m.logits_chunk, "grade": s.grade_top_k is not None},
+                   "microbatch_grad": m.microbatch_grad, "microbatch_jvp": m.microbatch_jvp,
+                   "logits_chunk": m.logits_chunk, "grade": s.grade_top_k is not None},
         "phases": configured,
         "peak_bytes": peak,
         "peak_phase": worst,
@@ -275,8 +275,6 @@ def _propose(shape: ModelShape, s: Settings, available: int, chunk_configured: i
     """Largest microbatches (fewest passes per block of groups: at most a block's rows) and logits chunk for which
     every phase fits. The decode block is the configured memory.microbatch_generate, halved until generation fits
     (it sets the blocks every other pass spans)."""
-    from dataclasses import replace
-
     while s.rows_generate > 1 and sample_peak(shape, s) > available:
         s = replace(s, rows_generate=s.rows_generate // 2)
     r_max = max(block_rows(s.rows_generate, s.group_e), block_rows(s.rows_generate, s.group_u))
