@@ -340,3 +340,36 @@ def test_update_gradient_over_block_microbatches_equals_group_by_group(toy_check
     # tol: fp |‖a‖ − ‖b‖| ≤ ‖a − b‖ (the bound above), plus the float64 norm's own rounding over its N squares
     n_terms = sum(x.numel() for x in direct)
     assert abs(norm_before - den) <= tol + fp_bound(torch.float64, n_terms, den)
+
+
+def test_forward_mode_passes_take_the_jvp_microbatch_and_the_gradient_passes_the_grad_one(toy_checkpoint):
+    """memory.microbatch_jvp sizes δH₁'s forward-mode pass and memory.microbatch_grad the update's forward + backward:
+    set apart (jvp 8, grad 2), every decoder call of the δH₁ pass has more than 2 rows and ≤ 8, and every call of
+    the gradient pass ≤ 2 (a pass reading the other size fails one side); provenance records both."""
+    from probe_dist.model.policy import unwrap_causal_lm
+    from probe_dist.prediction.delta_h1 import predict_delta_h1
+    from probe_dist.update.step import update_parts
+
+    probe = make_probe(toy_checkpoint, SMALL + ["memory.microbatch_grad=2", "memory.microbatch_jvp=8",
+                                                "estimators.explain=false"])
+    probe.model.eval()
+    cfg, rt, runner = probe.cfg, probe.rt, probe.runner
+    assert runner.sizes.as_dict() == {"score": cfg.memory.microbatch_score, "grad": 2, "jvp": 8}
+    rows: list[int] = []
+    hook = unwrap_causal_lm(probe.model).get_decoder().register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.append(int((kwargs.get("input_ids") if kwargs.get("input_ids") is not None
+                                                  else args[0]).shape[0])), with_kwargs=True)
+    try:
+        batch_u = probe.sample("U", 4, 4)
+        rows.clear()
+        grad, *_ = update_gradient(rt, runner, batch_u, cfg.update)
+        assert rows and max(rows) <= 2, rows
+        batch_e = probe.sample("E", 6, 4)
+        scores = score_batch(rt, runner, batch_e)
+        base = base_entropy(rt, batch_e, scores, payload=cfg.estimators.payload, normalize=cfg.estimators.normalize)
+        u = [part.u for part in update_parts(probe.optimizer, probe.trainable, grad)]
+        rows.clear()
+        predict_delta_h1(rt, runner, batch_e, scores, base=base, u=u, est=cfg.estimators)
+        assert rows and max(rows) == 8 and min(rows) > 2, rows
+    finally:
+        hook.remove()
